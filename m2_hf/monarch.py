@@ -1,0 +1,525 @@
+"""Monarch and block-diagonal linear layers, their closed-form projections and exact densification.
+
+Conventions follow HazyResearch/fly (``MonarchLinear``) and HazyResearch/m2 (``BlockdiagLinear``), so factors and
+state dicts interoperate with both: ``blkdiag1`` / ``blkdiag2`` / ``bias`` for Monarch, ``weight`` / ``bias`` for
+block-diagonal layers.
+
+With ``b = nblocks``, ``p = ceil(in_features / b)``, ``s = ceil(out_features / b)`` and ``q = min(p, s)``, a Monarch
+layer holds ``blkdiag1`` of shape ``(b, q, p)`` and ``blkdiag2`` of shape ``(b, s, q)`` and computes, for an input
+``x`` zero-padded to ``b * p`` features::
+
+    h[κ*q + t]     = Σ_i blkdiag1[κ, t, i] · x[κ*p + i]          # first block-diagonal factor
+    y[σ*b + λ]     = Σ_ρ blkdiag2[λ, σ, ρ] · h[ρ*b + λ]          # permutation, then second factor
+
+then truncates ``y`` to ``out_features`` and adds the bias. In matrix form, with the weight laid out as in
+``nn.Linear`` (``out × in``)::
+
+    W = P_out · blockdiag(blkdiag2) · P_mid · blockdiag(blkdiag1)
+
+where ``P_mid`` sends intermediate feature ``f`` to position ``(f mod b) * q + f // b`` (feature ``f`` feeds block
+``f mod b`` of the second factor) and ``P_out`` sends row ``σ`` of output block ``λ`` to output ``σ*b + λ``. For
+``in = out = m²`` and ``b = m`` this is the paper's ``M = P L Pᵀ R``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .monarch_triton import monarch_multiply_triton, triton_supported
+
+__all__ = [
+    "BlockdiagLinear",
+    "MonarchLinear",
+    "blockdiag_factor_shape",
+    "blockdiag_multiply",
+    "monarch_factor_shapes",
+    "monarch_multiply",
+    "project_blockdiag",
+    "project_monarch",
+    "projection_error",
+    "set_monarch_backend",
+]
+
+Structure = Literal["monarch", "blockdiag"]
+Backend = Literal["auto", "torch", "triton"]
+_BACKENDS = ("auto", "torch", "triton")
+_STRUCTURES = ("monarch", "blockdiag")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Argument checks
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _check_features(in_features: int, out_features: int) -> None:
+    for name, value in (("in_features", in_features), ("out_features", out_features)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+
+def _check_nblocks(nblocks: int, in_features: int, out_features: int) -> None:
+    if isinstance(nblocks, bool) or not isinstance(nblocks, int):
+        raise TypeError(f"`nblocks` must be an int, got {type(nblocks).__name__}.")
+    limit = min(in_features, out_features)
+    if not 1 <= nblocks <= limit:
+        raise ValueError(
+            f"`nblocks` must be between 1 and min(in_features, out_features) = {limit} for a "
+            f"{in_features}->{out_features} layer, got {nblocks}. Use a smaller `nblocks`."
+        )
+
+
+def _check_structure(structure: str) -> None:
+    if structure not in _STRUCTURES:
+        raise ValueError(f"`structure` must be one of {_STRUCTURES}, got {structure!r}.")
+
+
+def _check_dense_weight(weight: torch.Tensor) -> None:
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"`weight` must be a torch.Tensor, got {type(weight).__name__}.")
+    if weight.dim() != 2:
+        raise ValueError(
+            f"`weight` must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}."
+        )
+    if not weight.is_floating_point():
+        raise ValueError(f"`weight` must be a floating-point tensor, got dtype {weight.dtype}.")
+    if not torch.isfinite(weight).all():
+        raise ValueError("`weight` contains NaN or infinite values; a projection of it would be meaningless.")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Shapes
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def monarch_factor_shapes(
+    in_features: int, out_features: int, nblocks: int
+) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """Shapes of ``blkdiag1`` and ``blkdiag2`` of a ``MonarchLinear(in_features, out_features, nblocks)``."""
+    _check_features(in_features, out_features)
+    _check_nblocks(nblocks, in_features, out_features)
+    in_block, out_block = _ceil_div(in_features, nblocks), _ceil_div(out_features, nblocks)
+    inner = min(in_block, out_block)
+    return (nblocks, inner, in_block), (nblocks, out_block, inner)
+
+
+def blockdiag_factor_shape(in_features: int, out_features: int, nblocks: int) -> tuple[int, int, int]:
+    """Shape of the ``weight`` of a ``BlockdiagLinear(in_features, out_features, nblocks)``."""
+    _check_features(in_features, out_features)
+    _check_nblocks(nblocks, in_features, out_features)
+    return nblocks, _ceil_div(out_features, nblocks), _ceil_div(in_features, nblocks)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Multiplies (PyTorch path)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _to_second_factor_layout(h: torch.Tensor, nblocks2: int) -> torch.Tensor:
+    """``(k, N, q)`` first-factor output -> ``(l, N, r)`` second-factor input, where ``g[λ, n, ρ] = h_flat[n, ρl+λ]``."""
+    k, n, q = h.shape
+    if q % nblocks2 == 0:
+        # One copy: feature t of block κ is (t // l, t % l), so the permutation is a single 4-D transpose.
+        return h.view(k, n, q // nblocks2, nblocks2).permute(3, 1, 0, 2).reshape(nblocks2, n, -1)
+    return h.transpose(0, 1).reshape(n, -1, nblocks2).permute(2, 0, 1)
+
+
+def monarch_multiply(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """The Monarch multiply of a 2-D ``x`` ``(N, k*p)`` by ``w1`` ``(k, q, p)`` and ``w2`` ``(l, s, r)``.
+
+    Returns ``(N, l*s)``. Pure PyTorch (two ``bmm``), so it composes with autograd, ``torch.func``, ``torch.compile``
+    and autocast.
+    """
+    n = x.shape[0]
+    k, q, p = w1.shape
+    l, s, _ = w2.shape
+    h = torch.bmm(x.reshape(n, k, p).transpose(0, 1), w1.transpose(1, 2))
+    out = torch.bmm(_to_second_factor_layout(h, l), w2.transpose(1, 2))
+    return out.permute(1, 2, 0).reshape(n, s * l)
+
+
+def blockdiag_multiply(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal multiply of a 2-D ``x`` ``(N, b*p)`` by ``weight`` ``(b, s, p)``; returns ``(N, b*s)``."""
+    n = x.shape[0]
+    b, s, p = weight.shape
+    out = torch.bmm(x.reshape(n, b, p).transpose(0, 1), weight.transpose(1, 2))
+    return out.transpose(0, 1).reshape(n, b * s)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Closed-form projections (Theorem 1 of the Monarch paper, generalised to fly's rectangular layout)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _padded(weight: torch.Tensor, nblocks: int, dtype: torch.dtype) -> torch.Tensor:
+    out_features, in_features = weight.shape
+    pad_in = _ceil_div(in_features, nblocks) * nblocks - in_features
+    pad_out = _ceil_div(out_features, nblocks) * nblocks - out_features
+    return F.pad(weight.detach().to(dtype), (0, pad_in, 0, pad_out))
+
+
+def _monarch_slices(weight: torch.Tensor, nblocks: int, dtype: torch.dtype) -> torch.Tensor:
+    """``S[κ, λ, σ, i] = W[σ*b + λ, κ*p + i]``: the block of W that input block κ and second-factor block λ share.
+
+    A Monarch matrix is exactly a matrix whose slice (κ, λ) has rank at most ``_slice_ranks(...)[κ, λ]``, with
+    disjoint parameters per slice, so slice-wise truncated SVD is the Frobenius-optimal projection.
+    """
+    padded = _padded(weight, nblocks, dtype)
+    out_ext, in_ext = padded.shape
+    return padded.view(out_ext // nblocks, nblocks, nblocks, in_ext // nblocks).permute(2, 1, 0, 3)
+
+
+def _intermediate_routing(nblocks: int, inner: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """For every intermediate feature ``f = κ*q + t``: its second-factor block ``λ``, column ``ρ`` and its rank
+    index ``j`` inside slice (κ, λ). Each returned tensor has shape ``(b, q)``, indexed by (κ, t)."""
+    kappa = torch.arange(nblocks, device=device).unsqueeze(1).expand(nblocks, inner)
+    t = torch.arange(inner, device=device).unsqueeze(0).expand(nblocks, inner)
+    f = kappa * inner + t
+    # Features of slice (κ, λ) are t ≡ λ - κq (mod b), i.e. t = t0 + j*b with t0 < b, hence j = t // b.
+    return kappa, f % nblocks, f // nblocks, t // nblocks
+
+
+def _slice_ranks(nblocks: int, inner: int, device: torch.device) -> torch.Tensor:
+    """``(b, b)`` tensor: how many intermediate features connect input block κ to second-factor block λ."""
+    kappa, lam, _, _ = _intermediate_routing(nblocks, inner, device)
+    return torch.bincount((kappa * nblocks + lam).reshape(-1), minlength=nblocks * nblocks).view(nblocks, nblocks)
+
+
+def project_monarch(
+    weight: torch.Tensor, nblocks: int = 4, *, dtype: torch.dtype = torch.float64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frobenius-optimal Monarch factors ``(blkdiag1, blkdiag2)`` of a dense ``(out, in)`` weight.
+
+    One batched SVD over all ``nblocks²`` slices; computed in ``dtype`` (float64 by default, whatever the weight's
+    dtype) and returned in that dtype. Exact (up to rounding) when ``weight`` is already a Monarch matrix with the
+    same ``nblocks``. Sizes that ``nblocks`` does not divide are zero-padded: the padding rows and columns never reach
+    the output, and truncated SVD of the zero-padded slice is still optimal on the real part.
+    """
+    _check_dense_weight(weight)
+    out_features, in_features = weight.shape
+    shape1, shape2 = monarch_factor_shapes(in_features, out_features, nblocks)
+    inner = shape1[1]
+    u, sv, vh = torch.linalg.svd(_monarch_slices(weight, nblocks, dtype), full_matrices=False)
+    kappa, lam, rho, rank_index = _intermediate_routing(nblocks, inner, weight.device)
+    scale = sv[kappa, lam, rank_index].sqrt()
+    blkdiag1 = vh[kappa, lam, rank_index, :] * scale.unsqueeze(-1)
+    # Invert the routing: column ρ of second-factor block λ is intermediate feature f = ρ*b + λ.
+    lam2 = torch.arange(nblocks, device=weight.device).unsqueeze(1)
+    f = torch.arange(inner, device=weight.device).unsqueeze(0) * nblocks + lam2
+    kappa2, t2 = f // inner, f % inner
+    columns = u[kappa2, lam2, :, t2 // nblocks] * scale[kappa2, t2].unsqueeze(-1)
+    blkdiag2 = columns.transpose(1, 2)
+    assert blkdiag1.shape == shape1 and blkdiag2.shape == shape2
+    return blkdiag1.contiguous(), blkdiag2.contiguous()
+
+
+def project_blockdiag(weight: torch.Tensor, nblocks: int = 4, *, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Frobenius-optimal block-diagonal ``(b, s, p)`` weight of a dense ``(out, in)`` weight: its diagonal blocks."""
+    _check_dense_weight(weight)
+    out_features, in_features = weight.shape
+    b, s, p = blockdiag_factor_shape(in_features, out_features, nblocks)
+    padded = _padded(weight, nblocks, dtype or weight.dtype).view(b, s, b, p)
+    index = torch.arange(b, device=weight.device)
+    return padded[index, :, index, :].contiguous()
+
+
+def projection_error(
+    weight: torch.Tensor, nblocks: int = 4, structure: Structure = "monarch", *, dtype: torch.dtype = torch.float64
+) -> float:
+    """Relative Frobenius error ``‖W − proj(W)‖ / ‖W‖`` of projecting ``weight`` onto ``structure``.
+
+    Uses singular values only (Monarch) or block norms (block-diagonal): no factors and no layer are built.
+    """
+    _check_structure(structure)
+    _check_dense_weight(weight)
+    out_features, in_features = weight.shape
+    total = weight.detach().to(dtype).square().sum()
+    if total == 0:
+        return 0.0
+    if structure == "blockdiag":
+        kept = project_blockdiag(weight, nblocks, dtype=dtype).square().sum()
+    else:
+        inner = monarch_factor_shapes(in_features, out_features, nblocks)[0][1]
+        sv = torch.linalg.svdvals(_monarch_slices(weight, nblocks, dtype))
+        ranks = _slice_ranks(nblocks, inner, weight.device)
+        keep = torch.arange(sv.shape[-1], device=weight.device) < ranks.unsqueeze(-1)
+        kept = (sv.square() * keep).sum()
+    return math.sqrt(max((total - kept).item(), 0.0) / total.item())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _dense_weight_of(module: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(weight (out, in), bias)`` of any linear layer this package can project."""
+    if isinstance(module, _StructuredLinear):
+        return module.dense_weight(), module.bias
+    if isinstance(module, nn.Linear):
+        return module.weight, module.bias
+    if _is_transformers_conv1d(module):
+        return module.weight.t(), module.bias
+    raise TypeError(
+        f"Expected a linear layer (torch.nn.Linear, transformers' Conv1D, MonarchLinear or BlockdiagLinear), "
+        f"got {type(module).__name__}."
+    )
+
+
+def _is_transformers_conv1d(module: nn.Module) -> bool:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is a dependency, but the layers themselves do not need it
+        return False
+    return isinstance(module, Conv1D)
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    if device_type in ("cpu", "cuda", "xpu") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+class _StructuredLinear(nn.Module):
+    """What Monarch and block-diagonal layers share: padding, truncation, bias, densification and projection.
+
+    Subclasses define ``_multiply(x)`` (``(N, in_features_padded)`` -> ``(N, out_features_padded)``, no bias) and the
+    classmethod ``_from_dense(weight, bias, nblocks, **kwargs)``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, nblocks: int, bias: bool, device, dtype) -> None:
+        super().__init__()
+        _check_features(in_features, out_features)
+        _check_nblocks(nblocks, in_features, out_features)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.nblocks = nblocks
+        self.in_features_padded = _ceil_div(in_features, nblocks) * nblocks
+        self.out_features_padded = _ceil_div(out_features, nblocks) * nblocks
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+
+    def reset_parameters(self) -> None:
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features)  # as nn.Linear (fly uses out_features here)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{type(self).__name__} expects inputs with {self.in_features} features in the last dimension, "
+                f"got shape {tuple(x.shape)}."
+            )
+        batch_shape = x.shape[:-1]
+        if self.in_features_padded != self.in_features:
+            x = F.pad(x, (0, self.in_features_padded - self.in_features))
+        y = self._multiply(x.reshape(-1, self.in_features_padded))
+        y = y.view(*batch_shape, self.out_features_padded)
+        if self.out_features_padded != self.out_features:
+            y = y[..., : self.out_features]
+        if self.bias is not None:
+            # Cast so that autocast decides the output dtype, as it does for nn.Linear.
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    @torch.no_grad()
+    def dense_weight(self) -> torch.Tensor:
+        """The exact ``(out_features, in_features)`` matrix this layer applies (bias excluded)."""
+        reference = next(self.parameters())
+        eye = torch.eye(self.in_features_padded, device=reference.device, dtype=reference.dtype)
+        with torch.autocast(reference.device.type, enabled=False):
+            columns = self._multiply(eye)
+        return columns[: self.in_features, : self.out_features].t().contiguous()
+
+    def to_linear(self) -> nn.Linear:
+        """An ``nn.Linear`` with exactly this layer's weight and bias (reverse sparsification)."""
+        weight = self.dense_weight()
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device=weight.device, dtype=weight.dtype
+        )
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, nblocks: int = 4, **kwargs):
+        """Build the layer from a dense linear layer with the Frobenius-optimal projection.
+
+        Accepts ``nn.Linear``, transformers' GPT-2 ``Conv1D`` (whose weight is stored transposed) and the layers of
+        this module. The result has the source's device and dtype; the projection itself runs in float64.
+        """
+        if not isinstance(linear, nn.Module):
+            raise TypeError(f"`linear` must be an nn.Module, got {type(linear).__name__}.")
+        weight, bias = _dense_weight_of(linear)
+        return cls._from_dense(weight.detach(), None if bias is None else bias.detach(), nblocks, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, nblocks={self.nblocks}, "
+            f"bias={self.bias is not None}"
+        )
+
+
+class MonarchLinear(_StructuredLinear):
+    """A linear layer whose weight is a two-factor Monarch matrix (block-diagonal, permutation, block-diagonal).
+
+    Args:
+        in_features (`int`): size of each input sample.
+        out_features (`int`): size of each output sample.
+        nblocks (`int`, defaults to 4): number of blocks of each factor, between 1 and ``min(in, out)``. Sizes it does
+            not divide are handled by zero-padding the input and truncating the output.
+        bias (`bool`, defaults to `True`): whether to add a learnable bias.
+        backend (`str`, defaults to `"auto"`): ``"auto"`` uses the Triton kernel on CUDA tensors when triton is
+            installed and the PyTorch path otherwise; ``"torch"`` or ``"triton"`` force a path.
+
+    Parameters ``blkdiag1`` ``(b, q, p)`` and ``blkdiag2`` ``(b, s, q)`` with ``b = nblocks``, ``p = ⌈in/b⌉``,
+    ``s = ⌈out/b⌉``, ``q = min(p, s)``. The layer computes ``y = x Wᵀ + bias`` with
+
+        ``W = P_out · blockdiag(blkdiag2) · P_mid · blockdiag(blkdiag1)``
+
+    where input block κ is features ``[κp, (κ+1)p)``, intermediate feature ``f = κq + t`` goes to column ``f // b``
+    of second-factor block ``f mod b``, and row σ of second-factor block λ is output ``σb + λ`` (see the module
+    docstring). It uses ``2·(b·q·p + b·s·q)`` FLOPs per token against ``2·in·out`` for ``nn.Linear``.
+
+    Initialisation gives the output variance of an ``nn.Linear`` of the same shape (``Var(x)/3``): the first factor
+    preserves the variance (``U(±√(3/p))``) and the second scales it by 1/3 (``U(±1/√q)``).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        nblocks: int = 4,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        backend: Backend = "auto",
+    ) -> None:
+        super().__init__(in_features, out_features, nblocks, bias, device, dtype)
+        shape1, shape2 = monarch_factor_shapes(in_features, out_features, nblocks)
+        self.blkdiag1 = nn.Parameter(torch.empty(shape1, device=device, dtype=dtype))
+        self.blkdiag2 = nn.Parameter(torch.empty(shape2, device=device, dtype=dtype))
+        self.backend = backend
+        self.reset_parameters()
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in _BACKENDS:
+            raise ValueError(f"`backend` must be one of {_BACKENDS}, got {value!r}.")
+        self._backend = value
+
+    def reset_parameters(self) -> None:
+        _, inner, in_block = self.blkdiag1.shape
+        nn.init.uniform_(self.blkdiag1, -math.sqrt(3.0 / in_block), math.sqrt(3.0 / in_block))
+        nn.init.uniform_(self.blkdiag2, -1.0 / math.sqrt(inner), 1.0 / math.sqrt(inner))
+        super().reset_parameters()
+
+    def _use_triton(self, x: torch.Tensor) -> bool:
+        if self.backend == "triton":
+            return True
+        # The Triton autograd.Function is opaque to torch.compile and torch.func; they get the PyTorch path.
+        return (
+            self.backend == "auto"
+            and x.is_cuda
+            and triton_supported(x)
+            and not torch.compiler.is_compiling()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+        )
+
+    def _multiply(self, x: torch.Tensor) -> torch.Tensor:
+        w1, w2 = self.blkdiag1, self.blkdiag2
+        if not self._use_triton(x):
+            return monarch_multiply(x, w1, w2)
+        cast = _autocast_dtype(x.device.type)
+        if cast is not None:
+            x, w1, w2 = x.to(cast), w1.to(cast), w2.to(cast)
+        return monarch_multiply_triton(x, w1, w2)
+
+    @classmethod
+    def _from_dense(cls, weight, bias, nblocks, **kwargs):
+        out_features, in_features = weight.shape
+        layer = cls(
+            in_features, out_features, nblocks, bias=bias is not None, device=weight.device, dtype=weight.dtype,
+            **kwargs,
+        )
+        blkdiag1, blkdiag2 = project_monarch(weight, nblocks)
+        with torch.no_grad():
+            layer.blkdiag1.copy_(blkdiag1)
+            layer.blkdiag2.copy_(blkdiag2)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+
+class BlockdiagLinear(_StructuredLinear):
+    """A linear layer whose weight is block-diagonal: output block k is ``weight[k] @ x_k``.
+
+    Args:
+        in_features (`int`): size of each input sample.
+        out_features (`int`): size of each output sample.
+        nblocks (`int`, defaults to 4): number of diagonal blocks, between 1 and ``min(in, out)``.
+        bias (`bool`, defaults to `True`): whether to add a learnable bias.
+
+    ``weight`` has shape ``(b, ⌈out/b⌉, ⌈in/b⌉)``, exactly as the released M2-BERT checkpoints store it; input block k
+    is features ``[k·⌈in/b⌉, (k+1)·⌈in/b⌉)`` and output block k is the next ``⌈out/b⌉`` outputs, so the dense weight
+    is ``block_diag(weight[0], …, weight[b-1])`` (truncated to ``out × in``). Initialisation ``U(±1/√⌈in/b⌉)`` gives
+    the output variance of an ``nn.Linear`` of the same shape.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, nblocks: int = 4, bias: bool = True, device=None, dtype=None
+    ) -> None:
+        super().__init__(in_features, out_features, nblocks, bias, device, dtype)
+        shape = blockdiag_factor_shape(in_features, out_features, nblocks)
+        self.weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.weight.shape[-1])
+        nn.init.uniform_(self.weight, -bound, bound)
+        super().reset_parameters()
+
+    def _multiply(self, x: torch.Tensor) -> torch.Tensor:
+        return blockdiag_multiply(x, self.weight)
+
+    @classmethod
+    def _from_dense(cls, weight, bias, nblocks, **kwargs):
+        out_features, in_features = weight.shape
+        layer = cls(
+            in_features, out_features, nblocks, bias=bias is not None, device=weight.device, dtype=weight.dtype,
+            **kwargs,
+        )
+        with torch.no_grad():
+            layer.weight.copy_(project_blockdiag(weight, nblocks))
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+
+def set_monarch_backend(model: nn.Module, backend: Backend) -> int:
+    """Set the multiply backend (``"auto"``, ``"torch"`` or ``"triton"``) of every ``MonarchLinear`` in ``model``.
+
+    Returns the number of layers changed.
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"`backend` must be one of {_BACKENDS}, got {backend!r}.")
+    layers = [module for module in model.modules() if isinstance(module, MonarchLinear)]
+    for layer in layers:
+        layer.backend = backend
+    return len(layers)
