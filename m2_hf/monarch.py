@@ -126,10 +126,11 @@ def blockdiag_factor_shape(in_features: int, out_features: int, nblocks: int) ->
 def _to_second_factor_layout(h: torch.Tensor, nblocks2: int) -> torch.Tensor:
     """``(k, N, q)`` first-factor output -> ``(l, N, r)`` second-factor input, where ``g[λ, n, ρ] = h_flat[n, ρl+λ]``."""
     k, n, q = h.shape
+    inner2 = k * q // nblocks2
     if q % nblocks2 == 0:
         # One copy: feature t of block κ is (t // l, t % l), so the permutation is a single 4-D transpose.
-        return h.view(k, n, q // nblocks2, nblocks2).permute(3, 1, 0, 2).reshape(nblocks2, n, -1)
-    return h.transpose(0, 1).reshape(n, -1, nblocks2).permute(2, 0, 1)
+        return h.view(k, n, q // nblocks2, nblocks2).permute(3, 1, 0, 2).reshape(nblocks2, n, inner2)
+    return h.transpose(0, 1).reshape(n, inner2, nblocks2).permute(2, 0, 1)
 
 
 def monarch_multiply(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -244,15 +245,19 @@ def projection_error(
     total = weight.detach().to(dtype).square().sum()
     if total == 0:
         return 0.0
+    # Sum what the projection discards rather than subtracting what it keeps: no cancellation for exact members.
     if structure == "blockdiag":
-        kept = project_blockdiag(weight, nblocks, dtype=dtype).square().sum()
+        b = nblocks
+        blocks = _padded(weight, b, dtype).view(b, _ceil_div(out_features, b), b, _ceil_div(in_features, b))
+        off_diagonal = ~torch.eye(b, dtype=torch.bool, device=weight.device).view(b, 1, b, 1)
+        discarded = (blocks.square() * off_diagonal).sum()
     else:
         inner = monarch_factor_shapes(in_features, out_features, nblocks)[0][1]
         sv = torch.linalg.svdvals(_monarch_slices(weight, nblocks, dtype))
         ranks = _slice_ranks(nblocks, inner, weight.device)
-        keep = torch.arange(sv.shape[-1], device=weight.device) < ranks.unsqueeze(-1)
-        kept = (sv.square() * keep).sum()
-    return math.sqrt(max((total - kept).item(), 0.0) / total.item())
+        beyond_rank = torch.arange(sv.shape[-1], device=weight.device) >= ranks.unsqueeze(-1)
+        discarded = (sv.square() * beyond_rank).sum()
+    return math.sqrt(discarded.item() / total.item())
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import torch
 pytest.importorskip("triton")
 
 import m2_hf.monarch_triton as monarch_triton  # noqa: E402
+from m2_hf.monarch import monarch_multiply  # noqa: E402
 from m2_hf.monarch_triton import (  # noqa: E402
     TRITON_AVAILABLE,
     monarch_multiply_triton,
@@ -21,14 +22,7 @@ from m2_hf.monarch_triton import (  # noqa: E402
 )
 
 
-def reference(x, w1, w2):
-    N = x.shape[0]
-    k, q, p = w1.shape
-    l, s, r = w2.shape
-    h = torch.bmm(x.reshape(N, k, p).transpose(0, 1), w1.transpose(1, 2))  # (k, N, q)
-    g = h.transpose(0, 1).reshape(N, r, l).permute(2, 0, 1)  # (l, N, r)
-    o = torch.bmm(g, w2.transpose(1, 2))  # (l, N, s)
-    return o.permute(1, 2, 0).reshape(N, s * l)
+reference = monarch_multiply
 
 
 def make_inputs(n, w1_shape, w2_shape, dtype=torch.float32, seed=0):
