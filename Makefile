@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile | $(PY)
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m m2_hf.demo
+	$(PY) examples/monarch_showcase.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -123,28 +123,72 @@ def blockdiag_factor_shape(in_features: int, out_features: int, nblocks: int) ->
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _to_second_factor_layout(h: torch.Tensor, nblocks2: int) -> torch.Tensor:
-    """``(k, N, q)`` first-factor output -> ``(l, N, r)`` second-factor input, where ``g[λ, n, ρ] = h_flat[n, ρl+λ]``."""
-    k, n, q = h.shape
+class _PermuteCopy(torch.autograd.Function):
+    """``x.permute(dims).contiguous()`` whose gradient is contiguous too.
+
+    ``bmm`` given a permuted (non-BLAS-strided) gradient clones it one block at a time with strided reads; that
+    dominated the backward pass on CPU. Copying once, in the layout the next ``bmm`` wants, is several times cheaper.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+        return x.permute(dims).contiguous()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _, dims = inputs
+        ctx.dims = dims
+        ctx.inverse = tuple(sorted(range(len(dims)), key=dims.__getitem__))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _PermuteCopy.apply(grad, ctx.inverse), None
+
+    @staticmethod
+    def jvp(ctx, tangent: torch.Tensor, _) -> torch.Tensor:
+        return tangent.permute(ctx.dims).contiguous()
+
+
+def _permute_copy(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace an autograd.Function with a custom jvp, and compiled graphs choose layouts themselves.
+        return x.permute(dims).contiguous()
+    return _PermuteCopy.apply(x, dims)
+
+
+def _first_factor(x_blocks: torch.Tensor, w1: torch.Tensor, nblocks2: int) -> torch.Tensor:
+    """First factor on ``(k, N, p)`` inputs, returned in the second factor's layout ``(l, N, r)``, where
+    ``g[λ, n, ρ] = h[n, ρl + λ]`` and ``h[n, κq + t]`` is the first factor's output."""
+    k, q, p = w1.shape
+    n = x_blocks.shape[1]
     inner2 = k * q // nblocks2
     if q % nblocks2 == 0:
-        # One copy: feature t of block κ is (t // l, t % l), so the permutation is a single 4-D transpose.
-        return h.view(k, n, q // nblocks2, nblocks2).permute(3, 1, 0, 2).reshape(nblocks2, n, inner2)
-    return h.transpose(0, 1).reshape(n, inner2, nblocks2).permute(2, 0, 1)
+        # Feature t = t1*l + λ of block κ goes to column κ*(q/l) + t1 of block λ. Reordering w1's rows to (λ, t1)
+        # (a tiny weight copy) lets the activation permutation move contiguous runs of q/l features.
+        rank = q // nblocks2
+        w1 = w1.view(k, rank, nblocks2, p).transpose(1, 2).reshape(k, q, p)
+        h = torch.bmm(x_blocks, w1.transpose(1, 2))
+        return _permute_copy(h.view(k, n, nblocks2, rank), (2, 1, 0, 3)).view(nblocks2, n, inner2)
+    h = torch.bmm(x_blocks, w1.transpose(1, 2))
+    flat = _permute_copy(h, (1, 0, 2)).view(n, inner2, nblocks2)
+    return _permute_copy(flat, (2, 0, 1))
 
 
 def monarch_multiply(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """The Monarch multiply of a 2-D ``x`` ``(N, k*p)`` by ``w1`` ``(k, q, p)`` and ``w2`` ``(l, s, r)``.
 
-    Returns ``(N, l*s)``. Pure PyTorch (two ``bmm``), so it composes with autograd, ``torch.func``, ``torch.compile``
-    and autocast.
+    Returns ``(N, l*s)``. Two ``bmm`` on contiguous block-major operands, forward and backward; built from PyTorch
+    ops only, so it composes with autograd (including double backward), ``torch.func``, ``torch.compile`` and
+    autocast.
     """
     n = x.shape[0]
-    k, q, p = w1.shape
+    k, _, p = w1.shape
     l, s, _ = w2.shape
-    h = torch.bmm(x.reshape(n, k, p).transpose(0, 1), w1.transpose(1, 2))
-    out = torch.bmm(_to_second_factor_layout(h, l), w2.transpose(1, 2))
-    return out.permute(1, 2, 0).reshape(n, s * l)
+    g = _first_factor(_permute_copy(x.reshape(n, k, p), (1, 0, 2)), w1, l)
+    out = torch.bmm(g, w2.transpose(1, 2))
+    return _permute_copy(out, (1, 2, 0)).view(n, s * l)
 
 
 def blockdiag_multiply(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
