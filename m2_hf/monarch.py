@@ -179,16 +179,34 @@ def _first_factor(x_blocks: torch.Tensor, w1: torch.Tensor, nblocks2: int) -> to
 def monarch_multiply(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """The Monarch multiply of a 2-D ``x`` ``(N, k*p)`` by ``w1`` ``(k, q, p)`` and ``w2`` ``(l, s, r)``.
 
-    Returns ``(N, l*s)``. Two ``bmm`` on contiguous block-major operands, forward and backward; built from PyTorch
-    ops only, so it composes with autograd (including double backward), ``torch.func``, ``torch.compile`` and
-    autocast.
+    Returns ``(N, l*s)``. Two ``bmm``, built from PyTorch ops only, so it composes with autograd (including double
+    backward), ``torch.func``, ``torch.compile`` and autocast. The activation layouts depend on whether a backward
+    pass will follow: see the two helpers.
     """
+    if torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad or w2.requires_grad):
+        return _monarch_multiply_for_training(x, w1, w2)
+    return _monarch_multiply_for_inference(x, w1, w2)
+
+
+def _monarch_multiply_for_training(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """Every ``bmm`` operand, forward and backward, is contiguous and block-major. This costs explicit copies in the
+    forward pass but saves ``bmm``'s block-by-block cloning of permuted gradients in the backward pass."""
     n = x.shape[0]
     k, _, p = w1.shape
     l, s, _ = w2.shape
     g = _first_factor(_permute_copy(x.reshape(n, k, p), (1, 0, 2)), w1, l)
     out = torch.bmm(g, w2.transpose(1, 2))
     return _permute_copy(out, (1, 2, 0)).view(n, s * l)
+
+
+def _monarch_multiply_for_inference(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """Without a backward pass, ``bmm`` reading the permuted views directly is cheaper than explicit copies."""
+    n = x.shape[0]
+    k, _, p = w1.shape
+    l, s, r = w2.shape
+    h = torch.bmm(x.reshape(n, k, p).transpose(0, 1), w1.transpose(1, 2))
+    g = h.transpose(0, 1).reshape(n, r, l).permute(2, 0, 1)
+    return torch.bmm(g, w2.transpose(1, 2)).permute(1, 2, 0).reshape(n, s * l)
 
 
 def blockdiag_multiply(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

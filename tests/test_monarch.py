@@ -445,3 +445,15 @@ def test_bad_modules_and_options():
         MonarchLinear(8, 8, 2, backend="cuda")
     with pytest.raises(ValueError, match="expects inputs with 8 features"):
         MonarchLinear(8, 8, 2)(torch.randn(3, 9))
+
+
+def test_training_and_inference_layouts_agree():
+    torch.manual_seed(14)
+    for in_features, out_features, nblocks in [(48, 48, 4), (30, 30, 7), (32, 128, 4), (128, 32, 8)]:
+        layer = MonarchLinear(in_features, out_features, nblocks)
+        x = torch.randn(9, in_features)
+        with torch.no_grad():
+            inference = layer(x)
+        training = layer(x.requires_grad_())
+        assert training.requires_grad
+        torch.testing.assert_close(training, inference, rtol=1e-5, atol=1e-6)
