@@ -67,7 +67,7 @@ class _PositionalFeatures(nn.Module):
         frequencies = torch.linspace(1e-4, bands - 1, bands)[None, None]
         # exp(-i f w), split into real and imaginary parts: the official construction, bit for bit.
         rotation = torch.exp(-1j * frequencies * angle)
-        return torch.cat([t, rotation.real, rotation.imag], dim=-1), t
+        return torch.cat([t, rotation.real.to(t.dtype), rotation.imag.to(t.dtype)], dim=-1), t
 
     def forward(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.z[:, :length], self.t[:, :length]

@@ -198,6 +198,13 @@ class M2BertPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["M2BertLayer", "M2BertEmbeddings"]
     _can_record_outputs = {"hidden_states": M2BertLayer}
+    # Released checkpoints repeat the shared sine frequency under five more slots and carry CUDA-only FlashFFTConv
+    # buffers; neither is a parameter here.
+    _keys_to_ignore_on_load_unexpected = [
+        r"\.implicit_filter\.[35]\.freq$",
+        r"\.implicit_filter_rev\.[135]\.freq$",
+        r"\.flashfft\.",
+    ]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

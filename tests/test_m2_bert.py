@@ -435,3 +435,49 @@ def test_trainer_step_lowers_the_loss(cls, tmp_path):
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 12
     assert losses[-1] < 0.8 * losses[0]
+
+
+def write_released_folder(model: M2BertForMaskedLM, folder: Path, prefix: str = "") -> None:
+    """A folder in the layout of the released checkpoints: remote-code auto_map, pickled state dict, the sine
+    frequency repeated under all six slots, and bf16 FlashFFTConv buffers."""
+    state = dict(model.state_dict())
+    for key in [k for k in state if k.endswith("implicit_filter.1.freq")]:
+        base = key[: -len("implicit_filter.1.freq")]
+        for slot in ("implicit_filter.3", "implicit_filter.5", "implicit_filter_rev.1", "implicit_filter_rev.3",
+                     "implicit_filter_rev.5"):
+            state[f"{base}{slot}.freq"] = state[key]
+        state[f"{base}flashfft.f_16_fft"] = torch.zeros(4, dtype=torch.bfloat16)
+    state["bert.encoder.flashfft.twiddle_factors_fft_16_16"] = torch.zeros(3, dtype=torch.bfloat16)
+    config = model.config.to_dict()
+    config.update(architectures=["BertForMaskedLM"], transformers_version="4.28.1",
+                  auto_map={"AutoConfig": "configuration_bert.BertConfig",
+                            "AutoModelForMaskedLM": "bert_layers.BertForMaskedLM"})
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    torch.save({prefix + k: v for k, v in state.items()}, folder / "pytorch_model.bin")
+
+
+@pytest.mark.parametrize("prefix", ["", "model."])
+def test_from_pretrained_on_a_released_folder(prefix, tmp_path):
+    model = tiny_model()
+    write_released_folder(model, tmp_path / "released", prefix)
+    key_mapping = {r"^model\.": ""} if prefix else None
+    loaded = AutoModelForMaskedLM.from_pretrained(tmp_path / "released", key_mapping=key_mapping).eval()
+    assert isinstance(loaded, M2BertForMaskedLM)
+    ids = torch.randint(5, 30000, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_device_map_auto_and_dtype(tmp_path):
+    pytest.importorskip("accelerate")
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForMaskedLM.from_pretrained(tmp_path, device_map="auto", dtype=torch.bfloat16)
+    assert loaded.dtype == torch.bfloat16
+    assert loaded.bert.encoder.layer[0].attention.filter_fn.implicit_filter[1].freq.dtype == torch.bfloat16
+    ids = torch.randint(5, 30000, (2, 9))
+    with torch.no_grad():
+        logits = loaded(ids).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    torch.testing.assert_close(logits.float(), model(ids).logits, rtol=0.1, atol=0.15)
