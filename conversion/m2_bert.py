@@ -1,0 +1,165 @@
+"""`m2-convert m2-bert`: a released M2-BERT checkpoint (HazyResearch/m2 format) to a native m2-hf folder."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from huggingface_hub import ModelCardData
+
+from m2_hf import M2BertConfig, M2BertForMaskedLM, M2BertForSequenceClassification, M2BertModel
+from model_cards import render_model_card
+
+from .checkpoints import (
+    ConversionError,
+    atomic_output_folder,
+    check_destination,
+    copy_tokenizer_files,
+    read_config,
+    read_state_dict,
+)
+
+# Config entries that describe the source's own code or training run, not the model.
+_DROPPED_CONFIG_KEYS = ("auto_map", "architectures", "_name_or_path", "transformers_version", "model_type", "torch_dtype")
+_FREQ_DUPLICATE = re.compile(r"\.(implicit_filter\.[35]|implicit_filter_rev\.[135])\.freq$")
+
+
+@dataclass
+class ReleasedCheckpoint:
+    config: M2BertConfig
+    state: dict[str, torch.Tensor]
+    head: type
+    dropped: list[str] = field(default_factory=list)
+
+
+def _with_bert_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys as in the official heads: without a training framework's `model.` prefix, backbone under `bert.`."""
+    if state and all(key.startswith("model.") for key in state):
+        state = {key[len("model."):]: value for key, value in state.items()}
+    if not any(key.startswith("bert.") for key in state):
+        state = {("bert." + key if key.split(".")[0] in ("embeddings", "encoder", "pooler") else key): value
+                 for key, value in state.items()}
+    return state
+
+
+def _drop_aliases_and_buffers(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Drop FlashFFTConv buffers and the five repeated copies of each filter's sine frequency (checked equal)."""
+    kept, dropped = {}, []
+    for key, value in state.items():
+        if ".flashfft." in key:
+            dropped.append(key)
+        elif _FREQ_DUPLICATE.search(key):
+            owner = _FREQ_DUPLICATE.sub(".implicit_filter.1.freq", key)
+            if owner in state and not torch.equal(state[owner], value):
+                raise ConversionError(f"{key} differs from {owner}; the official model shares one sine frequency.")
+            dropped.append(key)
+        else:
+            kept[key] = value
+    return kept, dropped
+
+
+def _settings_from_keys(state: dict[str, torch.Tensor]) -> dict:
+    """Architecture settings that the weights determine, whatever the config says."""
+    prefix = "bert.encoder.layer.0."
+    z = state.get(prefix + "attention.filter_fn.pos_emb.z")
+    gated = state.get(prefix + "mlp.gated_layers.weight")
+    if z is None or gated is None:
+        raise ConversionError(
+            "This is not an M2-BERT checkpoint: expected keys like "
+            f"'{prefix}attention.filter_fn.pos_emb.z' and '{prefix}mlp.gated_layers.weight'."
+        )
+    settings = {
+        "hyena_training_additions": prefix + "attention.layernorm.weight" in state,
+        "residual_long_conv": prefix + "attention.filter_fn2.bias" in state,
+        "bidirectional": prefix + "attention.filter_fn.implicit_filter_rev.0.weight" in state,
+        "long_conv_l_max": z.shape[1],
+        "max_position_embeddings": z.shape[1],
+        "hyena_emb_dim": z.shape[2],
+        "use_monarch_mlp": gated.dim() == 3,
+    }
+    if gated.dim() == 3:
+        settings["monarch_mlp_nblocks"] = gated.shape[0]
+        settings["monarch_mlp_type"] = "blockdiag"
+    if "bert.embeddings.word_embeddings.weight" in state:
+        settings["vocab_size"] = state["bert.embeddings.word_embeddings.weight"].shape[0]
+    if "classifier.weight" in state:
+        settings["num_labels"] = state["classifier.weight"].shape[0]
+    return settings
+
+
+def _head_for(state: dict[str, torch.Tensor]) -> type:
+    if any(key.startswith("cls.predictions.") for key in state):
+        return M2BertForMaskedLM
+    if "classifier.weight" in state:
+        return M2BertForSequenceClassification
+    return M2BertModel
+
+
+def read_released_checkpoint(source: Path) -> ReleasedCheckpoint:
+    raw_config = read_config(source)
+    state, dropped = _drop_aliases_and_buffers(_with_bert_prefix(read_state_dict(source)))
+    values = {k: v for k, v in raw_config.items() if k not in _DROPPED_CONFIG_KEYS}
+    values.update(_settings_from_keys(state))
+    head = _head_for(state)
+    if head is M2BertModel:
+        state = {key[len("bert."):] if key.startswith("bert.") else key: value for key, value in state.items()}
+    return ReleasedCheckpoint(M2BertConfig(**values), state, head, dropped)
+
+
+def _load_strictly(checkpoint: ReleasedCheckpoint):
+    model = checkpoint.head(checkpoint.config)
+    missing, unexpected = model.load_state_dict(checkpoint.state, strict=False)
+    # The decoder is tied to the word embeddings (some releases store only one of the two); a bare encoder may come
+    # without a pooler, which then keeps its fresh initialisation.
+    missing = [key for key in missing if key != "cls.predictions.decoder.weight" and not key.startswith("pooler.")]
+    if missing or unexpected:
+        raise ConversionError(
+            "The weights do not fit the config: "
+            + (f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}; " if missing else "")
+            + (f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}" if unexpected else "")
+            + ". Nothing was written."
+        )
+    return model.eval()
+
+
+def _model_card(model, source: Path, dropped: list[str]):
+    config = model.config
+    mlp = (
+        f"GLU with BlockdiagLinear, {config.monarch_mlp_nblocks} blocks" if config.use_monarch_mlp else "GLU, dense"
+    )
+    data = ModelCardData(
+        license="apache-2.0", language="en", library_name="transformers", tags=["m2", "monarch-mixer", "custom_code"],
+        pipeline_tag="fill-mask" if isinstance(model, M2BertForMaskedLM) else "feature-extraction",
+    )
+    return render_model_card(
+        "m2-bert", data, model_name=f"M2-BERT ({source.name})", repo_id=source.name,
+        model_description=f"Converted with `m2-convert m2-bert` from the released checkpoint `{source.name}`.",
+        hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers, mlp_description=mlp,
+        max_length=config.long_conv_l_max, num_parameters=f"{sum(p.numel() for p in model.parameters()):,}",
+        source=str(source.name), measurements=f"Dropped {len(dropped)} alias/buffer tensors of the source format.",
+    )
+
+
+def convert_m2_bert(source: Path, destination: Path, overwrite: bool = False, dry_run: bool = False) -> dict:
+    """Convert a released M2-BERT folder; returns a report. Writes nothing when `dry_run` or on any error."""
+    source, destination = Path(source), Path(destination)
+    check_destination(source, destination, overwrite)
+    checkpoint = read_released_checkpoint(source)
+    model = _load_strictly(checkpoint)
+    report = {
+        "source": str(source),
+        "architecture": type(model).__name__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "long_conv_l_max": checkpoint.config.long_conv_l_max,
+        "dropped_tensors": len(checkpoint.dropped),
+    }
+    if dry_run:
+        return report
+    with atomic_output_folder(destination, overwrite) as staging:
+        model.save_pretrained(staging)
+        report["tokenizer_files"] = copy_tokenizer_files(source, staging)
+        _model_card(model, source, checkpoint.dropped).save(staging / "README.md")
+    report["destination"] = str(destination)
+    return report
