@@ -23,7 +23,34 @@ from transformers.activations import ACT2FN
 
 from .monarch import BlockdiagLinear, MonarchLinear
 
-__all__ = ["HyenaFilter", "M2GatedMLP", "M2SequenceMixer", "fft_long_conv", "structured_linear"]
+__all__ = ["HyenaFilter", "M2GatedMLP", "M2SequenceMixer", "fft_conv", "fft_long_conv", "kernel_spectrum", "structured_linear"]
+
+
+def _fft_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half-precision FFTs overflow and lose the filter's tail at long lengths: always float32 (or float64).
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def kernel_spectrum(k_forward: torch.Tensor, k_reverse: Optional[torch.Tensor]) -> torch.Tensor:
+    """``rfft`` of the length-``2L`` kernel ``[k_forward, 0] + [0, flip(k_reverse)]``, scaled by ``1/2L``: what
+    :func:`fft_conv` multiplies with. Depends on the filters only, so it can be computed once per length."""
+    length = k_forward.shape[-1]
+    dtype = _fft_dtype(k_forward.dtype)
+    kernel = F.pad(k_forward.to(dtype), (0, length))
+    if k_reverse is not None:
+        kernel = kernel + F.pad(k_reverse.to(dtype).flip(-1), (length, 0))
+    return torch.fft.rfft(kernel, n=2 * length) / (2 * length)
+
+
+def fft_conv(x: torch.Tensor, spectrum: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Long convolution of ``x`` ``[B, H, L]`` with a kernel given by its :func:`kernel_spectrum`, plus ``d x``.
+
+    The zero padding to ``2L`` removes circular wrap-around; the result is cast back to ``x``'s dtype.
+    """
+    length = x.shape[-1]
+    x_c = x.to(_fft_dtype(x.dtype))
+    y = torch.fft.irfft(torch.fft.rfft(x_c, n=2 * length) * spectrum, n=2 * length, norm="forward")[..., :length]
+    return (y + x_c * d.to(x_c.dtype).unsqueeze(-1)).to(x.dtype)
 
 
 def fft_long_conv(
@@ -32,19 +59,9 @@ def fft_long_conv(
     """Long convolution of ``x`` ``[B, H, L]`` with per-channel filters ``[H, L]``, via FFTs of size ``2L``.
 
     ``y[t] = Σ_{s≤t} k_forward[t-s] x[s] + Σ_{s>t} k_reverse[s-t-1] x[s] + d x[t]``; without ``k_reverse`` it is
-    causal. The zero padding to ``2L`` removes circular wrap-around. The FFTs always run in float32 (or float64):
-    half-precision FFTs overflow and lose the filter's tail at long lengths.
+    causal.
     """
-    length = x.shape[-1]
-    fft_size = 2 * length
-    compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    kernel = F.pad(k_forward.to(compute_dtype), (0, length))
-    if k_reverse is not None:
-        kernel = kernel + F.pad(k_reverse.to(compute_dtype).flip(-1), (length, 0))
-    kernel_f = torch.fft.rfft(kernel, n=fft_size) / fft_size
-    x_c = x.to(compute_dtype)
-    y = torch.fft.irfft(torch.fft.rfft(x_c, n=fft_size) * kernel_f, n=fft_size, norm="forward")[..., :length]
-    return (y + x_c * d.to(compute_dtype).unsqueeze(-1)).to(x.dtype)
+    return fft_conv(x, kernel_spectrum(k_forward, k_reverse), d)
 
 
 class _PositionalFeatures(nn.Module):
@@ -132,7 +149,7 @@ class HyenaFilter(nn.Module):
             follower = _Sin(config.hyena_filter_order, config.hyena_w, config.hyena_w_mod, owner=owner)
             self.implicit_filter_rev = _filter_mlp(config, width, follower, owner)
         self.modulation = _ExponentialModulation(width)
-        self._cache: Optional[tuple[tuple, tuple[torch.Tensor, Optional[torch.Tensor]]]] = None
+        self._cache: Optional[tuple[tuple, torch.Tensor]] = None
 
     @property
     def bidirectional(self) -> bool:
@@ -147,13 +164,17 @@ class HyenaFilter(nn.Module):
 
     def forward(self, length: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``(k_forward, k_reverse)`` of shape ``[H, length]`` (``k_reverse`` is None when causal)."""
+        return self._compute(length)
+
+    def spectrum(self, length: int) -> torch.Tensor:
+        """The kernel spectrum for inputs of ``length`` tokens (see :func:`kernel_spectrum`)."""
         if self.training or torch.is_grad_enabled():
             self._cache = None
-            return self._compute(length)
-        # The filters depend on the length only: in inference, reuse them until a parameter changes.
+            return kernel_spectrum(*self._compute(length))
+        # The filters depend on the length only: in inference, reuse the spectrum until a parameter changes.
         key = (length, *(p._version for p in self.parameters()), *(p.data_ptr() for p in self.parameters()))
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self._compute(length))
+            self._cache = (key, kernel_spectrum(*self._compute(length)))
         return self._cache[1]
 
 
@@ -195,10 +216,10 @@ class M2SequenceMixer(nn.Module):
         z = _zero_padding(self.in_linear(u).transpose(1, 2), mask)
         # padding=2 on both sides; keeping the first L outputs makes the short convolution causal.
         x1, x2, v = self.short_filter(z)[..., :length].chunk(3, dim=1)
-        y = fft_long_conv(_zero_padding(v * x1, mask), *self.filter_fn(length), self.filter_fn.bias) * x2
+        y = fft_conv(_zero_padding(v * x1, mask), self.filter_fn.spectrum(length), self.filter_fn.bias) * x2
         if hasattr(self, "filter_fn2"):
             residual = _zero_padding(u.transpose(1, 2), mask)
-            y = y + fft_long_conv(residual, *self.filter_fn2(length), self.filter_fn2.bias)
+            y = y + fft_conv(residual, self.filter_fn2.spectrum(length), self.filter_fn2.bias)
         return self.out_linear(y.transpose(1, 2))
 
 
