@@ -40,7 +40,6 @@ import datetime
 import gc
 import json
 import math
-import os
 import platform
 import random
 import statistics
@@ -65,6 +64,16 @@ from transformers import BertConfig, BertModel  # noqa: E402
 from m2_hf import M2BertConfig, M2BertModel  # noqa: E402
 from m2_hf.m2_mixer import HyenaFilter  # noqa: E402
 from m2_hf.monarch import BlockdiagLinear, MonarchLinear  # noqa: E402
+from bench_common import (  # noqa: E402  (the script's folder is on sys.path)
+    available_cores,
+    cpu_model,
+    format_table_line,
+    load_average,
+    log,
+    positive_int,
+    seconds_per_call,
+    write_json,
+)
 
 MODELS = ("m2", "bert")
 MODEL_TITLES = {"m2": "M2-BERT", "bert": "BERT (sdpa)"}
@@ -116,10 +125,6 @@ RSS_POLL_SECONDS = 0.002
 # --------------------------------------------------------------------------------------------------------------------
 # Models and inputs
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def seed_everything(seed: int) -> None:
@@ -384,13 +389,6 @@ def available_memory_mb() -> Optional[float]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def seconds_per_call(fn: Callable[[], None], calls: int) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls
-
-
 def calls_per_sample_for(estimate_seconds: float) -> int:
     return max(1, math.ceil(MIN_SAMPLE_SECONDS / max(estimate_seconds, 1e-9)))
 
@@ -590,31 +588,6 @@ def run_benchmark(args: argparse.Namespace, shape: ModelShape) -> list[dict]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # respects taskset/cgroup pinning, unlike os.cpu_count()
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def load_average() -> Optional[float]:
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):  # not available on every platform
-        return None
-
-
 def run_metadata(args: argparse.Namespace, shape: ModelShape) -> dict:
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -678,10 +651,6 @@ TABLE_COLUMNS = (
 )
 
 
-def format_table_line(values: list[str]) -> str:
-    return "  ".join(f"{value:{align}{width}}" for value, (_, width, align) in zip(values, TABLE_COLUMNS))
-
-
 def format_number(value: Optional[float], pattern: str, missing: str = "skipped") -> str:
     return missing if value is None else format(value, pattern)
 
@@ -692,8 +661,8 @@ def peak_mb(entry: dict) -> Optional[float]:
 
 
 def print_table(rows: list[dict], memory_enabled: bool) -> None:
-    print(format_table_line([name for name, _, _ in TABLE_COLUMNS]))
-    print("-" * len(format_table_line([""] * len(TABLE_COLUMNS))))
+    print(format_table_line([name for name, _, _ in TABLE_COLUMNS], TABLE_COLUMNS))
+    print("-" * len(format_table_line([""] * len(TABLE_COLUMNS), TABLE_COLUMNS)))
     memory_missing = "n/a" if memory_enabled else "off"
     for row in rows:
         m2, bert = row["models"]["m2"], row["models"]["bert"]
@@ -710,7 +679,8 @@ def print_table(rows: list[dict], memory_enabled: bool) -> None:
                     f"{bert['flops_per_token_per_layer']['total'] / 1e6:.2f}",
                     format_number(peak_mb(m2), ".0f", memory_missing),
                     format_number(peak_mb(bert), ".0f", memory_missing),
-                ]
+                ],
+                TABLE_COLUMNS,
             )
         )
     print()
@@ -804,12 +774,6 @@ def print_targets(verdicts: list[dict]) -> None:
     print(flush=True)
 
 
-def write_json(path: Path, meta: dict, rows: list[dict], verdicts: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"metadata": meta, "results": rows, "targets": verdicts}, indent=2) + "\n")
-    log(f"wrote {path}")
-
-
 def write_plot(path: Path, meta: dict, rows: list[dict]) -> None:
     import matplotlib
 
@@ -870,13 +834,6 @@ def write_plot(path: Path, meta: dict, rows: list[dict]) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

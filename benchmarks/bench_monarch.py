@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import math
-import os
 import platform
 import statistics
 import sys
@@ -44,6 +42,16 @@ if str(REPO_ROOT) not in sys.path:  # lets `python benchmarks/bench_monarch.py` 
     sys.path.insert(0, str(REPO_ROOT))
 
 from m2_hf.monarch import MonarchLinear  # noqa: E402
+from bench_common import (  # noqa: E402  (the script's folder is on sys.path)
+    available_cores,
+    cpu_model,
+    format_table_line,
+    load_average,
+    log,
+    positive_int,
+    seconds_per_call,
+    write_json,
+)
 
 DEFAULT_SIZES = (768, 1024, 3072, 4096)
 DEFAULT_NBLOCKS = ("2", "4", "8", "16", "sqrt")
@@ -171,10 +179,6 @@ def dense_flops_per_token(layer: LayerShape) -> int:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def forward_call(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     def run() -> None:
         with torch.no_grad():
@@ -191,13 +195,6 @@ def forward_backward_call(module: nn.Module, x: torch.Tensor, grad_output: torch
         torch.autograd.grad(module(x), inputs, grad_output)
 
     return run
-
-
-def seconds_per_call(fn: Callable[[], None], calls: int) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls
 
 
 def warm_up_and_calibrate(fn: Callable[[], None]) -> tuple[int, float]:
@@ -332,13 +329,6 @@ def result_rows(
     return rows
 
 
-def load_average() -> Optional[float]:
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):  # not available on every platform
-        return None
-
-
 def busy_load_threshold() -> float:
     # The benchmark's own threads keep about `threads` runnable; anything well beyond that is someone else.
     return torch.get_num_threads() + 1.0
@@ -384,24 +374,6 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
 # --------------------------------------------------------------------------------------------------------------------
 # Reporting
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # respects taskset/cgroup pinning, unlike os.cpu_count()
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def run_metadata(args: argparse.Namespace) -> dict:
@@ -458,13 +430,9 @@ TABLE_COLUMNS = (
 )
 
 
-def format_table_line(values: list[str]) -> str:
-    return "  ".join(f"{value:{align}{width}}" for value, (_, width, align) in zip(values, TABLE_COLUMNS))
-
-
 def print_table(rows: list[dict]) -> None:
-    print(format_table_line([name for name, _, _ in TABLE_COLUMNS]))
-    print("-" * len(format_table_line([""] * len(TABLE_COLUMNS))))
+    print(format_table_line([name for name, _, _ in TABLE_COLUMNS], TABLE_COLUMNS))
+    print("-" * len(format_table_line([""] * len(TABLE_COLUMNS), TABLE_COLUMNS)))
     mode_order = {mode: index for index, mode in enumerate(ALL_MODES)}
     previous_layer = None
     def table_order(row: dict) -> tuple:
@@ -490,7 +458,8 @@ def print_table(rows: list[dict]) -> None:
                     f"{row['monarch_over_two_bmm']:.3f}",
                     f"{gflops['monarch']:.1f}",
                     f"{gflops['linear']:.1f}",
-                ]
+                ],
+                TABLE_COLUMNS,
             )
         )
     print()
@@ -553,12 +522,6 @@ def print_targets(verdicts: list[dict]) -> None:
     counts = {verdict: sum(item["verdict"] == verdict for item in verdicts) for verdict in ("PASS", "MISS", "n/a")}
     print(f"Summary: {counts['PASS']} PASS, {counts['MISS']} MISS, {counts['n/a']} n/a of {len(verdicts)} checks")
     print(flush=True)
-
-
-def write_json(path: Path, meta: dict, rows: list[dict], verdicts: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"metadata": meta, "results": rows, "targets": verdicts}, indent=2) + "\n")
-    log(f"wrote {path}")
 
 
 def write_plot(path: Path, meta: dict, rows: list[dict]) -> None:
@@ -629,13 +592,6 @@ def nblocks_argument(text: str) -> str:
     if value < 1:
         raise argparse.ArgumentTypeError(f"nblocks must be positive, got {value}")
     return str(value)
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

@@ -248,6 +248,18 @@ class M2BertPreTrainedModel(PreTrainedModel):
         self.config.auto_map = dict(_AUTO_MAP)
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    def _backbone(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, **kwargs):
+        """The heads' call of their `bert` backbone."""
+        return self.bert(
+            input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            return_dict=True,
+            **kwargs,
+        )
+
     def _real_token_mask(self, attention_mask: Optional[torch.Tensor], input_shape: torch.Size):
         """The mask to apply, or None when every token is real (then the official computation runs unchanged)."""
         if attention_mask is None:
@@ -344,15 +356,7 @@ class M2BertForMaskedLM(M2BertPreTrainedModel):
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Token ids to predict; -100 marks positions without a target.
         """
-        outputs = self.bert(
-            input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            return_dict=True,
-            **kwargs,
-        )
+        outputs = self._backbone(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, **kwargs)
         logits = self.cls(outputs.last_hidden_state)
         loss = None
         if labels is not None:
@@ -389,15 +393,7 @@ class M2BertForSequenceClassification(M2BertPreTrainedModel):
         labels (`torch.Tensor` of shape `(batch_size,)`, *optional*):
             Class indices, or float targets for regression (`num_labels == 1`) and multi-label classification.
         """
-        outputs = self.bert(
-            input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            return_dict=True,
-            **kwargs,
-        )
+        outputs = self._backbone(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, **kwargs)
         logits = self.classifier(self.dropout(outputs.pooler_output))
         loss = None
         if labels is not None:
@@ -433,15 +429,7 @@ class M2BertForTokenClassification(M2BertPreTrainedModel):
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Class index per token; -100 marks positions without a target.
         """
-        outputs = self.bert(
-            input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            return_dict=True,
-            **kwargs,
-        )
+        outputs = self._backbone(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, **kwargs)
         logits = self.classifier(self.dropout(outputs.last_hidden_state))
         loss = None
         if labels is not None:
@@ -476,15 +464,7 @@ class M2BertForQuestionAnswering(M2BertPreTrainedModel):
         start_positions, end_positions (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
             Token index of the answer span's first and last token.
         """
-        outputs = self.bert(
-            input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            return_dict=True,
-            **kwargs,
-        )
+        outputs = self._backbone(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, **kwargs)
         start_logits, end_logits = self.qa_outputs(outputs.last_hidden_state).unbind(dim=-1)
         loss = None
         if start_positions is not None and end_positions is not None:
@@ -513,15 +493,7 @@ class M2BertForTextEncoding(M2BertPreTrainedModel):
         inputs_embeds: Optional[torch.Tensor] = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> M2BertTextEncodingOutput:
-        outputs = self.bert(
-            input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            return_dict=True,
-            **kwargs,
-        )
+        outputs = self._backbone(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, **kwargs)
         embedding = outputs.pooler_output
         if self.config.use_normalized_embeddings:
             embedding = F.normalize(embedding, dim=-1)
