@@ -447,13 +447,18 @@ def test_bad_modules_and_options():
         MonarchLinear(8, 8, 2)(torch.randn(3, 9))
 
 
-def test_training_and_inference_layouts_agree():
+@pytest.mark.parametrize("cls", [MonarchLinear, BlockdiagLinear])
+def test_training_and_inference_layouts_agree(cls):
     torch.manual_seed(14)
     for in_features, out_features, nblocks in [(48, 48, 4), (30, 30, 7), (32, 128, 4), (128, 32, 8)]:
-        layer = MonarchLinear(in_features, out_features, nblocks)
+        layer = cls(in_features, out_features, nblocks)
         x = torch.randn(9, in_features)
         with torch.no_grad():
             inference = layer(x)
         training = layer(x.requires_grad_())
         assert training.requires_grad
         torch.testing.assert_close(training, inference, rtol=1e-5, atol=1e-6)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            half = layer(x)
+        assert half.dtype == torch.bfloat16
+        torch.testing.assert_close(half.float(), inference, rtol=5e-2, atol=5e-2)
