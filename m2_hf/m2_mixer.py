@@ -155,26 +155,23 @@ class HyenaFilter(nn.Module):
     def bidirectional(self) -> bool:
         return hasattr(self, "implicit_filter_rev")
 
-    def _compute(self, length: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(self, length: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(k_forward, k_reverse)`` of shape ``[H, length]`` (``k_reverse`` is None when causal)."""
         z, t = self.pos_emb(length)
         k_forward = self.modulation(t, self.implicit_filter(z))[0].transpose(0, 1)
         if not self.bidirectional:
             return k_forward, None
         return k_forward, self.modulation(t, self.implicit_filter_rev(z))[0].transpose(0, 1)
 
-    def forward(self, length: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """``(k_forward, k_reverse)`` of shape ``[H, length]`` (``k_reverse`` is None when causal)."""
-        return self._compute(length)
-
     def spectrum(self, length: int) -> torch.Tensor:
         """The kernel spectrum for inputs of ``length`` tokens (see :func:`kernel_spectrum`)."""
         if self.training or torch.is_grad_enabled():
             self._cache = None
-            return kernel_spectrum(*self._compute(length))
+            return kernel_spectrum(*self.forward(length))
         # The filters depend on the length only: in inference, reuse the spectrum until a parameter changes.
         key = (length, *(p._version for p in self.parameters()), *(p.data_ptr() for p in self.parameters()))
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, kernel_spectrum(*self._compute(length)))
+            self._cache = (key, kernel_spectrum(*self.forward(length)))
         return self._cache[1]
 
 

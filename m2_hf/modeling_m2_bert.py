@@ -230,17 +230,9 @@ class M2BertPreTrainedModel(PreTrainedModel):
             init.constant_(module.freq, self.config.hyena_w)
         elif isinstance(module, HyenaFilter):
             init.normal_(module.bias, mean=0.0, std=1.0)
-        elif isinstance(module, BlockdiagLinear):
-            bound = module.weight.shape[-1] ** -0.5
-            init.uniform_(module.weight, -bound, bound)
-            if module.bias is not None:
-                init.uniform_(module.bias, -(module.in_features**-0.5), module.in_features**-0.5)
-        elif isinstance(module, MonarchLinear):
-            _, inner, in_block = module.blkdiag1.shape
-            init.uniform_(module.blkdiag1, -((3 / in_block) ** 0.5), (3 / in_block) ** 0.5)
-            init.uniform_(module.blkdiag2, -(inner**-0.5), inner**-0.5)
-            if module.bias is not None:
-                init.uniform_(module.bias, -(module.in_features**-0.5), module.in_features**-0.5)
+        elif isinstance(module, (BlockdiagLinear, MonarchLinear)):
+            for name, bound in module.uniform_init_bounds().items():
+                init.uniform_(getattr(module, name), -bound, bound)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """As `PreTrainedModel.save_pretrained`; the config's `auto_map` names every M2-BERT head, so the saved

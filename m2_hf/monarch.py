@@ -369,8 +369,8 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
 class _StructuredLinear(nn.Module):
     """What Monarch and block-diagonal layers share: padding, truncation, bias, densification and projection.
 
-    Subclasses define ``_multiply(x)`` (``(N, in_features_padded)`` -> ``(N, out_features_padded)``, no bias) and the
-    classmethod ``_from_dense(weight, bias, nblocks, **kwargs)``.
+    Subclasses define ``_multiply(x)`` (``(N, in_features_padded)`` -> ``(N, out_features_padded)``, no bias),
+    ``_factor_init_bounds()`` and the classmethod ``_from_dense(weight, bias, nblocks, **kwargs)``.
     """
 
     def __init__(self, in_features: int, out_features: int, nblocks: int, bias: bool, device, dtype) -> None:
@@ -387,10 +387,16 @@ class _StructuredLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def reset_parameters(self) -> None:
+    def uniform_init_bounds(self) -> dict[str, float]:
+        """``{parameter name: b}`` of the ``U(-b, b)`` initialisation; model `_init_weights` methods use it too."""
+        bounds = self._factor_init_bounds()
         if self.bias is not None:
-            bound = 1.0 / math.sqrt(self.in_features)  # as nn.Linear (fly uses out_features here)
-            nn.init.uniform_(self.bias, -bound, bound)
+            bounds["bias"] = 1.0 / math.sqrt(self.in_features)  # as nn.Linear (fly uses out_features here)
+        return bounds
+
+    def reset_parameters(self) -> None:
+        for name, bound in self.uniform_init_bounds().items():
+            nn.init.uniform_(getattr(self, name), -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -502,11 +508,9 @@ class MonarchLinear(_StructuredLinear):
             raise ValueError(f"`backend` must be one of {_BACKENDS}, got {value!r}.")
         self._backend = value
 
-    def reset_parameters(self) -> None:
+    def _factor_init_bounds(self) -> dict[str, float]:
         _, inner, in_block = self.blkdiag1.shape
-        nn.init.uniform_(self.blkdiag1, -math.sqrt(3.0 / in_block), math.sqrt(3.0 / in_block))
-        nn.init.uniform_(self.blkdiag2, -1.0 / math.sqrt(inner), 1.0 / math.sqrt(inner))
-        super().reset_parameters()
+        return {"blkdiag1": math.sqrt(3.0 / in_block), "blkdiag2": 1.0 / math.sqrt(inner)}
 
     def _use_triton(self, x: torch.Tensor) -> bool:
         if self.backend == "triton":
@@ -568,10 +572,8 @@ class BlockdiagLinear(_StructuredLinear):
         self.weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        bound = 1.0 / math.sqrt(self.weight.shape[-1])
-        nn.init.uniform_(self.weight, -bound, bound)
-        super().reset_parameters()
+    def _factor_init_bounds(self) -> dict[str, float]:
+        return {"weight": 1.0 / math.sqrt(self.weight.shape[-1])}
 
     def _multiply(self, x: torch.Tensor) -> torch.Tensor:
         return blockdiag_multiply(x, self.weight)
