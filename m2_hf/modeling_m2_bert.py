@@ -126,7 +126,9 @@ class M2BertLayer(GradientCheckpointingLayer):
         self.mlp = M2GatedMLP(config)
 
     def forward(self, hidden_states: torch.Tensor, mask: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
-        return self.mlp(self.attention(hidden_states, mask))
+        # mlp(attention(h)), with the mixer's token-wise output projection applied inside the MLP's token chunks.
+        mixed = self.attention.mix(hidden_states, mask)
+        return self.mlp(mixed, projection=self.attention.out_linear).view(hidden_states.shape)
 
 
 class M2BertEncoder(nn.Module):

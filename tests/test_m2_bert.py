@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from safetensors import safe_open
 from transformers import (
     AutoConfig,
@@ -32,7 +33,7 @@ from m2_hf import (
     M2BertModel,
     MonarchLinear,
 )
-from m2_hf.m2_mixer import fft_long_conv
+from m2_hf.m2_mixer import causal_depthwise_conv, fft_long_conv
 
 HEADS = {
     AutoModel: M2BertModel,
@@ -69,16 +70,16 @@ def tiny_model(cls=M2BertForMaskedLM, seed=0, **overrides):
 
 
 def direct_long_conv(x, k_forward, k_reverse, d):
-    """The O(L^2) sum, written independently of the FFT code."""
-    batch, channels, length = x.shape
+    """The O(L^2) sum over channel-major ``x`` ``[C, B, L]``, written independently of the FFT code."""
+    channels, batch, length = x.shape
     y = torch.zeros_like(x)
     for t in range(length):
         for s in range(length):
             if s <= t:
-                y[..., t] += k_forward[:, t - s] * x[..., s]
+                y[..., t] += k_forward[:, t - s, None] * x[..., s]
             elif k_reverse is not None:
-                y[..., t] += k_reverse[:, s - t - 1] * x[..., s]
-        y[..., t] += d * x[..., t]
+                y[..., t] += k_reverse[:, s - t - 1, None] * x[..., s]
+        y[..., t] += d[:, None] * x[..., t]
     return y
 
 
@@ -86,7 +87,7 @@ def direct_long_conv(x, k_forward, k_reverse, d):
 @pytest.mark.parametrize("length", [1, 7, 16])
 def test_fft_long_conv_equals_direct_sum(bidirectional, length):
     generator = torch.Generator().manual_seed(length)
-    x = torch.randn(2, 3, length, dtype=torch.float64, generator=generator)
+    x = torch.randn(3, 2, length, dtype=torch.float64, generator=generator)
     k_forward = torch.randn(3, length, dtype=torch.float64, generator=generator)
     k_reverse = torch.randn(3, length, dtype=torch.float64, generator=generator) if bidirectional else None
     d = torch.randn(3, dtype=torch.float64, generator=generator)
@@ -95,12 +96,33 @@ def test_fft_long_conv_equals_direct_sum(bidirectional, length):
 
 
 def test_causal_long_conv_ignores_the_future():
-    x = torch.randn(1, 2, 12, dtype=torch.float64)
+    x = torch.randn(2, 1, 12, dtype=torch.float64)
     k = torch.randn(2, 12, dtype=torch.float64)
     d = torch.randn(2, dtype=torch.float64)
     changed = x.clone()
     changed[..., 8:] += 1.0
     torch.testing.assert_close(fft_long_conv(x, k, None, d)[..., :8], fft_long_conv(changed, k, None, d)[..., :8])
+
+
+@pytest.mark.parametrize("length", [1, 2, 9])
+def test_causal_depthwise_conv_equals_the_official_conv1d(length):
+    conv = nn.Conv1d(6, 6, kernel_size=3, groups=6, padding=2).double()
+    x = torch.randn(2, 6, length, dtype=torch.float64)
+    expected = conv(x)[..., :length]
+    got = causal_depthwise_conv(x.permute(1, 0, 2), conv.weight, conv.bias).permute(1, 0, 2)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_inference_fast_path_equals_the_autograd_path():
+    model = tiny_model(M2BertForMaskedLM)
+    ids = torch.randint(5, 30000, (3, 17))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    mask[1, -5:] = 0
+    recorded = model(ids, attention_mask=mask).logits  # grad enabled: out-of-place ops
+    with torch.inference_mode():
+        fast = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(fast, recorded.detach(), rtol=1e-6, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------------------------
