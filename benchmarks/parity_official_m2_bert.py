@@ -58,6 +58,9 @@ def official_config(config_class, training_additions: bool):
 def without_duplicate_frequencies(state: dict) -> dict:
     return {k: v for k, v in state.items() if ".freq" not in k or "implicit_filter.1.freq" in k}
 
+# Float32 rounding: the two implementations order some sums differently (short filter, chunked projections).
+TOLERANCE = 1e-5
+
 
 def compare(official_class, ours_class, config_class, training_additions: bool, lengths: list[int]) -> float:
     torch.manual_seed(0)
@@ -75,11 +78,13 @@ def compare(official_class, ours_class, config_class, training_additions: bool, 
         ids = torch.randint(5, 30000, (3, length))
         with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
             expected = official(ids, attention_mask=torch.ones_like(ids)).logits
-            actual = ours(ids).logits
-        difference = (expected - actual).abs().max().item()
-        worst = max(worst, difference)
-        print(f"{ours_class.__name__:33} additions={training_additions!s:5} L={length:4}  "
-              f"max |official - m2_hf| = {difference:.3e}  (max |logit| {expected.abs().max().item():.3f})")
+            inference = ours(ids).logits  # the in-place, chunked path
+        recorded = ours(ids).logits.detach()  # autograd records: the out-of-place path used in training
+        for path, actual in (("no_grad", inference), ("autograd", recorded)):
+            difference = (expected - actual).abs().max().item()
+            worst = max(worst, difference)
+            print(f"{ours_class.__name__:33} additions={training_additions!s:5} L={length:4} {path:8}  "
+                  f"max |official - m2_hf| = {difference:.3e}  (max |logit| {expected.abs().max().item():.3f})")
     return worst
 
 
@@ -93,7 +98,9 @@ def main() -> None:
         worst = max(worst, compare(official_mlm, M2BertForMaskedLM, config_class, additions, [128, 77]))
         # The official classifier asserts that inputs are padded to max_position_embeddings.
         worst = max(worst, compare(official_classifier, M2BertForSequenceClassification, config_class, additions, [128]))
-    print(f"worst difference: {worst:.3e}")
+    print(f"worst difference: {worst:.3e} (tolerance {TOLERANCE:.0e})")
+    if worst > TOLERANCE:
+        raise SystemExit("m2-hf's logits differ from the official ones beyond float32 rounding")
 
 
 if __name__ == "__main__":

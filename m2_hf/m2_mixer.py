@@ -56,17 +56,34 @@ def _per_channel(values: torch.Tensor, ndim: int) -> torch.Tensor:
     return values.view(values.shape[0], *([1] * (ndim - values.dim())), *values.shape[1:])
 
 
-def fft_conv(x: torch.Tensor, spectrum: torch.Tensor, d: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+def zero_padded_buffer(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(buffer, head)``: an FFT-dtype buffer shaped like ``like`` but twice as long, its second half zero, and the
+    view of its first half. Writing an input into ``head`` and passing ``padded=buffer`` to :func:`fft_conv` saves the
+    copy that padding would make."""
+    length = like.shape[-1]
+    buffer = like.new_empty(*like.shape[:-1], 2 * length, dtype=_fft_dtype(like.dtype))
+    buffer[..., length:].zero_()
+    return buffer, buffer[..., :length]
+
+
+def fft_conv(
+    x: torch.Tensor,
+    spectrum: torch.Tensor,
+    d: torch.Tensor,
+    inplace: bool = False,
+    padded: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Long convolution of channel-major ``x`` ``[C, *batch, L]`` with a kernel given by its :func:`kernel_spectrum`
     (``[C, L + 1]``), plus ``d x`` (``d``: ``[C]``).
 
     The zero padding to ``2L`` removes circular wrap-around; the result is cast back to ``x``'s dtype. ``inplace``
-    (only where autograd does not record) updates the intermediate spectra instead of allocating new ones.
+    (only where autograd does not record) updates the intermediate spectra instead of allocating new ones; ``padded``
+    is ``x``'s :func:`zero_padded_buffer` when ``x`` was written into one.
     """
     length = x.shape[-1]
     x_c = x.to(_fft_dtype(x.dtype))
     spectrum, d = _per_channel(spectrum, x.dim()), _per_channel(d.to(x_c.dtype), x.dim())
-    frequencies = torch.fft.rfft(x_c, n=2 * length)
+    frequencies = torch.fft.rfft(x_c if padded is None else padded, n=2 * length)
     frequencies = frequencies.mul_(spectrum) if inplace else frequencies * spectrum
     y = torch.fft.irfft(frequencies, n=2 * length, norm="forward")[..., :length]
     y = y.addcmul_(x_c, d) if inplace else y + x_c * d
@@ -290,17 +307,17 @@ class M2SequenceMixer(nn.Module):
         if inplace:
             mixed = None
             for channels in chunks:
-                y = self._mix_channels(tokens, channels, batch, spectra, mask, inplace)
-                if mixed is None:
-                    mixed = y.new_empty(hidden, batch, length)
-                mixed[channels].copy_(y)
+                mixed = self._mix_channels(tokens, channels, batch, spectra, mask, inplace, mixed)
         else:
             mixed = torch.cat([self._mix_channels(tokens, c, batch, spectra, mask, inplace) for c in chunks])
         return mixed.view(hidden, batch * length).t()
 
-    def _mix_channels(self, tokens, channels: slice, batch: int, spectra, mask, inplace: bool) -> torch.Tensor:
-        """The mixer for one chunk of channels, from the input projection to the gated long convolutions; returns
-        channel-major ``[c, B, L]``."""
+    def _mix_channels(
+        self, tokens, channels: slice, batch: int, spectra, mask, inplace: bool, mixed: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """The mixer for one chunk of channels, from the input projection to the gated long convolutions: channel-major
+        ``[c, B, L]``. In place, the chunk is written into ``mixed`` (all channels, allocated by the first chunk),
+        which is returned."""
         hidden = tokens.shape[1]
         weight = self.in_linear.weight.view(3, hidden, hidden)[:, channels].reshape(-1, hidden)
         bias = self.in_linear.bias.view(3, hidden, 1)[:, channels].reshape(-1, 1)
@@ -311,16 +328,26 @@ class M2SequenceMixer(nn.Module):
         conv_weight = self.short_filter.weight.view(3, hidden, 1, taps)[:, channels].reshape(-1, 1, taps)
         conv_bias = self.short_filter.bias.view(3, hidden)[:, channels].reshape(-1)
         x1, x2, v = causal_depthwise_conv(z, conv_weight, conv_bias).chunk(3, dim=0)
-        gated = _zero_padding(v.mul_(x1) if inplace else v * x1, mask, inplace)
-        spectrum, d = spectra[0]
-        y = fft_conv(gated, spectrum[channels], d[channels], inplace)
-        y = y.mul_(x2) if inplace else y * x2
-        if len(spectra) > 1:
-            residual = _zero_padding(tokens[:, channels].t().view(-1, batch, gated.shape[-1]), mask)
-            spectrum, d = spectra[1]
-            long_residual = fft_conv(residual, spectrum[channels], d[channels], inplace)
-            y = y.add_(long_residual) if inplace else y + long_residual
-        return y
+        if not inplace:
+            y = fft_conv(_zero_padding(v * x1, mask), spectra[0][0][channels], spectra[0][1][channels]) * x2
+            if len(spectra) > 1:
+                residual = _zero_padding(tokens[:, channels].t().view(v.shape), mask)
+                y = y + fft_conv(residual, spectra[1][0][channels], spectra[1][1][channels])
+            return y
+        # Without autograd: inputs go straight into zero-padded FFT buffers and results straight into `mixed`.
+        if mixed is None:
+            mixed = v.new_empty(hidden, *v.shape[1:])
+        padded, gated = zero_padded_buffer(v)
+        _zero_padding(torch.mul(v, x1, out=gated), mask, inplace=True)
+        y = fft_conv(gated, spectra[0][0][channels], spectra[0][1][channels], inplace=True, padded=padded)
+        if len(spectra) == 1:
+            torch.mul(y, x2, out=mixed[channels])
+            return mixed
+        y.mul_(x2)
+        _zero_padding(gated.copy_(tokens[:, channels].t().view(v.shape)), mask, inplace=True)
+        residual = fft_conv(gated, spectra[1][0][channels], spectra[1][1][channels], inplace=True, padded=padded)
+        torch.add(y, residual, out=mixed[channels])
+        return mixed
 
 
 class M2GatedMLP(nn.Module):
