@@ -254,15 +254,19 @@ def records_autograd(module: nn.Module, x: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
 
 
-# Working-set size of one chunk of the mixer and the MLP. Chunks this small stay in cache, and their buffers are reused
-# by the allocator instead of being freshly mapped (and page-faulted) for every op, which on CPU cost about a third of
-# the time of an unchunked M2-BERT layer at 16k tokens.
-_CHUNK_BYTES = 24 << 20
+# Working-set size of one chunk of the mixer and the MLP on CPU. Chunks this small stay in cache, and their buffers are
+# reused by the allocator instead of being freshly mapped (and page-faulted) for every op, which cost about a third of
+# the time of an unchunked M2-BERT layer at 16k tokens. Accelerators keep whole tensors: there, fewer and larger
+# kernel launches win, and the caching allocator already reuses memory.
+_CPU_CHUNK_BYTES = 24 << 20
 
 
-def _chunks(total: int, per_item_bytes: int, minimum: int) -> list[slice]:
-    """Consecutive slices of ``range(total)`` whose items take about ``_CHUNK_BYTES`` together."""
-    size = min(total, max(minimum, _CHUNK_BYTES // max(per_item_bytes, 1)))
+def _chunks(total: int, per_item_bytes: int, minimum: int, device: torch.device) -> list[slice]:
+    """Consecutive slices of ``range(total)`` whose items take about ``_CPU_CHUNK_BYTES`` together (one slice off
+    the CPU)."""
+    if device.type != "cpu":
+        return [slice(0, total)]
+    size = min(total, max(minimum, _CPU_CHUNK_BYTES // max(per_item_bytes, 1)))
     return [slice(start, min(start + size, total)) for start in range(0, total, size)]
 
 
@@ -303,7 +307,7 @@ class M2SequenceMixer(nn.Module):
         filters = [self.filter_fn] + ([self.filter_fn2] if hasattr(self, "filter_fn2") else [])
         spectra = [(f.spectrum(length), f.bias) for f in filters]
         # An FFT of a channel over the batch holds 2 x B x 2L floats (real input and complex half spectrum).
-        chunks = _chunks(hidden, 4 * batch * length * u.element_size(), minimum=8)
+        chunks = _chunks(hidden, 4 * batch * length * u.element_size(), 8, u.device)
         if inplace:
             mixed = None
             for channels in chunks:
@@ -372,7 +376,7 @@ class M2GatedMLP(nn.Module):
         chunk by chunk: this fuses a preceding token-wise layer without materialising its whole output."""
         tokens = x.reshape(-1, x.shape[-1])
         # Token-wise: run over chunks of tokens whose widest activation (the gated layer's output) stays small.
-        chunks = _chunks(tokens.shape[0], self.gated_layers.out_features * x.element_size(), minimum=64)
+        chunks = _chunks(tokens.shape[0], self.gated_layers.out_features * x.element_size(), 64, x.device)
         out = [self._mlp_tokens(tokens[rows] if projection is None else projection(tokens[rows])) for rows in chunks]
         out = torch.cat(out) if len(out) > 1 else out[0]
         return out.view(*x.shape[:-1], out.shape[-1])

@@ -125,6 +125,27 @@ def test_inference_fast_path_equals_the_autograd_path():
     torch.testing.assert_close(fast, recorded.detach(), rtol=1e-6, atol=1e-6)
 
 
+def test_chunked_mixer_and_mlp_equal_the_whole_tensor_computation(monkeypatch):
+    import m2_hf.m2_mixer as mixer_module
+
+    model = tiny_model(M2BertForMaskedLM)
+    ids = torch.randint(5, 30000, (2, 50))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with torch.inference_mode():
+        whole = model(ids, attention_mask=mask).logits
+    monkeypatch.setattr(mixer_module, "_CPU_CHUNK_BYTES", 1)  # the minimum chunks: 8 channels, 64 tokens
+    assert len(mixer_module._chunks(model.config.hidden_size, 1, 8, torch.device("cpu"))) == 4
+    assert len(mixer_module._chunks(ids.numel(), 1, 64, torch.device("cpu"))) == 2
+    with torch.inference_mode():
+        chunked = model(ids, attention_mask=mask).logits
+    recorded = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(recorded.detach(), whole, rtol=1e-5, atol=1e-5)
+    recorded.sum().backward()
+    assert all(p.grad is not None for p in model.bert.encoder.parameters() if p.requires_grad)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Architecture and state dict fidelity
 # --------------------------------------------------------------------------------------------------------------------
