@@ -1,0 +1,315 @@
+"""GPU benchmark: the Monarch layer (PyTorch path and Triton kernel) against nn.Linear, and M2-BERT-base against
+BERT-base (SDPA) at long sequence lengths, all measured in one run on one CUDA device.
+
+    python benchmarks/bench_gpu.py                       # full run (a few minutes on an H200)
+    python benchmarks/bench_gpu.py --quick --device cpu  # a smoke test of the script itself, tiny sizes
+
+Correctness is checked before anything is timed: the Triton kernel against the PyTorch path (values and gradients),
+both against a float64 dense reference, and M2-BERT on the device against M2-BERT on the CPU. Timings are medians of
+CUDA-event-timed repeats after warm-up (``triton.testing.do_bench`` when triton is present).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from m2_hf import M2BertConfig, M2BertModel, MonarchLinear  # noqa: E402
+from m2_hf.monarch_triton import TRITON_AVAILABLE  # noqa: E402
+
+LAYER_SHAPES = [(1024, 4096), (4096, 16384), (4096, 4096)]
+LAYER_NBLOCKS = [4, 16]
+LENGTHS = [512, 1024, 2048, 4096, 8192, 16384, 32768]
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def timer(device: torch.device, repeats: int) -> Callable[[Callable[[], object]], float]:
+    """Median milliseconds of ``fn``, synchronized and warmed up."""
+
+    def measure(fn: Callable[[], object]) -> float:
+        if device.type == "cuda" and TRITON_AVAILABLE:
+            from triton.testing import do_bench
+
+            return float(do_bench(fn, warmup=25, rep=max(50, 10 * repeats), return_mode="median"))
+        for _ in range(2):
+            fn()
+        samples = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                samples.append(start.elapsed_time(end))
+            else:
+                begin = time.perf_counter()
+                fn()
+                samples.append((time.perf_counter() - begin) * 1e3)
+        return statistics.median(samples)
+
+    return measure
+
+
+def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    actual, reference = actual.detach().double(), reference.detach().double()
+    return float((actual - reference).norm() / reference.norm().clamp_min(1e-30))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Monarch layer
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def check_monarch_layer(device: torch.device, tokens: int, backends: list[str]) -> list[dict]:
+    rows = []
+    for (n_in, n_out), nblocks, (dtype_name, dtype) in [
+        ((1024, 4096), 4, ("fp32", torch.float32)),
+        ((1024, 4096), 4, ("bf16", torch.bfloat16)),
+        ((1000, 3000), 16, ("fp32", torch.float32)),
+    ]:
+        torch.manual_seed(0)
+        layer = MonarchLinear(n_in, n_out, nblocks=nblocks).to(device=device, dtype=dtype)
+        x = torch.randn(tokens, n_in, device=device, dtype=dtype, requires_grad=True)
+        grad = torch.randn(tokens, n_out, device=device, dtype=dtype)
+        reference = x.detach().double() @ layer.dense_weight().double().t() + layer.bias.double()
+        results = {}
+        for backend in backends:
+            layer.backend = backend
+            x.grad = None
+            layer.zero_grad()
+            out = layer(x)
+            out.backward(grad)
+            results[backend] = (out.detach(), x.grad.clone(), layer.blkdiag1.grad.clone())
+        row = {"shape": f"{n_in}->{n_out}", "nblocks": nblocks, "dtype": dtype_name}
+        for backend in backends:
+            row[f"{backend}_vs_fp64"] = relative_error(results[backend][0], reference)
+        if len(backends) == 2:
+            torch_out, triton_out = results["torch"], results["triton"]
+            row["triton_vs_torch_out"] = relative_error(triton_out[0], torch_out[0])
+            row["triton_vs_torch_grad_x"] = relative_error(triton_out[1], torch_out[1])
+            row["triton_vs_torch_grad_w1"] = relative_error(triton_out[2], torch_out[2])
+        rows.append(row)
+    return rows
+
+
+def time_monarch_layer(device: torch.device, tokens: int, repeats: int, shapes, nblocks_list, backends) -> list[dict]:
+    measure = timer(device, repeats)
+    rows = []
+    for dtype_name, dtype in DTYPES.items():
+        for n_in, n_out in shapes:
+            torch.manual_seed(0)
+            linear = nn.Linear(n_in, n_out).to(device=device, dtype=dtype)
+            x = torch.randn(tokens, n_in, device=device, dtype=dtype, requires_grad=True)
+            grad = torch.randn(tokens, n_out, device=device, dtype=dtype)
+            layers = {"linear": linear}
+            for nblocks in nblocks_list:
+                for backend in backends:
+                    layers[f"monarch{nblocks}_{backend}"] = MonarchLinear(
+                        n_in, n_out, nblocks=nblocks, backend=backend
+                    ).to(device=device, dtype=dtype)
+            for mode in ("fwd", "fwdbwd"):
+                row = {"dtype": dtype_name, "shape": f"{n_in}->{n_out}", "mode": mode, "tokens": tokens}
+                for name, layer in layers.items():
+                    if mode == "fwd":
+                        with torch.no_grad():
+                            row[name] = measure(lambda: layer(x))
+                    else:
+                        row[name] = measure(lambda: layer(x).backward(grad))
+                rows.append(row)
+                print(format_layer_row(row, list(layers)), flush=True)
+    return rows
+
+
+def format_layer_row(row: dict, names: list[str]) -> str:
+    cells = [f"{row['dtype']:5} {row['shape']:12} {row['mode']:7}", f"linear {row['linear']:8.3f} ms"]
+    for name in names[1:]:
+        cells.append(f"{name} {row[name]:8.3f} ms ({row['linear'] / row[name]:.2f}x)")
+    return "  ".join(cells)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# M2-BERT against BERT
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def m2_bert(length: int, hidden: int, layers: int, intermediate: int) -> M2BertModel:
+    config = M2BertConfig(
+        hidden_size=hidden, num_hidden_layers=layers, intermediate_size=intermediate, max_position_embeddings=length
+    )
+    return M2BertModel(config, add_pooling_layer=False).eval()
+
+
+def bert(length: int, hidden: int, layers: int, intermediate: int, heads: int) -> nn.Module:
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=length,
+        attn_implementation="sdpa",
+    )
+    return BertModel(config, add_pooling_layer=False).eval()
+
+
+def check_m2_bert_on_device(device: torch.device) -> float:
+    """Max |logit difference| of a small M2-BERT between the device and the CPU (float32)."""
+    torch.manual_seed(0)
+    model = m2_bert(256, 128, 2, 256)
+    ids = torch.randint(5, 30000, (3, 256))
+    mask = torch.ones_like(ids)
+    mask[0, :40] = 0
+    with torch.inference_mode():
+        on_cpu = model(ids, attention_mask=mask).last_hidden_state
+        on_device = model.to(device)(ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+    return float((on_device.cpu() - on_cpu).abs().max())
+
+
+def time_long_context(device: torch.device, args: argparse.Namespace) -> list[dict]:
+    measure = timer(device, args.repeats)
+    rows = []
+    for length in args.lengths:
+        batch = max(1, args.tokens // length)
+        ids = torch.randint(1, 30522, (batch, length), device=device)
+        for dtype_name in args.model_dtypes:
+            dtype = DTYPES[dtype_name]
+            row = {"length": length, "batch": batch, "dtype": dtype_name}
+            for name in ("m2", "bert"):
+                torch.manual_seed(0)
+                with torch.device(device):  # initialised on the device: much faster than on the host
+                    if name == "m2":
+                        model = m2_bert(length, args.hidden, args.layers, args.intermediate)
+                    else:
+                        model = bert(length, args.hidden, args.layers, args.intermediate, args.heads)
+                model = model.to(dtype=dtype)
+                try:
+                    with torch.inference_mode():
+                        model(input_ids=ids)  # the M2 filters' spectra are cached from here on
+                        if device.type == "cuda":
+                            torch.cuda.synchronize()
+                            torch.cuda.reset_peak_memory_stats()
+                            base = torch.cuda.memory_allocated()
+                        milliseconds = measure(lambda: model(input_ids=ids))
+                        if device.type == "cuda":
+                            row[f"{name}_peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+                    row[f"{name}_ms"] = milliseconds
+                    row[f"{name}_tokens_per_s"] = batch * length / (milliseconds / 1e3)
+                except torch.OutOfMemoryError as error:
+                    row[f"{name}_error"] = f"out of memory: {str(error).splitlines()[0]}"
+                del model
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            if "m2_ms" in row and "bert_ms" in row:
+                row["ratio"] = row["bert_ms"] / row["m2_ms"]
+            rows.append(row)
+            print(format_context_row(row), flush=True)
+    return rows
+
+
+def format_context_row(row: dict) -> str:
+    def cell(name: str) -> str:
+        if f"{name}_ms" not in row:
+            return f"{name} {row.get(f'{name}_error', 'n/a')}"
+        peak = row.get(f"{name}_peak_mb")
+        peak_text = f", {peak:7.0f} MB" if peak is not None else ""
+        return f"{name} {row[f'{name}_tokens_per_s']:11.0f} tok/s ({row[f'{name}_ms']:8.2f} ms{peak_text})"
+
+    ratio = f"{row['ratio']:.2f}x" if "ratio" in row else "n/a"
+    return f"L={row['length']:6} B={row['batch']:3} {row['dtype']:5} {cell('m2')}  {cell('bert')}  M2/BERT {ratio}"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def environment(device: torch.device) -> dict:
+    import transformers
+
+    info = {
+        "date": time.strftime("%Y-%m-%d"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "triton_available": TRITON_AVAILABLE,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    if TRITON_AVAILABLE:
+        import triton
+
+        info["triton"] = triton.__version__
+    return info
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that the script runs")
+    parser.add_argument("--lengths", type=int, nargs="+", default=LENGTHS)
+    parser.add_argument("--tokens", type=int, default=32768, help="tokens per M2/BERT call (default: %(default)s)")
+    parser.add_argument("--layer-tokens", type=int, default=16384, help="tokens per layer call (default: %(default)s)")
+    parser.add_argument("--model-dtypes", nargs="+", choices=list(DTYPES), default=["bf16", "fp32"])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--json", type=Path, default=Path(os.environ.get("OUT", "benchmarks/out")) / "bench_gpu.json")
+    args = parser.parse_args(argv)
+    args.hidden, args.layers, args.intermediate, args.heads = 768, 12, 3072, 12
+    args.shapes, args.nblocks = LAYER_SHAPES, LAYER_NBLOCKS
+    if args.quick:
+        args.hidden, args.layers, args.intermediate, args.heads = 64, 2, 128, 2
+        args.lengths, args.tokens, args.layer_tokens, args.repeats = [128, 256], 512, 256, 3
+        args.shapes, args.nblocks = [(64, 256)], [4]
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    backends = ["torch", "triton"] if device.type == "cuda" and TRITON_AVAILABLE else ["torch"]
+    report = {"environment": environment(device)}
+    print(json.dumps(report["environment"]), flush=True)
+
+    print("\n== correctness ==", flush=True)
+    report["monarch_checks"] = check_monarch_layer(device, args.layer_tokens, backends)
+    for row in report["monarch_checks"]:
+        print(json.dumps(row), flush=True)
+    if device.type != "cpu":
+        report["m2_bert_device_vs_cpu_max_abs"] = check_m2_bert_on_device(device)
+        print(f"M2-BERT {device.type} vs CPU, float32, max |difference| {report['m2_bert_device_vs_cpu_max_abs']:.2e}")
+
+    print(f"\n== Monarch layer vs nn.Linear, {args.layer_tokens} tokens (speed-up = linear time / layer time) ==")
+    report["monarch_layer"] = time_monarch_layer(
+        device, args.layer_tokens, args.repeats, args.shapes, args.nblocks, backends
+    )
+    write_report(args.json, report)  # partial results survive a later failure or timeout
+
+    print(f"\n== M2-BERT vs BERT (SDPA), {args.layers} layers, hidden {args.hidden}, {args.tokens} tokens per call ==")
+    report["long_context"] = time_long_context(device, args)
+
+    write_report(args.json, report)
+    print(f"\nwrote {args.json}")
+
+
+def write_report(path: Path, report: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
