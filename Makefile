@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml Makefile | $(PY)
 	touch $(STAMP)
 
 demo: $(STAMP)
+	$(PY) examples/convert_minilm_to_monarch.py
 	$(PY) examples/monarch_showcase.py
 
 test: $(STAMP)

@@ -4,18 +4,31 @@ Importing the package registers the M2 models with the Auto classes (and their c
 folders load with `trust_remote_code=True` where m2-hf is not installed).
 """
 
+import transformers
 from transformers import (
     AutoConfig,
     AutoModel,
+    AutoModelForCausalLM,
     AutoModelForMaskedLM,
+    AutoModelForMultipleChoice,
+    AutoModelForNextSentencePrediction,
+    AutoModelForPreTraining,
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     AutoTokenizer,
     BertTokenizer,
 )
+from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
 
 from .configuration_m2_bert import M2BertConfig
+from .configuration_monarch_converted import (
+    SOURCE_MODEL_TYPES,
+    MonarchBertConfig,
+    MonarchDistilBertConfig,
+    MonarchGPT2Config,
+    MonarchRobertaConfig,
+)
 from .modeling_m2_bert import (
     M2BertForMaskedLM,
     M2BertForQuestionAnswering,
@@ -25,6 +38,7 @@ from .modeling_m2_bert import (
     M2BertModel,
     M2BertPreTrainedModel,
 )
+from .modeling_monarch_converted import CONVERTED_CLASSES, structure_linear_layers
 from .monarch import (
     BlockdiagLinear,
     MonarchLinear,
@@ -41,13 +55,23 @@ from .monarch import (
 __version__ = "0.1.0"
 
 
-def _register(config_class, model_type: str, heads: dict, tokenizer_class=None) -> None:
-    """Register a model family with the Auto classes, here and in the code that `save_pretrained` ships."""
+def _shipped_name(cls: type) -> str:
+    """How an `auto_map` names a class of this package: `<module file>.<class>`."""
+    return f"{cls.__module__.rpartition('.')[2]}.{cls.__name__}"
+
+
+def _register(config_class, model_type: str, heads: dict, tokenizer_class=None, extra_classes=()) -> None:
+    """Register a model family with the Auto classes, here and in the code that `save_pretrained` ships (whose
+    `auto_map` names every head: `ShipsAllHeadsMixin`)."""
     AutoConfig.register(model_type, config_class, exist_ok=True)
     config_class.register_for_auto_class()
+    auto_map = {"AutoConfig": _shipped_name(config_class)}
     for auto_class, model_class in heads.items():
         auto_class.register(config_class, model_class, exist_ok=True)
         model_class.register_for_auto_class(auto_class.__name__)
+        auto_map[auto_class.__name__] = _shipped_name(model_class)
+    for model_class in (*heads.values(), *extra_classes):
+        model_class.shipped_auto_map = auto_map
     if tokenizer_class is not None:
         AutoTokenizer.register(config_class, fast_tokenizer_class=tokenizer_class, exist_ok=True)
 
@@ -63,12 +87,49 @@ _register(
         AutoModelForQuestionAnswering: M2BertForQuestionAnswering,
     },
     tokenizer_class=BertTokenizer,
+    extra_classes=(M2BertForTextEncoding,),
 )
 # The retrieval encoder ships under AutoModel in its own folders, as the released retrieval models do.
 M2BertForTextEncoding.register_for_auto_class("AutoModel")
 
+_CONVERTED_AUTO_CLASSES = (
+    AutoModel,
+    AutoModelForPreTraining,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForNextSentencePrediction,
+    AutoModelForSequenceClassification,
+    AutoModelForMultipleChoice,
+    AutoModelForTokenClassification,
+    AutoModelForQuestionAnswering,
+)
+
+
+def _register_converted(config_class) -> None:
+    """Each Auto class maps a converted model type to the counterpart of the class it maps the original type to."""
+    source = SOURCE_MODEL_TYPES[config_class.model_type]
+    heads = {}
+    for auto_class in _CONVERTED_AUTO_CLASSES:
+        original = auto_class._model_mapping._model_mapping.get(source)
+        if original in CONVERTED_CLASSES:
+            heads[auto_class] = CONVERTED_CLASSES[original]
+    tokenizer = TOKENIZER_MAPPING_NAMES.get(source)
+    tokenizer = tokenizer if isinstance(tokenizer, str) else next((name for name in tokenizer or () if name), None)
+    _register(config_class, config_class.model_type, heads, getattr(transformers, tokenizer, None))
+
+
+for _config_class in (MonarchBertConfig, MonarchRobertaConfig, MonarchDistilBertConfig, MonarchGPT2Config):
+    _register_converted(_config_class)
+globals().update({cls.__name__: cls for cls in CONVERTED_CLASSES.values()})
+
 __all__ = [
     "BlockdiagLinear",
+    "MonarchBertConfig",
+    "MonarchDistilBertConfig",
+    "MonarchGPT2Config",
+    "MonarchRobertaConfig",
+    *(cls.__name__ for cls in CONVERTED_CLASSES.values()),
+    "structure_linear_layers",
     "M2BertConfig",
     "M2BertForMaskedLM",
     "M2BertForQuestionAnswering",

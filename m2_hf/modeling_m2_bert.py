@@ -32,7 +32,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_m2_bert import M2BertConfig
 from .m2_mixer import HyenaFilter, M2GatedMLP, M2SequenceMixer, _ExponentialModulation, _PositionalFeatures, _Sin
-from .monarch import BlockdiagLinear, MonarchLinear
+from .model_utils import ShipsAllHeadsMixin, init_structured_layer
 
 __all__ = [
     "M2BertForMaskedLM",
@@ -193,7 +193,7 @@ class M2BertOnlyMLMHead(nn.Module):
         return self.predictions(sequence_output)
 
 
-class M2BertPreTrainedModel(PreTrainedModel):
+class M2BertPreTrainedModel(ShipsAllHeadsMixin, PreTrainedModel):
     config: M2BertConfig
     config_class = M2BertConfig
     base_model_prefix = "bert"
@@ -232,15 +232,8 @@ class M2BertPreTrainedModel(PreTrainedModel):
             init.constant_(module.freq, self.config.hyena_w)
         elif isinstance(module, HyenaFilter):
             init.normal_(module.bias, mean=0.0, std=1.0)
-        elif isinstance(module, (BlockdiagLinear, MonarchLinear)):
-            for name, bound in module.uniform_init_bounds().items():
-                init.uniform_(getattr(module, name), -bound, bound)
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """As `PreTrainedModel.save_pretrained`; the config's `auto_map` names every M2-BERT head, so the saved
-        folder loads through each Auto class with `trust_remote_code=True`."""
-        self.config.auto_map = dict(_AUTO_MAP)
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        else:
+            init_structured_layer(module)
 
     def _backbone(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, **kwargs):
         """The heads' call of their `bert` backbone."""
@@ -497,12 +490,3 @@ class M2BertForTextEncoding(M2BertPreTrainedModel):
             hidden_states=outputs.hidden_states,
         )
 
-
-_AUTO_MAP = {
-    "AutoConfig": "configuration_m2_bert.M2BertConfig",
-    "AutoModel": "modeling_m2_bert.M2BertModel",
-    "AutoModelForMaskedLM": "modeling_m2_bert.M2BertForMaskedLM",
-    "AutoModelForSequenceClassification": "modeling_m2_bert.M2BertForSequenceClassification",
-    "AutoModelForTokenClassification": "modeling_m2_bert.M2BertForTokenClassification",
-    "AutoModelForQuestionAnswering": "modeling_m2_bert.M2BertForQuestionAnswering",
-}

@@ -1,0 +1,574 @@
+"""`m2-convert monarch` and `m2-convert dense`: dense Transformers checkpoints to Monarch-structured ones and back.
+
+`monarch` replaces the targeted linear layers of a BERT, RoBERTa, DistilBERT or GPT-2 checkpoint by `MonarchLinear`
+(or `BlockdiagLinear`) layers, projected from the dense weights; the result is a `monarch_<type>` folder that
+`AutoModel*` loads after `import m2_hf`, or anywhere with `trust_remote_code=True`. `dense` materialises every
+structured layer exactly and writes the original architecture back (reverse sparsification).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
+
+import transformers
+from m2_hf import CONVERTED_CLASSES, BlockdiagLinear, MonarchLinear
+from m2_hf.configuration_monarch_converted import SOURCE_MODEL_TYPES, STRUCTURES
+from m2_hf.modeling_monarch_converted import STRUCTURED_CLASSES
+
+from .checkpoints import ConversionError, atomic_output_folder, check_destination, copy_tokenizer_files, read_config
+
+REPORT_FILE = "conversion_report.json"
+
+# Target presets per original model type: regular expressions that must match a whole module name (relative to the
+# base model). "all" is every linear layer of the transformer blocks; embeddings, norms, poolers and heads stay dense.
+_BERT_LIKE = {
+    "mlp": r"encoder\.layer\.\d+\.(intermediate|output)\.dense",
+    "attention": r"encoder\.layer\.\d+\.attention\.(self\.(query|key|value)|output\.dense)",
+}
+TARGET_PRESETS: dict[str, dict[str, str]] = {
+    "bert": _BERT_LIKE,
+    "roberta": _BERT_LIKE,
+    "distilbert": {
+        "mlp": r"transformer\.layer\.\d+\.ffn\.lin[12]",
+        "attention": r"transformer\.layer\.\d+\.attention\.(q|k|v|out)_lin",
+    },
+    "gpt2": {"mlp": r"h\.\d+\.mlp\.c_(fc|proj)", "attention": r"h\.\d+\.attn\.c_(attn|proj)"},
+}
+_CONVERTED_TYPES = {source: converted for converted, source in SOURCE_MODEL_TYPES.items()}
+# Config entries written by Transformers or by a previous tool, not part of the architecture.
+_BOOKKEEPING_KEYS = ("model_type", "architectures", "transformers_version", "auto_map", "_name_or_path")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Sources and targets
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def linear_layers(base_model: nn.Module) -> dict[str, nn.Module]:
+    """The dense linear layers (``nn.Linear`` and GPT-2's ``Conv1D``) of a base model, by module name."""
+    return {name: module for name, module in base_model.named_modules() if isinstance(module, (nn.Linear, Conv1D))}
+
+
+def _preset_patterns(model_type: str) -> dict[str, str]:
+    presets = dict(TARGET_PRESETS[model_type])
+    presets["all"] = "|".join(f"(?:{pattern})" for pattern in presets.values())
+    return presets
+
+
+def resolve_targets(
+    model_type: str, layers: dict[str, nn.Module], targets: list[str], nblocks: dict[str, int]
+) -> dict[str, int]:
+    """``{layer name: nblocks}`` for the target presets or regular expressions in ``targets``; ``nblocks`` maps a
+    target (as written) or ``"*"`` (every target) to its number of blocks."""
+    presets = _preset_patterns(model_type)
+    unknown = [name for name in nblocks if name != "*" and name not in targets]
+    if unknown:
+        raise ConversionError(f"--nblocks names {unknown}, which are not among the targets {targets}.")
+    resolved: dict[str, int] = {}
+    for target in targets:
+        pattern = presets.get(target, target)
+        try:
+            compiled = re.compile(pattern)
+        except re.error as error:
+            raise ConversionError(f"Target {target!r} is neither a preset ({', '.join(presets)}) nor a valid "
+                                  f"regular expression: {error}.") from error
+        matched = [name for name in layers if compiled.fullmatch(name)]
+        if not matched:
+            raise ConversionError(
+                f"Target {target!r} matches no linear layer. Presets: {', '.join(presets)}; a regular expression must "
+                f"match whole layer names, which are: {', '.join(layers)}."
+            )
+        blocks = nblocks.get(target, nblocks.get("*", 4))
+        for name in matched:
+            resolved.setdefault(name, blocks)
+    for name, blocks in resolved.items():
+        out_features, in_features = _shape(layers[name])
+        if not 1 <= blocks <= min(in_features, out_features):
+            raise ConversionError(
+                f"nblocks={blocks} does not fit {name} ({in_features} -> {out_features}): it must be between 1 and "
+                f"{min(in_features, out_features)}."
+            )
+    return dict(sorted(resolved.items(), key=lambda item: list(layers).index(item[0])))
+
+
+def _shape(layer: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a dense layer."""
+    return tuple(layer.weight.shape[::-1]) if isinstance(layer, Conv1D) else tuple(layer.weight.shape)
+
+
+def _original_class(config: dict, model_type: str) -> type:
+    architectures = config.get("architectures") or [
+        transformers.AutoModel._model_mapping._model_mapping[model_type]
+    ]
+    name = architectures[0]
+    if name not in CONVERTED_CLASSES:
+        supported = sorted(n for n, c in CONVERTED_CLASSES.items() if SOURCE_MODEL_TYPES[c.config_class.model_type] == model_type)
+        raise ConversionError(f"{name} has no Monarch counterpart; supported {model_type} classes: {', '.join(supported)}.")
+    return getattr(transformers, name)
+
+
+def load_source(source: Path) -> tuple[nn.Module, str]:
+    """The source model (float weights as stored) and its model type; refuses what cannot be converted."""
+    config = read_config(source)
+    model_type = config.get("model_type")
+    if model_type in SOURCE_MODEL_TYPES:
+        raise ConversionError(f"{source} is already a {model_type} checkpoint; `m2-convert dense` converts it back.")
+    if model_type not in TARGET_PRESETS:
+        raise ConversionError(
+            f"Unsupported architecture {model_type!r}; m2-convert monarch supports {', '.join(TARGET_PRESETS)}."
+        )
+    original_class = _original_class(config, model_type)
+    try:
+        model = original_class.from_pretrained(source, dtype="auto")
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ConversionError(f"Transformers could not load {source} as {original_class.__name__}: {error}") from error
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ConversionError(f"{name} holds non-finite values (NaN or inf); fix the checkpoint first.")
+    return model.eval(), model_type
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Projection
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerReport:
+    name: str
+    in_features: int
+    out_features: int
+    nblocks: int
+    relative_error: float
+    parameters_before: int
+    parameters_after: int
+
+
+def closed_form(dense: nn.Module, nblocks: int, structure: str, **_) -> nn.Module:
+    """The Frobenius-optimal structured layer (Theorem 1 of the Monarch paper; exact for nblocks=1)."""
+    return STRUCTURED_CLASSES[structure].from_linear(dense, nblocks=nblocks)
+
+
+def calibrated(
+    dense: nn.Module, nblocks: int, structure: str, *, name: str, model: nn.Module, original: nn.Module, calibration,
+    **_,
+) -> nn.Module:
+    """The closed form, refined so that the layer reproduces the original model's outputs on the calibration text
+    (`conversion/calibration.py`)."""
+    from .calibration import fit_to_statistics, input_statistics
+
+    weight = _dense_of(dense)[0]
+    statistics = input_statistics(model, original, name, calibration.batches)
+    return fit_to_statistics(closed_form(dense, nblocks, structure), weight, statistics).to(weight.dtype)
+
+
+PROJECTION_METHODS: dict[str, Callable[..., nn.Module]] = {"closed-form": closed_form, "calibrated": calibrated}
+
+
+def _dense_of(layer: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    if isinstance(layer, (MonarchLinear, BlockdiagLinear)):
+        return layer.dense_weight(), layer.bias
+    return (layer.weight.t() if isinstance(layer, Conv1D) else layer.weight), layer.bias
+
+
+def _relative_error(dense: nn.Module, structured: nn.Module) -> float:
+    weight = _dense_of(dense)[0].detach().double()
+    return float((structured.dense_weight().double() - weight).norm() / weight.norm().clamp_min(1e-30))
+
+
+def _replace(root: nn.Module, name: str, layer: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name), child, layer)
+
+
+def project_layers(
+    model: nn.Module, targets: dict[str, int], structure: str, method: str, progress: bool = True, **method_kwargs
+) -> list[LayerReport]:
+    """Replace each target layer of ``model``'s base model by its structured projection, in place."""
+    project = PROJECTION_METHODS[method]
+    base = model.base_model
+    reports = []
+    for name, nblocks in tqdm(targets.items(), desc="projecting layers", unit="layer", disable=not progress):
+        dense = base.get_submodule(name)
+        structured = project(dense, nblocks, structure, name=name, model=model, **method_kwargs)
+        out_features, in_features = _shape(dense)
+        reports.append(
+            LayerReport(
+                name, in_features, out_features, nblocks, _relative_error(dense, structured),
+                sum(p.numel() for p in dense.parameters()), sum(p.numel() for p in structured.parameters()),
+            )
+        )
+        _replace(base, name, structured)
+    return reports
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reports
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def linear_flops_per_token(base_model: nn.Module) -> int:
+    """2 x multiply-adds per token of every (dense or structured) linear layer in the base model."""
+    total = 0
+    for module in base_model.modules():
+        if isinstance(module, (nn.Linear, Conv1D)):
+            total += 2 * module.weight.numel()
+        elif isinstance(module, MonarchLinear):
+            total += 2 * (module.blkdiag1.numel() + module.blkdiag2.numel())
+        elif isinstance(module, BlockdiagLinear):
+            total += 2 * module.weight.numel()
+    return total
+
+
+def format_layer_table(layers: list[dict]) -> str:
+    header = f"{'layer':58} {'shape':>12} {'nblocks':>7} {'rel. error':>10} {'params before':>14} {'params after':>13}"
+    lines = [header, "-" * len(header)]
+    for row in layers:
+        shape = f"{row['in_features']}->{row['out_features']}"
+        lines.append(
+            f"{row['name']:58} {shape:>12} {row['nblocks']:>7} {row['relative_error']:>10.4f} "
+            f"{row['parameters_before']:>14,} {row['parameters_after']:>13,}"
+        )
+    return "\n".join(lines)
+
+
+def format_report(report: dict) -> str:
+    totals = report["totals"]
+    lines = [
+        format_layer_table(report["layers"]),
+        "",
+        f"parameters       {totals['parameters_before']:,} -> {totals['parameters_after']:,} "
+        f"({totals['parameters_after'] / totals['parameters_before']:.3f}x)",
+        f"linear FLOPs/tok {totals['linear_flops_per_token_before']:,} -> {totals['linear_flops_per_token_after']:,} "
+        f"({totals['linear_flops_per_token_after'] / totals['linear_flops_per_token_before']:.3f}x)",
+    ]
+    for key, value in report.get("calibration", {}).items():
+        lines.append(f"{key:16} {value:.4f}" if isinstance(value, float) else f"{key:16} {value}")
+    if "destination" in report:
+        lines.append(f"written to       {report['destination']}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Calibration text: how close the converted model stays to the original
+# --------------------------------------------------------------------------------------------------------------------
+
+CALIBRATION_MAX_LENGTH = 128
+CALIBRATION_BATCH = 32
+MASKING_RATE = 0.15
+
+
+def read_calibration_text(path: Path, limit: Optional[int] = None) -> list[str]:
+    """Non-empty lines of a plain-text file (one sample per line)."""
+    if not Path(path).is_file():
+        raise ConversionError(f"Calibration file {path} does not exist (plain text, one sample per line).")
+    lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise ConversionError(f"Calibration file {path} has no non-empty lines.")
+    return lines[:limit] if limit else lines
+
+
+@dataclass
+class CalibrationData:
+    batches: list[dict[str, torch.Tensor]]
+    mask_token_id: Optional[int]
+
+    @property
+    def samples(self) -> int:
+        return sum(len(batch["input_ids"]) for batch in self.batches)
+
+
+def calibration_data(tokenizer, texts: list[str]) -> CalibrationData:
+    """Tokenized batches, right-padded, truncated to ``CALIBRATION_MAX_LENGTH`` tokens."""
+    if tokenizer.pad_token is None:  # GPT-2 has none; padded positions are masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    batches = []
+    for start in range(0, len(texts), CALIBRATION_BATCH):
+        encoded = tokenizer(
+            texts[start : start + CALIBRATION_BATCH], padding=True, truncation=True,
+            max_length=CALIBRATION_MAX_LENGTH, return_tensors="pt",
+        )
+        batches.append({key: encoded[key] for key in ("input_ids", "attention_mask")})
+    return CalibrationData(batches, tokenizer.mask_token_id)
+
+
+def _lm_kind(model: nn.Module) -> Optional[str]:
+    name = type(model).__name__
+    if name.endswith(("LMHeadModel", "ForCausalLM")):
+        return "causal"
+    if name.endswith("ForMaskedLM"):
+        return "masked"
+    return None
+
+
+@torch.no_grad()
+def _language_model_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], kind: str, mask_token_id: Optional[int]
+) -> tuple[float, int]:
+    """Summed token loss and token count; masked LMs predict a fixed 15% of tokens, replaced by the mask token."""
+    input_ids, mask = batch["input_ids"], batch["attention_mask"]
+    labels = input_ids.masked_fill(mask == 0, -100)
+    if kind == "masked":
+        generator = torch.Generator().manual_seed(0)
+        chosen = (torch.rand(input_ids.shape, generator=generator) < MASKING_RATE) & (mask == 1)
+        labels = labels.masked_fill(~chosen, -100)
+        input_ids = input_ids.masked_fill(chosen, mask_token_id)
+        logits = model(input_ids=input_ids, attention_mask=mask).logits
+        targets = labels
+    else:
+        logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
+        targets = labels[:, 1:]
+    loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+    return float(loss), int((targets != -100).sum())
+
+
+@torch.no_grad()
+def _perplexity(model: nn.Module, data: CalibrationData, kind: str) -> float:
+    losses = [_language_model_loss(model, batch, kind, data.mask_token_id) for batch in data.batches]
+    return math.exp(sum(loss for loss, _ in losses) / max(1, sum(count for _, count in losses)))
+
+
+def _lm_kind_for(model: nn.Module, data: CalibrationData) -> Optional[str]:
+    kind = _lm_kind(model)
+    return None if kind == "masked" and data.mask_token_id is None else kind
+
+
+@torch.no_grad()
+def reference_outputs(model: nn.Module, data: CalibrationData) -> dict:
+    """What the comparison needs from the original model: final hidden states and, for LM heads, the perplexity."""
+    reference = {"states": [model.base_model(**batch).last_hidden_state.float() for batch in data.batches]}
+    kind = _lm_kind_for(model, data)
+    if kind:
+        reference["perplexity"] = _perplexity(model, data, kind)
+    return reference
+
+
+def _mean_pooled(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    weights = mask.unsqueeze(-1).to(states.dtype)
+    return (states * weights).sum(1) / weights.sum(1).clamp_min(1)
+
+
+@torch.no_grad()
+def compare_to_reference(model: nn.Module, data: CalibrationData, reference: dict) -> dict:
+    """Cosine similarity of the final hidden states (per real token, and of mean-pooled sentence embeddings) and, for
+    LM heads, the perplexity before and after."""
+    token_cosines, sentence_cosines = [], []
+    for batch, expected in zip(data.batches, reference["states"]):
+        states = model.base_model(**batch).last_hidden_state.float()
+        real = batch["attention_mask"].bool()
+        token_cosines.append(nn.functional.cosine_similarity(states[real], expected[real], dim=-1))
+        mask = batch["attention_mask"]
+        sentence_cosines.append(
+            nn.functional.cosine_similarity(_mean_pooled(states, mask), _mean_pooled(expected, mask), dim=-1)
+        )
+    result = {
+        "samples": data.samples,
+        "token_cosine": float(torch.cat(token_cosines).mean()),
+        "sentence_embedding_cosine": float(torch.cat(sentence_cosines).mean()),
+    }
+    if "perplexity" in reference:
+        result["perplexity_before"] = reference["perplexity"]
+        result["perplexity_after"] = _perplexity(model, data, _lm_kind_for(model, data))
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The two commands
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MonarchSettings:
+    targets: list[str] = field(default_factory=lambda: ["mlp"])
+    nblocks: dict[str, int] = field(default_factory=lambda: {"*": 4})
+    structure: str = "monarch"
+    method: str = "closed-form"
+    calibration_file: Optional[Path] = None
+    calibration_samples: Optional[int] = 1000
+    # Text on which the report compares the converted model with the original; defaults to the calibration file.
+    evaluation_file: Optional[Path] = None
+
+
+def converted_config(model: nn.Module, layers: dict[str, int], structure: str):
+    """The `monarch_<type>` config: the original config's fields plus the structured layers."""
+    values = {k: v for k, v in model.config.to_dict().items() if k not in _BOOKKEEPING_KEYS}
+    config_class = CONVERTED_CLASSES[type(model).__name__].config_class
+    return config_class(**values, monarch_layers=dict(layers), monarch_structure=structure)
+
+
+def _as_converted_model(model: nn.Module, layers: dict[str, int], structure: str) -> nn.Module:
+    # The structured layers are already in place: only the class (for saving the code and the auto_map) and the
+    # config change, without copying any weight.
+    model.config = converted_config(model, layers, structure)
+    model.__class__ = CONVERTED_CLASSES[type(model).__name__]
+    return model
+
+
+def _model_card(report: dict, model: nn.Module, source: Path):
+    from huggingface_hub import ModelCardData
+
+    from model_cards import render_model_card
+
+    base_type = SOURCE_MODEL_TYPES[model.config.model_type]
+    data = ModelCardData(
+        library_name="transformers", tags=["monarch", "structured-matrices", "m2-hf", "custom_code", base_type],
+        base_model=report["source_name"],
+    )
+    return render_model_card(
+        "monarch-converted", data, source=report["source_name"], architecture=type(model).__name__,
+        base_type=base_type, settings=report["settings"], totals=report["totals"], layers=report["layers"],
+        layer_table=format_layer_table(report["layers"]), calibration=report.get("calibration"),
+        model_type=model.config.model_type,
+    )
+
+
+def push_folder_to_hub(folder: Path, repo_id: str) -> str:
+    """Upload a complete folder; a failure (offline, no token) leaves the folder as it is and says how to retry."""
+    from huggingface_hub import create_repo, upload_folder
+
+    try:
+        create_repo(repo_id, exist_ok=True)
+        return str(upload_folder(repo_id=repo_id, folder_path=str(folder)))
+    except Exception as error:  # network, auth and Hub errors all mean the same here: not uploaded
+        raise ConversionError(
+            f"The folder {folder} is complete, but uploading it to {repo_id} failed ({type(error).__name__}: "
+            f"{error}). Upload it later with `huggingface-cli upload {repo_id} {folder}`."
+        ) from error
+
+
+def convert_to_monarch(
+    source: Path,
+    destination: Path,
+    settings: Optional[MonarchSettings] = None,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    push_to_hub: Optional[str] = None,
+    progress: bool = True,
+) -> dict:
+    """`m2-convert monarch`: returns the report; writes nothing on error or with `dry_run`."""
+    settings = settings or MonarchSettings()
+    source, destination = Path(source), Path(destination)
+    if settings.structure not in STRUCTURES:
+        raise ConversionError(f"--structure must be one of {STRUCTURES}, got {settings.structure!r}.")
+    if settings.method not in PROJECTION_METHODS:
+        raise ConversionError(f"--method must be one of {', '.join(PROJECTION_METHODS)}, got {settings.method!r}.")
+    if settings.method != "closed-form" and settings.calibration_file is None:
+        raise ConversionError(f"--method {settings.method} fits layers to activations: pass --calibration-file.")
+    check_destination(source, destination, overwrite)
+    model, model_type = load_source(source)
+    base = model.base_model
+    targets = resolve_targets(model_type, linear_layers(base), settings.targets, settings.nblocks)
+    calibration, evaluation, reference = None, None, None
+    if settings.calibration_file is not None or settings.evaluation_file is not None:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+        if settings.calibration_file is not None:
+            texts = read_calibration_text(settings.calibration_file, settings.calibration_samples)
+            calibration = calibration_data(tokenizer, texts)
+        evaluation = calibration
+        if settings.evaluation_file is not None:
+            texts = read_calibration_text(settings.evaluation_file, settings.calibration_samples)
+            evaluation = calibration_data(tokenizer, texts)
+        reference = reference_outputs(model, evaluation)
+    parameters_before, flops_before = sum(p.numel() for p in model.parameters()), linear_flops_per_token(base)
+    # The calibrated method compares each layer's inputs with those of the untouched original.
+    original = copy.deepcopy(model) if settings.method == "calibrated" else None
+    layers = project_layers(
+        model, targets, settings.structure, settings.method, progress, calibration=calibration, original=original
+    )
+    del original
+    report = {
+        "source": str(source),
+        "source_name": source.name,
+        "architecture": type(model).__name__,
+        "settings": {
+            "targets": settings.targets, "nblocks": settings.nblocks, "structure": settings.structure,
+            "method": settings.method,
+            "calibration_file": None if settings.calibration_file is None else Path(settings.calibration_file).name,
+            "evaluation_file": None if settings.evaluation_file is None else Path(settings.evaluation_file).name,
+        },
+        "layers": [layer.__dict__ for layer in layers],
+        "totals": {
+            "parameters_before": parameters_before,
+            "parameters_after": sum(p.numel() for p in model.parameters()),
+            "linear_flops_per_token_before": flops_before,
+            "linear_flops_per_token_after": linear_flops_per_token(base),
+        },
+    }
+    if evaluation is not None:
+        report["calibration"] = compare_to_reference(model, evaluation, reference)
+    model = _as_converted_model(model, targets, settings.structure)
+    report["architecture_after"] = type(model).__name__
+    if dry_run:
+        return report
+    with atomic_output_folder(destination, overwrite) as staging:
+        model.save_pretrained(staging)
+        report["tokenizer_files"] = copy_tokenizer_files(source, staging)
+        report["destination"] = str(destination)
+        (staging / REPORT_FILE).write_text(json.dumps(report, indent=2), encoding="utf-8")
+        _model_card(report, model, source).save(staging / "README.md")
+    if push_to_hub:
+        report["pushed_to"] = push_folder_to_hub(destination, push_to_hub)
+    return report
+
+
+def _dense_layer_like(original: nn.Module, structured: nn.Module) -> nn.Module:
+    """The exact dense equivalent of ``structured``, of the original layer's type (``Conv1D`` stores it transposed)."""
+    linear = structured.to_linear()
+    if not isinstance(original, Conv1D):
+        return linear
+    conv = Conv1D(linear.out_features, linear.in_features).to(dtype=linear.weight.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(linear.weight.t())
+        if linear.bias is not None:
+            conv.bias.copy_(linear.bias)
+    return conv
+
+
+def convert_to_dense(source: Path, destination: Path, overwrite: bool = False, dry_run: bool = False) -> dict:
+    """`m2-convert dense`: every structured layer materialised exactly; the original architecture and config."""
+    source, destination = Path(source), Path(destination)
+    check_destination(source, destination, overwrite)
+    config = read_config(source)
+    model_type = config.get("model_type")
+    if model_type not in SOURCE_MODEL_TYPES:
+        raise ConversionError(
+            f"{source} is a {model_type!r} checkpoint, not a Monarch-converted one "
+            f"({', '.join(SOURCE_MODEL_TYPES)}); there is nothing to densify."
+        )
+    name = (config.get("architectures") or [None])[0]
+    converted_class = next((c for c in CONVERTED_CLASSES.values() if c.__name__ == name), None)
+    if converted_class is None:
+        raise ConversionError(f"{source}'s architecture {name!r} is not a Monarch-converted class of m2-hf.")
+    model = converted_class.from_pretrained(source, dtype="auto").eval()
+    original_class = converted_class.original_class
+    layers = dict(model.config.monarch_layers)
+    values = {k: v for k, v in model.config.to_dict().items()
+              if k not in _BOOKKEEPING_KEYS and k not in ("monarch_layers", "monarch_structure")}
+    original_config = original_class.config_class(**values)
+    with torch.device("meta"):
+        skeleton = original_class(original_config).base_model
+    for layer_name in layers:
+        structured = model.base_model.get_submodule(layer_name)
+        _replace(model.base_model, layer_name, _dense_layer_like(skeleton.get_submodule(layer_name), structured))
+    model.config = original_config
+    model.__class__ = original_class
+    report = {"source": str(source), "architecture": original_class.__name__, "densified_layers": len(layers),
+              "parameters": sum(p.numel() for p in model.parameters())}
+    if dry_run:
+        return report
+    with atomic_output_folder(destination, overwrite) as staging:
+        model.save_pretrained(staging)
+        report["tokenizer_files"] = copy_tokenizer_files(source, staging)
+    report["destination"] = str(destination)
+    return report
