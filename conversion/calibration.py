@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-DAMPING = 1e-2
-LBFGS_STEPS = 200
+DAMPING = 1e-3
+LBFGS_STEPS = 300
 
 
 class _StopForward(Exception):
@@ -33,7 +33,7 @@ class _StopForward(Exception):
 
 
 def _layer_inputs(model: nn.Module, layer_name: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The inputs of ``model.base_model``'s layer ``layer_name`` at the real tokens of ``batch``, in float64."""
+    """The inputs of ``model.base_model``'s layer ``layer_name`` at the real tokens of ``batch``, in float32."""
     captured = []
 
     def record(_module, inputs):
@@ -50,7 +50,7 @@ def _layer_inputs(model: nn.Module, layer_name: str, batch: dict[str, torch.Tens
     if not captured:
         raise RuntimeError(f"The calibration text never reached {layer_name}.")
     x = captured[0]
-    return (x[batch["attention_mask"].bool()] if x.dim() == 3 else x.reshape(-1, x.shape[-1])).double()
+    return (x[batch["attention_mask"].bool()] if x.dim() == 3 else x.reshape(-1, x.shape[-1])).float()
 
 
 @dataclass
@@ -73,8 +73,9 @@ def input_statistics(
     for batch in batches:
         x = _layer_inputs(model, layer_name, batch)
         x0 = x if original is model else _layer_inputs(original, layer_name, batch)
-        second, cross = second + x.t() @ x, cross + x.t() @ x0
-        total, total_original = total + x.sum(0), total_original + x0.sum(0)
+        # Per-batch products in float32 (a few hundred tokens each), accumulated in float64.
+        second, cross = second + (x.t() @ x).double(), cross + (x.t() @ x0).double()
+        total, total_original = total + x.double().sum(0), total_original + x0.double().sum(0)
         count += len(x)
     return LayerStatistics(second / count, cross / count, total / count, total_original / count)
 

@@ -30,6 +30,23 @@ class ConversionError(ValueError):
     """A source that cannot be converted as asked; the message says what is wrong and what to do."""
 
 
+def resolve_source(source) -> Path:
+    """A local checkpoint folder as given, or the local snapshot of a Hub repo id (downloaded when the Hub is
+    reachable)."""
+    path = Path(source)
+    if path.exists() or str(source).count("/") != 1 or str(source).startswith((".", "/")):
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(source)))
+    except Exception as error:  # offline, unknown repo, no access: all mean the source is not available
+        raise ConversionError(
+            f"{source} is not a local folder, and fetching it from the Hub failed ({type(error).__name__}: {error}). "
+            "Pass a local checkpoint folder, or make the Hub reachable."
+        ) from error
+
+
 def read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():

@@ -26,7 +26,14 @@ from m2_hf import CONVERTED_CLASSES, BlockdiagLinear, MonarchLinear
 from m2_hf.configuration_monarch_converted import SOURCE_MODEL_TYPES, STRUCTURES
 from m2_hf.modeling_monarch_converted import STRUCTURED_CLASSES
 
-from .checkpoints import ConversionError, atomic_output_folder, check_destination, copy_tokenizer_files, read_config
+from .checkpoints import (
+    ConversionError,
+    atomic_output_folder,
+    check_destination,
+    copy_tokenizer_files,
+    read_config,
+    resolve_source,
+)
 
 REPORT_FILE = "conversion_report.json"
 
@@ -458,7 +465,7 @@ def convert_to_monarch(
 ) -> dict:
     """`m2-convert monarch`: returns the report; writes nothing on error or with `dry_run`."""
     settings = settings or MonarchSettings()
-    source, destination = Path(source), Path(destination)
+    source, destination = resolve_source(source), Path(destination)
     if settings.structure not in STRUCTURES:
         raise ConversionError(f"--structure must be one of {STRUCTURES}, got {settings.structure!r}.")
     if settings.method not in PROJECTION_METHODS:

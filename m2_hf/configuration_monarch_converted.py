@@ -7,7 +7,7 @@ layers are structured; everything else reads as the original config.
 
 from __future__ import annotations
 
-from transformers import BertConfig, DistilBertConfig, GPT2Config, RobertaConfig
+from transformers import BertConfig, DistilBertConfig, GPT2Config, PreTrainedConfig, RobertaConfig
 
 STRUCTURES = ("monarch", "blockdiag")
 
@@ -23,68 +23,51 @@ _FIELDS_DOC = r"""
 """
 
 
-def check_monarch_settings(config) -> None:
-    layers = config.monarch_layers
-    if layers is None:
-        config.monarch_layers = {}
-    elif not isinstance(layers, dict) or not all(
-        isinstance(name, str) and isinstance(nblocks, int) and not isinstance(nblocks, bool) and nblocks >= 1
-        for name, nblocks in layers.items()
-    ):
-        raise ValueError(
-            "`monarch_layers` maps module names (relative to the base model) to a number of blocks >= 1, for example "
-            f"{{'encoder.layer.0.intermediate.dense': 4}}; got {layers!r}."
-        )
-    if config.monarch_structure not in STRUCTURES:
-        raise ValueError(f"`monarch_structure` must be one of {STRUCTURES}, got {config.monarch_structure!r}.")
+class MonarchFieldsMixin(PreTrainedConfig):
+    """The two fields that every converted config adds to its original config (listed first in the bases)."""
+
+    monarch_layers: dict | None = None
+    monarch_structure: str = "monarch"
+
+    def __post_init__(self, **kwargs):
+        layers = self.monarch_layers
+        if layers is None:
+            self.monarch_layers = {}
+        elif not isinstance(layers, dict) or not all(
+            isinstance(name, str) and isinstance(nblocks, int) and not isinstance(nblocks, bool) and nblocks >= 1
+            for name, nblocks in layers.items()
+        ):
+            raise ValueError(
+                "`monarch_layers` maps module names (relative to the base model) to a number of blocks >= 1, for "
+                f"example {{'encoder.layer.0.intermediate.dense': 4}}; got {layers!r}."
+            )
+        if self.monarch_structure not in STRUCTURES:
+            raise ValueError(f"`monarch_structure` must be one of {STRUCTURES}, got {self.monarch_structure!r}.")
+        super().__post_init__(**kwargs)
 
 
-class MonarchBertConfig(BertConfig):
+class MonarchBertConfig(MonarchFieldsMixin, BertConfig):
     __doc__ = "[`BertConfig`] with Monarch-structured linear layers." + _FIELDS_DOC
     model_type = "monarch_bert"
-    monarch_layers: dict | None = None
-    monarch_structure: str = "monarch"
-
-    def __post_init__(self, **kwargs):
-        check_monarch_settings(self)
-        super().__post_init__(**kwargs)
 
 
-class MonarchRobertaConfig(RobertaConfig):
+class MonarchRobertaConfig(MonarchFieldsMixin, RobertaConfig):
     __doc__ = "[`RobertaConfig`] with Monarch-structured linear layers." + _FIELDS_DOC
     model_type = "monarch_roberta"
-    monarch_layers: dict | None = None
-    monarch_structure: str = "monarch"
-
-    def __post_init__(self, **kwargs):
-        check_monarch_settings(self)
-        super().__post_init__(**kwargs)
 
 
-class MonarchDistilBertConfig(DistilBertConfig):
+class MonarchDistilBertConfig(MonarchFieldsMixin, DistilBertConfig):
     __doc__ = "[`DistilBertConfig`] with Monarch-structured linear layers." + _FIELDS_DOC
     model_type = "monarch_distilbert"
-    monarch_layers: dict | None = None
-    monarch_structure: str = "monarch"
-
-    def __post_init__(self, **kwargs):
-        check_monarch_settings(self)
-        super().__post_init__(**kwargs)
 
 
-class MonarchGPT2Config(GPT2Config):
+class MonarchGPT2Config(MonarchFieldsMixin, GPT2Config):
     __doc__ = "[`GPT2Config`] with Monarch-structured linear layers." + _FIELDS_DOC
     model_type = "monarch_gpt2"
-    monarch_layers: dict | None = None
-    monarch_structure: str = "monarch"
-
-    def __post_init__(self, **kwargs):
-        check_monarch_settings(self)
-        super().__post_init__(**kwargs)
 
 
 # The original model type of each converted one: the table that `m2-convert` and the model classes read.
 SOURCE_MODEL_TYPES = {
-    config_class.model_type: config_class.__mro__[1].model_type
+    config_class.model_type: config_class.__mro__[2].model_type
     for config_class in (MonarchBertConfig, MonarchRobertaConfig, MonarchDistilBertConfig, MonarchGPT2Config)
 }

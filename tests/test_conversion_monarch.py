@@ -382,6 +382,13 @@ def test_push_to_hub_offline_fails_clearly_after_the_folder_is_complete(tmp_path
     assert (tmp_path / "out" / "model.safetensors").is_file() and (tmp_path / "out" / "README.md").is_file()
 
 
+def test_hub_id_source_offline_fails_clearly(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    error = run_failing(["monarch", "someone/not-a-local-folder", str(tmp_path / "out")], capsys)
+    assert "not a local folder" in error and "Hub" in error
+    assert not (tmp_path / "out").exists()
+
+
 def test_converted_config_validates_its_fields():
     with pytest.raises(ValueError, match="monarch_structure"):
         m2_hf.MonarchBertConfig(monarch_structure="dense")
