@@ -16,6 +16,8 @@ The same conversion from a shell:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import tempfile
 from pathlib import Path
@@ -57,11 +59,13 @@ def main() -> None:
             destination = output / f"minilm-monarch-{method}"
             print(f"\n=== m2-convert monarch --targets {' '.join(args.targets)} --nblocks {args.nblocks} "
                   f"--method {method} ===", flush=True)
-            code = m2_convert([
-                "monarch", str(model_dir), str(destination), "--targets", *args.targets, "--nblocks", args.nblocks,
-                "--method", method, "--calibration-file", str(calibration), "--evaluation-file", str(heldout),
-                "--overwrite",
-            ])
+            # The CLI prints its table on stderr and the full JSON report on stdout; the report is also in the folder.
+            with contextlib.redirect_stdout(io.StringIO()):
+                code = m2_convert([
+                    "monarch", str(model_dir), str(destination), "--targets", *args.targets, "--nblocks",
+                    args.nblocks, "--method", method, "--calibration-file", str(calibration), "--evaluation-file",
+                    str(heldout), "--overwrite",
+                ])
             if code != 0:
                 raise SystemExit(code)
             results[method] = json.loads((destination / "conversion_report.json").read_text())
