@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     m2_bert.set_defaults(run=_m2_bert)
 
     monarch = commands.add_parser("monarch", help="a BERT/RoBERTa/DistilBERT/GPT-2 checkpoint to Monarch layers")
-    monarch.add_argument("source", type=Path, help="checkpoint folder (config.json, weights, tokenizer files)")
+    monarch.add_argument("source", help="checkpoint folder (config.json, weights, tokenizer files), or a Hub repo id "
+                         "when the Hub is reachable")
     monarch.add_argument("destination", type=Path, help="output folder (must not exist unless --overwrite)")
     monarch.add_argument("--targets", nargs="+", default=["mlp"],
                          help="presets mlp, attention, all, or regular expressions matching whole layer names "
@@ -78,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     monarch.add_argument("--nblocks", nargs="+", default=["4"], metavar="N|TARGET=N",
                          help="blocks per layer, for every target or per target (default: 4)")
     monarch.add_argument("--structure", choices=["monarch", "blockdiag"], default="monarch")
-    monarch.add_argument("--method", default="closed-form", help="closed-form or calibrated (default: closed-form)")
+    monarch.add_argument("--method", choices=["closed-form", "calibrated"], default="closed-form",
+                         help="closed-form projection, or calibrated: fitted to the layers' outputs on the calibration "
+                              "text (default: closed-form)")
     monarch.add_argument("--calibration-file", type=Path, help="plain text, one sample per line: report (and, with "
                          "--method calibrated, fit) the converted model against the original on it")
     monarch.add_argument("--evaluation-file", type=Path, help="plain text to compare against the original on, when "
