@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 from safetensors.torch import load_file
@@ -123,3 +123,16 @@ def atomic_output_folder(destination: Path, overwrite: bool) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_model_folder(
+    model, source: Path, destination: Path, overwrite: bool, extra: Optional[Callable[[Path], None]] = None
+) -> list[str]:
+    """``model.save_pretrained`` plus the source's tokenizer files (plus what ``extra`` writes into the folder), all
+    in place at ``destination`` at once or not at all; returns the tokenizer files copied."""
+    with atomic_output_folder(destination, overwrite) as staging:
+        model.save_pretrained(staging)
+        copied = copy_tokenizer_files(source, staging)
+        if extra is not None:
+            extra(staging)
+    return copied

@@ -14,11 +14,10 @@ from model_cards import render_model_card
 
 from .checkpoints import (
     ConversionError,
-    atomic_output_folder,
     check_destination,
-    copy_tokenizer_files,
     read_config,
     read_state_dict,
+    write_model_folder,
 )
 
 # Config entries that describe the source's own code or training run, not the model.
@@ -157,9 +156,9 @@ def convert_m2_bert(source: Path, destination: Path, overwrite: bool = False, dr
     }
     if dry_run:
         return report
-    with atomic_output_folder(destination, overwrite) as staging:
-        model.save_pretrained(staging)
-        report["tokenizer_files"] = copy_tokenizer_files(source, staging)
-        _model_card(model, source, checkpoint.dropped).save(staging / "README.md")
+    card = _model_card(model, source, checkpoint.dropped)
+    report["tokenizer_files"] = write_model_folder(
+        model, source, destination, overwrite, lambda folder: card.save(folder / "README.md")
+    )
     report["destination"] = str(destination)
     return report

@@ -27,12 +27,12 @@ from m2_hf.configuration_monarch_converted import SOURCE_MODEL_TYPES, STRUCTURES
 from m2_hf.modeling_monarch_converted import STRUCTURED_CLASSES
 
 from .checkpoints import (
+    TOKENIZER_FILES,
     ConversionError,
-    atomic_output_folder,
     check_destination,
-    copy_tokenizer_files,
     read_config,
     resolve_source,
+    write_model_folder,
 )
 
 REPORT_FILE = "conversion_report.json"
@@ -518,12 +518,14 @@ def convert_to_monarch(
     report["architecture_after"] = type(model).__name__
     if dry_run:
         return report
-    with atomic_output_folder(destination, overwrite) as staging:
-        model.save_pretrained(staging)
-        report["tokenizer_files"] = copy_tokenizer_files(source, staging)
-        report["destination"] = str(destination)
-        (staging / REPORT_FILE).write_text(json.dumps(report, indent=2), encoding="utf-8")
-        _model_card(report, model, source).save(staging / "README.md")
+    report["destination"] = str(destination)
+    report["tokenizer_files"] = sorted(name for name in TOKENIZER_FILES if (source / name).is_file())
+
+    def write_report_and_card(folder: Path) -> None:
+        (folder / REPORT_FILE).write_text(json.dumps(report, indent=2), encoding="utf-8")
+        _model_card(report, model, source).save(folder / "README.md")
+
+    write_model_folder(model, source, destination, overwrite, write_report_and_card)
     if push_to_hub:
         report["pushed_to"] = push_folder_to_hub(destination, push_to_hub)
     return report
@@ -574,8 +576,6 @@ def convert_to_dense(source: Path, destination: Path, overwrite: bool = False, d
               "parameters": sum(p.numel() for p in model.parameters())}
     if dry_run:
         return report
-    with atomic_output_folder(destination, overwrite) as staging:
-        model.save_pretrained(staging)
-        report["tokenizer_files"] = copy_tokenizer_files(source, staging)
+    report["tokenizer_files"] = write_model_folder(model, source, destination, overwrite)
     report["destination"] = str(destination)
     return report

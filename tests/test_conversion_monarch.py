@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoTokenizer, BertConfig, DistilBertConfig, GPT2Config, RobertaConfig
 
 import m2_hf
-from conversion import monarch as monarch_conversion
+from conversion import checkpoints
 from conversion.checkpoints import ConversionError
 from conversion.cli import main
 from conversion.monarch import MonarchSettings, convert_to_dense, convert_to_monarch
@@ -336,7 +336,7 @@ def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(monarch_conversion, "copy_tokenizer_files", interrupted)  # after the weights are written
+    monkeypatch.setattr(checkpoints, "copy_tokenizer_files", interrupted)  # after the weights are written
     with pytest.raises(KeyboardInterrupt):
         convert_to_monarch(source, tmp_path / "out", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]
