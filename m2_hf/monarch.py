@@ -269,40 +269,44 @@ def _slice_ranks(nblocks: int, inner: int, device: torch.device) -> torch.Tensor
 
 def _leading_singular_triplets(
     matrices: torch.Tensor, rank: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The ``rank`` largest singular triplets ``(u, s, vh)`` of each matrix of a batch, as ``torch.linalg.svd`` would
-    return them truncated, from the eigendecomposition of the smaller Gram matrix: about 3x faster than a full SVD on
-    CPU for the slices of an MLP layer. Singular values enter squared, so relative accuracy is lost only for values
-    below ~1e-8 of the largest (float64): those the truncation discards, or whose term is negligible."""
+    return them truncated, plus every squared singular value (descending), from the eigendecomposition of the smaller
+    Gram matrix: about 3x faster than a full SVD on CPU for the slices of an MLP layer. Singular values enter squared,
+    so relative accuracy is lost only for values below ~1e-8 of the largest (float64; ~3e-4 in float32): those the
+    truncation discards, or whose term is negligible."""
     wide = matrices.shape[-2] < matrices.shape[-1]
     tall = matrices.transpose(-2, -1) if wide else matrices
     eigenvalues, eigenvectors = torch.linalg.eigh(tall.transpose(-2, -1) @ tall)  # ascending
     rank = min(rank, tall.shape[-1])
-    singular = eigenvalues[..., -rank:].flip(-1).clamp_min(0).sqrt()
+    squared = eigenvalues.flip(-1).clamp_min(0)
+    singular = squared[..., :rank].sqrt()
     right = eigenvectors[..., -rank:].flip(-1)
     scale = torch.where(singular > 0, 1.0 / singular.clamp_min(torch.finfo(singular.dtype).tiny), 0.0)
     left = (tall @ right) * scale.unsqueeze(-2)
     if wide:
         left, right = right, left
-    return left, singular, right.transpose(-2, -1)
+    return left, singular, right.transpose(-2, -1), squared
 
 
 def project_monarch(
-    weight: torch.Tensor, nblocks: int = 4, *, dtype: torch.dtype = torch.float64
-) -> tuple[torch.Tensor, torch.Tensor]:
+    weight: torch.Tensor, nblocks: int = 4, *, dtype: torch.dtype = torch.float64, return_error: bool = False
+) -> tuple[torch.Tensor, ...]:
     """Frobenius-optimal Monarch factors ``(blkdiag1, blkdiag2)`` of a dense ``(out, in)`` weight.
 
     One batched truncated SVD over all ``nblocks²`` slices; computed in ``dtype`` (float64 by default, whatever the weight's
     dtype) and returned in that dtype. Exact (up to rounding) when ``weight`` is already a Monarch matrix with the
     same ``nblocks``. Sizes that ``nblocks`` does not divide are zero-padded: the padding rows and columns never reach
-    the output, and truncated SVD of the zero-padded slice is still optimal on the real part.
+    the output, and truncated SVD of the zero-padded slice is still optimal on the real part. With ``return_error``
+    the relative Frobenius error ``‖W − M‖ / ‖W‖`` comes third, from the discarded singular values (no extra work).
     """
     _check_dense_weight(weight)
     out_features, in_features = weight.shape
     shape1, shape2 = monarch_factor_shapes(in_features, out_features, nblocks)
     inner = shape1[1]
     kappa, lam, rho, rank_index = _intermediate_routing(nblocks, inner, weight.device)
-    u, sv, vh = _leading_singular_triplets(_monarch_slices(weight, nblocks, dtype), int(rank_index.max()) + 1)
+    slices = _monarch_slices(weight, nblocks, dtype)
+    u, sv, vh, squared = _leading_singular_triplets(slices, int(rank_index.max()) + 1)
     scale = sv[kappa, lam, rank_index].sqrt()
     blkdiag1 = vh[kappa, lam, rank_index, :] * scale.unsqueeze(-1)
     # Invert the routing: column ρ of second-factor block λ is intermediate feature f = ρ*b + λ.
@@ -312,7 +316,13 @@ def project_monarch(
     columns = u[kappa2, lam2, :, t2 // nblocks] * scale[kappa2, t2].unsqueeze(-1)
     blkdiag2 = columns.transpose(1, 2)
     assert blkdiag1.shape == shape1 and blkdiag2.shape == shape2
-    return blkdiag1.contiguous(), blkdiag2.contiguous()
+    if not return_error:
+        return blkdiag1.contiguous(), blkdiag2.contiguous()
+    ranks = _slice_ranks(nblocks, inner, weight.device)
+    discarded = (squared * (torch.arange(squared.shape[-1], device=weight.device) >= ranks.unsqueeze(-1))).sum()
+    total = slices.square().sum()
+    error = math.sqrt(discarded.item() / total.item()) if total > 0 else 0.0
+    return blkdiag1.contiguous(), blkdiag2.contiguous(), error
 
 
 def project_blockdiag(weight: torch.Tensor, nblocks: int = 4, *, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -390,7 +400,8 @@ class _StructuredLinear(nn.Module):
     """What Monarch and block-diagonal layers share: padding, truncation, bias, densification and projection.
 
     Subclasses define ``_multiply(x)`` (``(N, in_features_padded)`` -> ``(N, out_features_padded)``, no bias),
-    ``_factor_init_bounds()`` and the classmethod ``_from_dense(weight, bias, nblocks, **kwargs)``.
+    ``_factor_init_bounds()`` and the classmethod ``_from_dense(weight, bias, nblocks, projection_dtype, **kwargs)``
+    returning ``(layer, relative projection error)``.
     """
 
     def __init__(self, in_features: int, out_features: int, nblocks: int, bias: bool, device, dtype) -> None:
@@ -458,16 +469,28 @@ class _StructuredLinear(nn.Module):
         return linear
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, nblocks: int = 4, **kwargs):
+    def from_linear(
+        cls,
+        linear: nn.Module,
+        nblocks: int = 4,
+        *,
+        projection_dtype: torch.dtype = torch.float64,
+        return_error: bool = False,
+        **kwargs,
+    ):
         """Build the layer from a dense linear layer with the Frobenius-optimal projection.
 
         Accepts ``nn.Linear``, transformers' GPT-2 ``Conv1D`` (whose weight is stored transposed) and the layers of
-        this module. The result has the source's device and dtype; the projection itself runs in float64.
+        this module. The result has the source's device and dtype; the projection runs in ``projection_dtype``
+        (float32 is about 2x faster, with errors of float32 size). With ``return_error``, returns ``(layer, relative
+        Frobenius error of the projection)``. Other keyword arguments go to the constructor.
         """
         if not isinstance(linear, nn.Module):
             raise TypeError(f"`linear` must be an nn.Module, got {type(linear).__name__}.")
         weight, bias = _dense_weight_of(linear)
-        return cls._from_dense(weight.detach(), None if bias is None else bias.detach(), nblocks, **kwargs)
+        bias = None if bias is None else bias.detach()
+        layer, error = cls._from_dense(weight.detach(), bias, nblocks, projection_dtype, **kwargs)
+        return (layer, error) if return_error else layer
 
     def extra_repr(self) -> str:
         return (
@@ -554,19 +577,19 @@ class MonarchLinear(_StructuredLinear):
         return monarch_multiply_triton(x, w1, w2)
 
     @classmethod
-    def _from_dense(cls, weight, bias, nblocks, **kwargs):
+    def _from_dense(cls, weight, bias, nblocks, projection_dtype, **kwargs):
         out_features, in_features = weight.shape
         layer = cls(
             in_features, out_features, nblocks, bias=bias is not None, device=weight.device, dtype=weight.dtype,
             **kwargs,
         )
-        blkdiag1, blkdiag2 = project_monarch(weight, nblocks)
+        blkdiag1, blkdiag2, error = project_monarch(weight, nblocks, dtype=projection_dtype, return_error=True)
         with torch.no_grad():
             layer.blkdiag1.copy_(blkdiag1)
             layer.blkdiag2.copy_(blkdiag2)
             if bias is not None:
                 layer.bias.copy_(bias)
-        return layer
+        return layer, error
 
 
 class BlockdiagLinear(_StructuredLinear):
@@ -599,7 +622,7 @@ class BlockdiagLinear(_StructuredLinear):
         return blockdiag_multiply(x, self.weight)
 
     @classmethod
-    def _from_dense(cls, weight, bias, nblocks, **kwargs):
+    def _from_dense(cls, weight, bias, nblocks, projection_dtype, **kwargs):
         out_features, in_features = weight.shape
         layer = cls(
             in_features, out_features, nblocks, bias=bias is not None, device=weight.device, dtype=weight.dtype,
@@ -609,7 +632,7 @@ class BlockdiagLinear(_StructuredLinear):
             layer.weight.copy_(project_blockdiag(weight, nblocks))
             if bias is not None:
                 layer.bias.copy_(bias)
-        return layer
+        return layer, projection_error(weight, nblocks, "blockdiag", dtype=projection_dtype)
 
 
 def set_monarch_backend(model: nn.Module, backend: Backend) -> int:
