@@ -305,7 +305,7 @@ def project_monarch(
     shape1, shape2 = monarch_factor_shapes(in_features, out_features, nblocks)
     inner = shape1[1]
     kappa, lam, rho, rank_index = _intermediate_routing(nblocks, inner, weight.device)
-    slices = _monarch_slices(weight, nblocks, dtype)
+    slices = _monarch_slices(weight, nblocks, dtype).contiguous()  # batched products on a strided view copy anyway
     u, sv, vh, squared = _leading_singular_triplets(slices, int(rank_index.max()) + 1)
     scale = sv[kappa, lam, rank_index].sqrt()
     blkdiag1 = vh[kappa, lam, rank_index, :] * scale.unsqueeze(-1)
