@@ -7,7 +7,8 @@ used) and per-token final hidden states to the original's, on held-out English s
 sentences come from disjoint halves of Python's standard-library docstrings (`conversion/offline_text.py`).
 
     python benchmarks/bench_minilm_conversion.py [--model-dir DIR] [--calibration-samples 1000]
-        [--evaluation-samples 300] [--methods closed-form calibrated] [--calibrated-targets mlp] [--json PATH]
+        [--evaluation-samples 300] [--methods closed-form calibrated] [--targets mlp all] [--nblocks 2 4 8]
+        [--calibrated-targets mlp] [--json PATH]
 """
 
 from __future__ import annotations
@@ -60,10 +61,10 @@ def run(args: argparse.Namespace) -> list[dict]:
     parameters = sum(p.numel() for p in original.parameters())
     rows = []
     for method in args.methods:
-        for target in TARGETS:
+        for target in args.targets:
             if method == "calibrated" and target not in args.calibrated_targets:
                 continue
-            for nblocks in NBLOCKS:
+            for nblocks in args.nblocks:
                 model = copy.deepcopy(original)
                 targets = resolve_targets(model_type, linear_layers(model.base_model), [target], {"*": nblocks})
                 start = time.perf_counter()
@@ -105,6 +106,8 @@ def main() -> None:
     parser.add_argument("--calibration-samples", type=int, default=1000)
     parser.add_argument("--evaluation-samples", type=int, default=300)
     parser.add_argument("--methods", nargs="+", default=["closed-form", "calibrated"])
+    parser.add_argument("--nblocks", type=int, nargs="+", default=list(NBLOCKS))
+    parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
     parser.add_argument("--calibrated-targets", nargs="+", default=["mlp"], choices=TARGETS,
                         help="targets also run with the calibrated method (default: mlp; 'all' takes ~3x longer)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/out/bench_minilm_conversion.json"))
