@@ -210,7 +210,7 @@ def time_long_context(device: torch.device, args: argparse.Namespace) -> list[di
                     row[f"{name}_tokens_per_s"] = batch * length / (milliseconds / 1e3)
                 except torch.OutOfMemoryError as error:
                     row[f"{name}_error"] = f"out of memory: {str(error).splitlines()[0]}"
-                del model
+                model = None  # free the weights before the next model is built
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             if "m2_ms" in row and "bert_ms" in row:

@@ -18,9 +18,8 @@ from transformers import AutoModel, AutoTokenizer, BertConfig, DistilBertConfig,
 
 import m2_hf
 from conversion import checkpoints
-from conversion.checkpoints import ConversionError
 from conversion.cli import main
-from conversion.monarch import MonarchSettings, convert_to_dense, convert_to_monarch
+from conversion.monarch import MonarchSettings, convert_to_monarch
 from m2_hf import BlockdiagLinear, MonarchLinear
 
 SENTENCES = [
