@@ -126,13 +126,17 @@ def atomic_output_folder(destination: Path, overwrite: bool) -> Iterator[Path]:
 
 
 def write_model_folder(
-    model, source: Path, destination: Path, overwrite: bool, extra: Optional[Callable[[Path], None]] = None
+    model,
+    source: Path,
+    destination: Path,
+    overwrite: bool,
+    extra: Optional[Callable[[Path, list[str]], None]] = None,
 ) -> list[str]:
-    """``model.save_pretrained`` plus the source's tokenizer files (plus what ``extra`` writes into the folder), all
-    in place at ``destination`` at once or not at all; returns the tokenizer files copied."""
+    """``model.save_pretrained`` plus the source's tokenizer files (plus what ``extra(folder, tokenizer_files)``
+    writes into the folder), all in place at ``destination`` at once or not at all; returns the tokenizer files."""
     with atomic_output_folder(destination, overwrite) as staging:
         model.save_pretrained(staging)
         copied = copy_tokenizer_files(source, staging)
         if extra is not None:
-            extra(staging)
+            extra(staging, copied)
     return copied

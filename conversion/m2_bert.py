@@ -158,7 +158,7 @@ def convert_m2_bert(source: Path, destination: Path, overwrite: bool = False, dr
         return report
     card = _model_card(model, source, checkpoint.dropped)
     report["tokenizer_files"] = write_model_folder(
-        model, source, destination, overwrite, lambda folder: card.save(folder / "README.md")
+        model, source, destination, overwrite, lambda folder, _: card.save(folder / "README.md")
     )
     report["destination"] = str(destination)
     return report

@@ -22,12 +22,11 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 import transformers
-from m2_hf import CONVERTED_CLASSES, BlockdiagLinear, MonarchLinear
+from m2_hf import CONVERTED_CLASSES, BlockdiagLinear, MonarchLinear, dense_weight_and_bias
 from m2_hf.configuration_monarch_converted import SOURCE_MODEL_TYPES, STRUCTURES
 from m2_hf.modeling_monarch_converted import STRUCTURED_CLASSES
 
 from .checkpoints import (
-    TOKENIZER_FILES,
     ConversionError,
     check_destination,
     read_config,
@@ -110,8 +109,8 @@ def resolve_targets(
 
 
 def _shape(layer: nn.Module) -> tuple[int, int]:
-    """``(out_features, in_features)`` of a dense layer."""
-    return tuple(layer.weight.shape[::-1]) if isinstance(layer, Conv1D) else tuple(layer.weight.shape)
+    """``(out_features, in_features)`` of a linear layer."""
+    return tuple(dense_weight_and_bias(layer)[0].shape)
 
 
 def _original_class(config: dict, model_type: str) -> type:
@@ -183,7 +182,7 @@ def calibrated(
     (`conversion/calibration.py`)."""
     from .calibration import fit_to_statistics, input_statistics
 
-    weight = _dense_of(dense)[0]
+    weight = dense_weight_and_bias(dense)[0]
     statistics = input_statistics(model, original, name, calibration.batches)
     start, _ = closed_form(dense, nblocks, structure)
     return fit_to_statistics(start, weight, statistics).to(weight.dtype), None
@@ -196,20 +195,9 @@ PROJECTION_METHODS: dict[str, Callable[..., tuple[nn.Module, Optional[float]]]] 
 }
 
 
-def _dense_of(layer: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    if isinstance(layer, (MonarchLinear, BlockdiagLinear)):
-        return layer.dense_weight(), layer.bias
-    return (layer.weight.t() if isinstance(layer, Conv1D) else layer.weight), layer.bias
-
-
 def _relative_error(dense: nn.Module, structured: nn.Module) -> float:
-    weight = _dense_of(dense)[0].detach().double()
+    weight = dense_weight_and_bias(dense)[0].detach().double()
     return float((structured.dense_weight().double() - weight).norm() / weight.norm().clamp_min(1e-30))
-
-
-def _replace(root: nn.Module, name: str, layer: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name), child, layer)
 
 
 def project_layers(
@@ -230,7 +218,7 @@ def project_layers(
                 sum(p.numel() for p in dense.parameters()), sum(p.numel() for p in structured.parameters()),
             )
         )
-        _replace(base, name, structured)
+        base.set_submodule(name, structured)
     return reports
 
 
@@ -533,9 +521,9 @@ def convert_to_monarch(
     if dry_run:
         return report
     report["destination"] = str(destination)
-    report["tokenizer_files"] = sorted(name for name in TOKENIZER_FILES if (source / name).is_file())
 
-    def write_report_and_card(folder: Path) -> None:
+    def write_report_and_card(folder: Path, tokenizer_files: list[str]) -> None:
+        report["tokenizer_files"] = tokenizer_files
         (folder / REPORT_FILE).write_text(json.dumps(report, indent=2), encoding="utf-8")
         _model_card(report, model, source).save(folder / "README.md")
 
@@ -583,7 +571,8 @@ def convert_to_dense(source: Path, destination: Path, overwrite: bool = False, d
         skeleton = original_class(original_config).base_model
     for layer_name in layers:
         structured = model.base_model.get_submodule(layer_name)
-        _replace(model.base_model, layer_name, _dense_layer_like(skeleton.get_submodule(layer_name), structured))
+        dense = _dense_layer_like(skeleton.get_submodule(layer_name), structured)
+        model.base_model.set_submodule(layer_name, dense)
     model.config = original_config
     model.__class__ = original_class
     report = {"source": str(source), "architecture": original_class.__name__, "densified_layers": len(layers),

@@ -47,7 +47,7 @@ from .configuration_monarch_converted import (
     MonarchRobertaConfig,
 )
 from .model_utils import ShipsAllHeadsMixin, init_structured_layer
-from .monarch import BlockdiagLinear, MonarchLinear, _dense_weight_of
+from .monarch import BlockdiagLinear, MonarchLinear, dense_weight_and_bias
 
 STRUCTURED_CLASSES = {"monarch": MonarchLinear, "blockdiag": BlockdiagLinear}
 
@@ -57,11 +57,8 @@ def structure_linear_layers(root: nn.Module, layers: dict[str, int], structure: 
     structured layers of the same sizes, bias, device and dtype."""
     layer_class = STRUCTURED_CLASSES[structure]
     for name, nblocks in layers.items():
-        parent_name, _, child = name.rpartition(".")
         try:
-            parent = root.get_submodule(parent_name)
-            dense = getattr(parent, child)
-            weight, bias = _dense_weight_of(dense)
+            weight, bias = dense_weight_and_bias(root.get_submodule(name))
         except (AttributeError, TypeError) as error:
             raise ValueError(
                 f"`monarch_layers` names {name!r}, which is not a linear layer of {type(root).__name__}: {error}"
@@ -70,7 +67,7 @@ def structure_linear_layers(root: nn.Module, layers: dict[str, int], structure: 
         structured = layer_class(
             in_features, out_features, nblocks=nblocks, bias=bias is not None, device=weight.device, dtype=weight.dtype
         )
-        setattr(parent, child, structured)
+        root.set_submodule(name, structured)
 
 
 class MonarchConvertedMixin(ShipsAllHeadsMixin):

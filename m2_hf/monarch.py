@@ -42,6 +42,7 @@ __all__ = [
     "project_blockdiag",
     "project_monarch",
     "projection_error",
+    "dense_weight_and_bias",
     "set_monarch_backend",
 ]
 
@@ -368,7 +369,7 @@ def projection_error(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _dense_weight_of(module: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def dense_weight_and_bias(module: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``(weight (out, in), bias)`` of any linear layer this package can project."""
     if isinstance(module, _StructuredLinear):
         return module.dense_weight(), module.bias
@@ -487,7 +488,7 @@ class _StructuredLinear(nn.Module):
         """
         if not isinstance(linear, nn.Module):
             raise TypeError(f"`linear` must be an nn.Module, got {type(linear).__name__}.")
-        weight, bias = _dense_weight_of(linear)
+        weight, bias = dense_weight_and_bias(linear)
         bias = None if bias is None else bias.detach()
         layer, error = cls._from_dense(weight.detach(), bias, nblocks, projection_dtype, **kwargs)
         return (layer, error) if return_error else layer
