@@ -12,9 +12,11 @@ import copy
 import json
 import math
 import re
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -200,16 +202,47 @@ def _relative_error(dense: nn.Module, structured: nn.Module) -> float:
     return float((structured.dense_weight().double() - weight).norm() / weight.norm().clamp_min(1e-30))
 
 
+# Methods whose result for one layer does not depend on the others (the calibrated method sees earlier layers' results).
+LAYER_INDEPENDENT_METHODS = ("closed-form",)
+
+
+@contextmanager
+def _single_threaded_ops() -> Iterator[int]:
+    """Torch ops on one thread each, inside; yields the number of threads there were."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _map_on_all_cores(function: Callable, items: list) -> Iterator:
+    """``map`` with one layer per core: LAPACK's eigensolver on a batch of small matrices keeps one core busy but not
+    several, so a layer per thread projects 1.4-1.7x faster on two cores than layers one after another."""
+    with _single_threaded_ops() as workers, ThreadPoolExecutor(workers) as pool:
+        yield from pool.map(function, items)
+
+
 def project_layers(
     model: nn.Module, targets: dict[str, int], structure: str, method: str, progress: bool = True, **method_kwargs
 ) -> list[LayerReport]:
     """Replace each target layer of ``model``'s base model by its structured projection, in place."""
     project = PROJECTION_METHODS[method]
     base = model.base_model
+
+    def structured_layer(item: tuple[str, int]) -> tuple[nn.Module, Optional[float]]:
+        name, nblocks = item
+        return project(base.get_submodule(name), nblocks, structure, name=name, model=model, **method_kwargs)
+
+    items = list(targets.items())
+    # Lazily, so that a method that depends on earlier layers sees them replaced.
+    results = (_map_on_all_cores if method in LAYER_INDEPENDENT_METHODS else map)(structured_layer, items)
     reports = []
-    for name, nblocks in tqdm(targets.items(), desc="projecting layers", unit="layer", disable=not progress):
+    progress_bar = tqdm(zip(items, results), total=len(items), desc="projecting layers", unit="layer",
+                        disable=not progress)
+    for (name, nblocks), (structured, error) in progress_bar:
         dense = base.get_submodule(name)
-        structured, error = project(dense, nblocks, structure, name=name, model=model, **method_kwargs)
         out_features, in_features = _shape(dense)
         reports.append(
             LayerReport(

@@ -88,7 +88,8 @@ def _check_dense_weight(weight: torch.Tensor) -> None:
         )
     if not weight.is_floating_point():
         raise ValueError(f"`weight` must be a floating-point tensor, got dtype {weight.dtype}.")
-    if not torch.isfinite(weight).all():
+    # A finite sum proves every value finite at a fraction of the cost; the full check runs only otherwise.
+    if not torch.isfinite(weight.sum()) and not torch.isfinite(weight).all():
         raise ValueError("`weight` contains NaN or infinite values; a projection of it would be meaningless.")
 
 
@@ -238,7 +239,8 @@ def _padded(weight: torch.Tensor, nblocks: int, dtype: torch.dtype) -> torch.Ten
     out_features, in_features = weight.shape
     pad_in = _ceil_div(in_features, nblocks) * nblocks - in_features
     pad_out = _ceil_div(out_features, nblocks) * nblocks - out_features
-    return F.pad(weight.detach().to(dtype), (0, pad_in, 0, pad_out))
+    weight = weight.detach().to(dtype)
+    return F.pad(weight, (0, pad_in, 0, pad_out)) if pad_in or pad_out else weight
 
 
 def _monarch_slices(weight: torch.Tensor, nblocks: int, dtype: torch.dtype) -> torch.Tensor:
@@ -249,7 +251,7 @@ def _monarch_slices(weight: torch.Tensor, nblocks: int, dtype: torch.dtype) -> t
     """
     padded = _padded(weight, nblocks, dtype)
     out_ext, in_ext = padded.shape
-    return padded.view(out_ext // nblocks, nblocks, nblocks, in_ext // nblocks).permute(2, 1, 0, 3)
+    return padded.reshape(out_ext // nblocks, nblocks, nblocks, in_ext // nblocks).permute(2, 1, 0, 3)
 
 
 def _intermediate_routing(nblocks: int, inner: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -321,7 +323,7 @@ def project_monarch(
         return blkdiag1.contiguous(), blkdiag2.contiguous()
     ranks = _slice_ranks(nblocks, inner, weight.device)
     discarded = (squared * (torch.arange(squared.shape[-1], device=weight.device) >= ranks.unsqueeze(-1))).sum()
-    total = slices.square().sum()
+    total = squared.sum()  # the Gram matrices' traces: ‖W‖²
     error = math.sqrt(discarded.item() / total.item()) if total > 0 else 0.0
     return blkdiag1.contiguous(), blkdiag2.contiguous(), error
 
@@ -331,7 +333,7 @@ def project_blockdiag(weight: torch.Tensor, nblocks: int = 4, *, dtype: Optional
     _check_dense_weight(weight)
     out_features, in_features = weight.shape
     b, s, p = blockdiag_factor_shape(in_features, out_features, nblocks)
-    padded = _padded(weight, nblocks, dtype or weight.dtype).view(b, s, b, p)
+    padded = _padded(weight, nblocks, dtype or weight.dtype).reshape(b, s, b, p)
     index = torch.arange(b, device=weight.device)
     return padded[index, :, index, :].contiguous()
 
@@ -352,7 +354,7 @@ def projection_error(
     # Sum what the projection discards rather than subtracting what it keeps: no cancellation for exact members.
     if structure == "blockdiag":
         b = nblocks
-        blocks = _padded(weight, b, dtype).view(b, _ceil_div(out_features, b), b, _ceil_div(in_features, b))
+        blocks = _padded(weight, b, dtype).reshape(b, _ceil_div(out_features, b), b, _ceil_div(in_features, b))
         off_diagonal = ~torch.eye(b, dtype=torch.bool, device=weight.device).view(b, 1, b, 1)
         discarded = (blocks.square() * off_diagonal).sum()
     else:
@@ -470,6 +472,14 @@ class _StructuredLinear(nn.Module):
         return linear
 
     @classmethod
+    def _uninitialised(cls, weight: torch.Tensor, nblocks: int, bias: bool, **kwargs) -> "_StructuredLinear":
+        """A layer shaped for the dense ``weight``, without the random initialisation that a projection overwrites."""
+        out_features, in_features = weight.shape
+        return torch.nn.utils.skip_init(
+            cls, in_features, out_features, nblocks, bias=bias, device=weight.device, dtype=weight.dtype, **kwargs
+        )
+
+    @classmethod
     def from_linear(
         cls,
         linear: nn.Module,
@@ -579,11 +589,7 @@ class MonarchLinear(_StructuredLinear):
 
     @classmethod
     def _from_dense(cls, weight, bias, nblocks, projection_dtype, **kwargs):
-        out_features, in_features = weight.shape
-        layer = cls(
-            in_features, out_features, nblocks, bias=bias is not None, device=weight.device, dtype=weight.dtype,
-            **kwargs,
-        )
+        layer = cls._uninitialised(weight, nblocks, bias is not None, **kwargs)
         blkdiag1, blkdiag2, error = project_monarch(weight, nblocks, dtype=projection_dtype, return_error=True)
         with torch.no_grad():
             layer.blkdiag1.copy_(blkdiag1)
@@ -624,11 +630,7 @@ class BlockdiagLinear(_StructuredLinear):
 
     @classmethod
     def _from_dense(cls, weight, bias, nblocks, projection_dtype, **kwargs):
-        out_features, in_features = weight.shape
-        layer = cls(
-            in_features, out_features, nblocks, bias=bias is not None, device=weight.device, dtype=weight.dtype,
-            **kwargs,
-        )
+        layer = cls._uninitialised(weight, nblocks, bias is not None, **kwargs)
         with torch.no_grad():
             layer.weight.copy_(project_blockdiag(weight, nblocks))
             if bias is not None:
