@@ -18,10 +18,12 @@ from transformers import (
     AutoModelForTokenClassification,
     AutoTokenizer,
     BertTokenizer,
+    GPT2Tokenizer,
 )
 from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
 
 from .configuration_m2_bert import M2BertConfig
+from .configuration_m2_gpt import M2GPTConfig
 from .configuration_monarch_converted import (
     SOURCE_MODEL_TYPES,
     MonarchBertConfig,
@@ -37,6 +39,13 @@ from .modeling_m2_bert import (
     M2BertForTokenClassification,
     M2BertModel,
     M2BertPreTrainedModel,
+)
+from .modeling_m2_gpt import (
+    M2GPTCache,
+    M2GPTForCausalLM,
+    M2GPTForSequenceClassification,
+    M2GPTModel,
+    M2GPTPreTrainedModel,
 )
 from .modeling_monarch_converted import CONVERTED_CLASSES, structure_linear_layers
 from .monarch import (
@@ -93,6 +102,17 @@ _register(
 # The retrieval encoder ships under AutoModel in its own folders, as the released retrieval models do.
 M2BertForTextEncoding.register_for_auto_class("AutoModel")
 
+_register(
+    M2GPTConfig,
+    "m2_gpt",
+    {
+        AutoModel: M2GPTModel,
+        AutoModelForCausalLM: M2GPTForCausalLM,
+        AutoModelForSequenceClassification: M2GPTForSequenceClassification,
+    },
+    tokenizer_class=GPT2Tokenizer,
+)
+
 _CONVERTED_AUTO_CLASSES = (
     AutoModel,
     AutoModelForPreTraining,
@@ -139,6 +159,12 @@ __all__ = [
     "M2BertForTokenClassification",
     "M2BertModel",
     "M2BertPreTrainedModel",
+    "M2GPTCache",
+    "M2GPTConfig",
+    "M2GPTForCausalLM",
+    "M2GPTForSequenceClassification",
+    "M2GPTModel",
+    "M2GPTPreTrainedModel",
     "MonarchLinear",
     "blockdiag_factor_shape",
     "blockdiag_multiply",

@@ -24,12 +24,14 @@ from transformers.activations import ACT2FN
 from .monarch import BlockdiagLinear, MonarchLinear
 
 __all__ = [
+    "ConvolutionState",
     "HyenaFilter",
     "M2GatedMLP",
     "M2SequenceMixer",
     "causal_depthwise_conv",
     "fft_conv",
     "fft_long_conv",
+    "init_mixer_module",
     "kernel_spectrum",
     "structured_linear",
 ]
@@ -206,7 +208,7 @@ class HyenaFilter(nn.Module):
             follower = _Sin(config.hyena_filter_order, config.hyena_w, config.hyena_w_mod, owner=owner)
             self.implicit_filter_rev = _filter_mlp(config, width, follower, owner)
         self.modulation = _ExponentialModulation(width)
-        self._cache: Optional[tuple[tuple, torch.Tensor]] = None
+        self._cache: dict[str, tuple[tuple, torch.Tensor]] = {}
 
     @property
     def bidirectional(self) -> bool:
@@ -222,14 +224,52 @@ class HyenaFilter(nn.Module):
 
     def spectrum(self, length: int) -> torch.Tensor:
         """The kernel spectrum for inputs of ``length`` tokens (see :func:`kernel_spectrum`)."""
+        return self._reused_in_inference("spectrum", length, lambda: kernel_spectrum(*self.forward(length)))
+
+    def reversed_kernel(self, length: int) -> torch.Tensor:
+        """``k_forward`` of a causal filter for ``length`` tokens, reversed: ``[H, length]`` with ``k[j]`` at column
+        ``length - 1 - j``, so that the taps for the newest ``m`` inputs are its last ``m`` columns (a contiguous
+        slice, for direct convolutions during incremental decoding)."""
+        if self.bidirectional:
+            raise ValueError("Incremental decoding needs a causal filter; this one is bidirectional.")
+        return self._reused_in_inference("reversed", length, lambda: self.forward(length)[0].flip(-1).contiguous())
+
+    def _reused_in_inference(self, kind: str, length: int, compute) -> torch.Tensor:
         if self.training or torch.is_grad_enabled():
-            self._cache = None
-            return kernel_spectrum(*self.forward(length))
-        # The filters depend on the length only: in inference, reuse the spectrum until a parameter changes.
+            self._cache = {}
+            return compute()
+        # The filters depend on the length only: in inference, reuse them until a parameter changes.
         key = (length, *(p._version for p in self.parameters()), *(p.data_ptr() for p in self.parameters()))
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, kernel_spectrum(*self.forward(length)))
-        return self._cache[1]
+        if kind not in self._cache or self._cache[kind][0] != key:
+            self._cache[kind] = (key, compute())
+        return self._cache[kind][1]
+
+
+@torch.no_grad()
+def init_mixer_module(module: nn.Module, config) -> bool:
+    """The official initialisation of the M2-specific modules (with `transformers.initialization`, which leaves loaded
+    tensors alone); returns whether ``module`` was one. Models call it first in ``_init_weights``."""
+    from transformers import initialization as init
+
+    if isinstance(module, nn.Conv1d):
+        # The official model keeps PyTorch's default init for the short convolution.
+        init.kaiming_uniform_(module.weight, a=5**0.5)
+        fan_in = module.weight.shape[1] * module.weight.shape[2]
+        init.uniform_(module.bias, -(fan_in**-0.5), fan_in**-0.5)
+    elif isinstance(module, _PositionalFeatures):
+        z, t = _PositionalFeatures.initial_features(module.z.shape[-1], module.z.shape[1])
+        init.copy_(module.z, z)
+        init.copy_(module.t, t)
+    elif isinstance(module, _ExponentialModulation):
+        init.copy_(module.deltas, _ExponentialModulation.initial_deltas(module.deltas.shape[-1]))
+    elif isinstance(module, _Sin):
+        if module._owner is None:
+            init.constant_(module.freq, config.hyena_w)
+    elif isinstance(module, HyenaFilter):
+        init.normal_(module.bias, mean=0.0, std=1.0)
+    else:
+        return False
+    return True
 
 
 def structured_linear(config, in_features: int, out_features: int, bias: bool) -> nn.Module:
@@ -268,6 +308,54 @@ def _chunks(total: int, per_item_bytes: int, minimum: int, device: torch.device)
         return [slice(0, total)]
     size = min(total, max(minimum, _CPU_CHUNK_BYTES // max(per_item_bytes, 1)))
     return [slice(start, min(start + size, total)) for start in range(0, total, size)]
+
+
+class ConvolutionState:
+    """What a causal M2 mixer keeps of earlier tokens for incremental decoding, channel-major: the last ``K - 1``
+    outputs of the input projection (for the short convolution, ``[3H, B, K-1]``) and every input of the long
+    convolutions so far (``[C, B, length]``, C = H, or 2H with the residual long convolution), in a buffer that
+    grows by doubling. Padded positions are stored as zeros, as the full forward sees them."""
+
+    def __init__(self) -> None:
+        self.short_conv_state: Optional[torch.Tensor] = None
+        self._inputs: Optional[torch.Tensor] = None
+        self.length = 0
+
+    def long_conv_inputs(self) -> torch.Tensor:
+        return self._inputs[..., : self.length]
+
+    def append(self, short_conv_state: torch.Tensor, long_conv_inputs: torch.Tensor) -> None:
+        self.short_conv_state = short_conv_state
+        new_length = self.length + long_conv_inputs.shape[-1]
+        if self._inputs is None or new_length > self._inputs.shape[-1]:
+            capacity = max(new_length, 2 * (0 if self._inputs is None else self._inputs.shape[-1]))
+            grown = long_conv_inputs.new_empty(*long_conv_inputs.shape[:-1], capacity)
+            if self.length:
+                grown[..., : self.length] = self.long_conv_inputs()
+            self._inputs = grown
+        self._inputs[..., self.length : new_length] = long_conv_inputs
+        self.length = new_length
+
+    def _map_batch(self, function) -> None:
+        """Apply ``function`` (batch dimension 1) to every stored tensor: beam reordering, selection, repetition."""
+        if self.short_conv_state is not None:
+            self.short_conv_state = function(self.short_conv_state)
+            self._inputs = function(self.long_conv_inputs())
+
+    def reorder(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda x: x.index_select(1, indices.to(x.device)))
+
+    def select(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda x: x[:, indices])
+
+    def repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda x: x.repeat_interleave(repeats, dim=1))
+
+    def to(self, device) -> None:
+        self._map_batch(lambda x: x.to(device, non_blocking=True))
+
+    def clear(self) -> None:
+        self.short_conv_state, self._inputs, self.length = None, None, 0
 
 
 class M2SequenceMixer(nn.Module):
@@ -316,6 +404,47 @@ class M2SequenceMixer(nn.Module):
             mixed = torch.cat([self._mix_channels(tokens, c, batch, spectra, mask, inplace) for c in chunks])
         return mixed.view(hidden, batch * length).t()
 
+    def step(self, u: torch.Tensor, mask: Optional[torch.Tensor], state: ConvolutionState) -> torch.Tensor:
+        """Output ``[B, n, hidden]`` of a causal mixer for ``n`` new tokens ``u`` that continue the tokens ``state``
+        holds, which it then holds too. ``mask`` covers all of them (``[B, length + n]``) or is None.
+
+        The same computation as ``forward`` over the whole sequence, restricted to the new outputs: one new token
+        costs a direct convolution over the stored inputs (O(length x hidden), no FFT); several new tokens (a
+        prompt) one FFT convolution over all stored inputs.
+        """
+        batch, new, hidden = u.shape
+        total = state.length + new
+        new_mask = None if mask is None else mask[:, -new:]
+        if hasattr(self, "layernorm"):
+            u = self.layernorm(u)
+        z = _zero_padding(self.in_linear(u).permute(2, 0, 1), new_mask)  # [3H, B, n]
+        taps = self.short_filter.weight.shape[-1]
+        previous = state.short_conv_state
+        if previous is None:
+            previous = z.new_zeros(z.shape[0], batch, taps - 1)  # the zeros the convolution pads the start with
+        z = torch.cat([previous, z], dim=-1)
+        x1, x2, v = causal_depthwise_conv(z, self.short_filter.weight, self.short_filter.bias)[..., taps - 1 :].chunk(3)
+        inputs = [_zero_padding(v * x1, new_mask)]
+        filters = [self.filter_fn]
+        if hasattr(self, "filter_fn2"):
+            inputs.append(_zero_padding(u.permute(2, 0, 1), new_mask))
+            filters.append(self.filter_fn2)
+        state.append(z[..., z.shape[-1] - (taps - 1) :], torch.cat(inputs))
+        history = state.long_conv_inputs().split(hidden)
+        outputs = []
+        for f, x in zip(filters, history):
+            if new == 1:
+                # y[t] = Σ_s k[t - s] x[s] + D x[t]: per channel, the newest `total` reversed taps dot the inputs.
+                taps_reversed = f.reversed_kernel(f.pos_emb.z.shape[1])[:, -total:].to(x.dtype)
+                y = torch.bmm(x, taps_reversed.unsqueeze(-1)).addcmul_(x[..., -1:], f.bias.to(x.dtype)[:, None, None])
+            else:
+                y = fft_conv(x, f.spectrum(total), f.bias)[..., -new:]
+            outputs.append(y)
+        y = outputs[0] * x2
+        if len(outputs) > 1:
+            y = y + outputs[1]
+        return self.out_linear(y.permute(1, 2, 0))
+
     def _mix_channels(
         self, tokens, channels: slice, batch: int, spectra, mask, inplace: bool, mixed: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
@@ -356,9 +485,12 @@ class M2SequenceMixer(nn.Module):
 
 class M2GatedMLP(nn.Module):
     """M2-BERT's MLP with its post-LayerNorm: ``LN(wo(dropout(GELU(g) * v)) + x)`` with ``[g, v] = gated_layers(x)``
-    (the gate is the first half), or ``LN(wo(dropout(GELU(W x))) + x)`` when ``use_glu_mlp=False``."""
+    (the gate is the first half), or ``LN(wo(dropout(GELU(W x))) + x)`` when ``use_glu_mlp=False``.
 
-    def __init__(self, config) -> None:
+    With ``post_norm=False`` (pre-LayerNorm blocks, whose residual is outside) it is ``wo(dropout(GELU(g) * v))``.
+    """
+
+    def __init__(self, config, post_norm: bool = True) -> None:
         super().__init__()
         hidden, intermediate = config.hidden_size, config.intermediate_size
         self.use_glu = config.use_glu_mlp
@@ -369,7 +501,8 @@ class M2GatedMLP(nn.Module):
         self.act = ACT2FN[config.hidden_act]  # "gelu" is the exact erf form, as in the official model
         self.wo = structured_linear(config, intermediate, hidden, bias=True)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.layernorm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        if post_norm:
+            self.layernorm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
 
     def forward(self, x: torch.Tensor, projection: Optional[nn.Module] = None) -> torch.Tensor:
         """``x``: ``[..., hidden]``. With ``projection``, the MLP (and its residual) reads ``projection(x)``, computed
@@ -390,4 +523,6 @@ class M2GatedMLP(nn.Module):
         else:
             hidden = self.act(hidden)
         out = self.wo(self.dropout(hidden))
+        if not hasattr(self, "layernorm"):
+            return out
         return self.layernorm(out.add_(x) if inplace else out + x)

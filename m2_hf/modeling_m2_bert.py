@@ -31,7 +31,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_m2_bert import M2BertConfig
-from .m2_mixer import HyenaFilter, M2GatedMLP, M2SequenceMixer, _ExponentialModulation, _PositionalFeatures, _Sin
+from .m2_mixer import M2GatedMLP, M2SequenceMixer, init_mixer_module
 from .model_utils import ShipsAllHeadsMixin, init_structured_layer
 
 __all__ = [
@@ -211,27 +211,13 @@ class M2BertPreTrainedModel(ShipsAllHeadsMixin, PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """HF BERT init for dense, embedding and norm layers; the official init for everything M2-specific."""
-        if isinstance(module, nn.Conv1d):
-            # The official model keeps PyTorch's default init for the short convolution.
-            init.kaiming_uniform_(module.weight, a=5**0.5)
-            fan_in = module.weight.shape[1] * module.weight.shape[2]
-            init.uniform_(module.bias, -(fan_in**-0.5), fan_in**-0.5)
+        if init_mixer_module(module, self.config):
             return
         super()._init_weights(module)
         if isinstance(module, M2BertEmbeddings):
             if hasattr(module, "position_ids"):
                 init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
             init.zeros_(module.token_type_ids)
-        elif isinstance(module, _PositionalFeatures):
-            z, t = _PositionalFeatures.initial_features(module.z.shape[-1], module.z.shape[1])
-            init.copy_(module.z, z)
-            init.copy_(module.t, t)
-        elif isinstance(module, _ExponentialModulation):
-            init.copy_(module.deltas, _ExponentialModulation.initial_deltas(module.deltas.shape[-1]))
-        elif isinstance(module, _Sin) and module._owner is None:
-            init.constant_(module.freq, self.config.hyena_w)
-        elif isinstance(module, HyenaFilter):
-            init.normal_(module.bias, mean=0.0, std=1.0)
         else:
             init_structured_layer(module)
 
