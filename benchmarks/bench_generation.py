@@ -1,0 +1,188 @@
+#!/usr/bin/env python
+"""CPU benchmark: M2-GPT against Transformers' GPT-2 (SDPA attention, KV cache), same width and depth, in one run.
+
+Reproduce (from the repository root, inside the project's virtual environment)::
+
+    python benchmarks/bench_generation.py            # full run: about 25 minutes on 2 cores
+    python benchmarks/bench_generation.py --quick    # tiny models, seconds (smoke test)
+
+Models: `M2GPTForCausalLM` with its defaults (hidden 768, 12 layers, Monarch GLU MLP, nblocks 4) and
+`GPT2LMHeadModel` of GPT-2 small's shape (hidden 768, 12 layers, 12 heads), both float32 without dropout, the
+position table / filters long enough for the longest context.
+
+1. Decode throughput: new tokens per second of greedy one-token steps (`model(next_token, cache=...)`, argmax) after
+   a context of 512, 2048 and 8192 tokens, batch 1 and 8. The context is a cache of that length filled with random
+   values of the right shapes (GPT-2: `DynamicCache` keys and values; M2-GPT: `M2GPTCache` convolution inputs): the
+   cost of a step does not depend on the values, and prefilling 8 x 8192 tokens would take minutes per model.
+2. Training throughput: tokens per second of forward + backward (causal-LM loss over the 50257-token vocabulary,
+   included for both) at sequence lengths 1024, 4096 and 8192, with the same number of tokens per step at every length
+   (batch = tokens // length).
+
+Measurements alternate between the models; the table gives medians. Targets (PASS/MISS, not an exit status):
+training at least 1.5x GPT-2's throughput at 4096 tokens and 2x at 8192; decoding at least 1.3x at a context of
+8192 (both batch sizes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.bench_common import available_cores, cpu_model, log, positive_int, write_json  # noqa: E402
+
+TRAINING_TARGETS = {4096: 1.5, 8192: 2.0}
+DECODE_TARGETS = {8192: 1.3}
+
+
+def build_models(max_length: int, quick: bool):
+    import transformers
+
+    from m2_hf import M2GPTConfig, M2GPTForCausalLM
+
+    shape = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=256) if quick else {}
+    m2_config = M2GPTConfig(max_position_embeddings=max_length, **shape)
+    gpt2_config = transformers.GPT2Config(
+        n_positions=max_length, n_embd=m2_config.hidden_size, n_layer=m2_config.num_hidden_layers,
+        n_head=max(1, m2_config.hidden_size // 64), resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    m2 = M2GPTForCausalLM(m2_config)
+    gpt2 = transformers.GPT2LMHeadModel(gpt2_config)
+    return {"m2-gpt": m2, "gpt2": gpt2}
+
+
+def filled_cache(name: str, model, batch: int, context: int):
+    """A cache holding ``context`` tokens of random state, shaped as the model's own would be."""
+    config = model.config
+    if name == "gpt2":
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=config)
+        heads = config.n_head
+        for layer in range(config.n_layer):
+            keys = torch.randn(batch, heads, context, config.n_embd // heads)
+            cache.update(keys, torch.randn_like(keys), layer)
+        return cache
+    from m2_hf import M2GPTCache
+
+    cache = M2GPTCache(config)
+    channels = config.hidden_size * (2 if config.residual_long_conv else 1)
+    for layer in cache.layers:
+        layer.append(torch.randn(3 * config.hidden_size, batch, 2), torch.randn(channels, batch, context))
+    return cache
+
+
+@torch.no_grad()
+def decode_seconds_per_step(name: str, model, batch: int, context: int, steps: int) -> float:
+    cache = filled_cache(name, model, batch, context)
+    token = torch.randint(0, model.config.vocab_size, (batch, 1))
+    for step in range(steps + 2):  # two warm-up steps
+        if step == 2:
+            start = time.perf_counter()
+        token = model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    return (time.perf_counter() - start) / steps
+
+
+def training_seconds_per_step(model, batch: int, length: int) -> float:
+    ids = torch.randint(0, model.config.vocab_size, (batch, length))
+    start = time.perf_counter()
+    model.zero_grad(set_to_none=True)
+    model(ids, labels=ids, use_cache=False).loss.backward()
+    return time.perf_counter() - start
+
+
+def median_interleaved(measure: dict, repeats: int) -> dict[str, float]:
+    """``measure``: {model name: zero-argument callable returning seconds}; one warm-up each, then rounds."""
+    samples = {name: [] for name in measure}
+    for name, run in measure.items():
+        run()
+    for _ in range(repeats):
+        for name, run in measure.items():
+            samples[name].append(run())
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny models and lengths: a smoke test")
+    parser.add_argument("--contexts", nargs="+", type=positive_int, default=[512, 2048, 8192])
+    parser.add_argument("--batches", nargs="+", type=positive_int, default=[1, 8])
+    parser.add_argument("--decode-steps", type=positive_int, default=8)
+    parser.add_argument("--train-lengths", nargs="+", type=positive_int, default=[1024, 4096, 8192])
+    parser.add_argument("--train-tokens", type=positive_int, default=8192, help="tokens per training step")
+    parser.add_argument("--repeats", type=positive_int, default=2)
+    parser.add_argument("--json", type=Path, default=REPO_ROOT / "benchmarks/out/bench_generation.json")
+    args = parser.parse_args()
+    if args.quick:
+        args.contexts, args.train_lengths, args.train_tokens, args.decode_steps = [64, 256], [128, 256], 512, 4
+    max_length = max(max(args.contexts) + args.decode_steps + 4, max(args.train_lengths))
+    models = build_models(max_length, args.quick)
+    parameters = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
+    log(f"parameters: {parameters}")
+
+    rows, verdicts = [], []
+    print("decode: new tokens/s after a cached context (greedy one-token steps)")
+    print(f"{'context':>8} {'batch':>6} {'M2-GPT tok/s':>13} {'GPT-2 tok/s':>12} {'ratio':>7}")
+    for model in models.values():
+        model.eval()
+    for context in args.contexts:
+        for batch in args.batches:
+            log(f"decode context={context} batch={batch}")
+            seconds = median_interleaved(
+                {name: (lambda n=name, m=model: decode_seconds_per_step(n, m, batch, context, args.decode_steps))
+                 for name, model in models.items()},
+                args.repeats,
+            )
+            rate = {name: batch / s for name, s in seconds.items()}
+            ratio = rate["m2-gpt"] / rate["gpt2"]
+            rows.append({"kind": "decode", "context": context, "batch": batch, "tokens_per_s": rate, "ratio": ratio})
+            print(f"{context:>8} {batch:>6} {rate['m2-gpt']:>13.1f} {rate['gpt2']:>12.1f} {ratio:>6.2f}x", flush=True)
+            if context in DECODE_TARGETS and not args.quick:
+                verdicts.append({"what": f"decode context {context} batch {batch}", "ratio": ratio,
+                                 "target": DECODE_TARGETS[context], "pass": ratio >= DECODE_TARGETS[context]})
+
+    print(f"\ntraining: forward+backward tokens/s, {args.train_tokens} tokens per step")
+    print(f"{'length':>8} {'batch':>6} {'M2-GPT tok/s':>13} {'GPT-2 tok/s':>12} {'ratio':>7}")
+    for model in models.values():
+        model.train()
+    for length in args.train_lengths:
+        batch = max(1, args.train_tokens // length)
+        log(f"training length={length} batch={batch}")
+        seconds = median_interleaved(
+            {name: (lambda m=model: training_seconds_per_step(m, batch, length)) for name, model in models.items()},
+            args.repeats,
+        )
+        rate = {name: batch * length / s for name, s in seconds.items()}
+        ratio = rate["m2-gpt"] / rate["gpt2"]
+        rows.append({"kind": "training", "length": length, "batch": batch, "tokens_per_s": rate, "ratio": ratio})
+        print(f"{length:>8} {batch:>6} {rate['m2-gpt']:>13.1f} {rate['gpt2']:>12.1f} {ratio:>6.2f}x", flush=True)
+        if length in TRAINING_TARGETS and not args.quick:
+            verdicts.append({"what": f"training length {length}", "ratio": ratio,
+                             "target": TRAINING_TARGETS[length], "pass": ratio >= TRAINING_TARGETS[length]})
+
+    print()
+    for verdict in verdicts:
+        status = "PASS" if verdict["pass"] else "MISS"
+        print(f"{status}  {verdict['what']}: {verdict['ratio']:.2f}x (target >= {verdict['target']}x)")
+    meta = {
+        "date": datetime.date.today().isoformat(), "cpu": cpu_model(), "cores": available_cores(),
+        "torch": torch.__version__, "python": platform.python_version(), "parameters": parameters,
+        "arguments": {k: v if not isinstance(v, Path) else str(v) for k, v in vars(args).items()},
+    }
+    write_json(args.json, meta, rows, verdicts)
+
+
+if __name__ == "__main__":
+    main()
