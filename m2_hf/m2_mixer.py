@@ -311,9 +311,10 @@ def _chunks(total: int, per_item_bytes: int, minimum: int, device: torch.device)
 
 
 class ConvolutionState:
-    """What a causal M2 mixer keeps of earlier tokens for incremental decoding, channel-major: the last ``K - 1``
-    outputs of the input projection (for the short convolution, ``[3H, B, K-1]``) and every input of the long
-    convolutions so far (``[C, B, length]``, C = H, or 2H with the residual long convolution), in a buffer that
+    """What a causal M2 mixer keeps of earlier tokens for incremental decoding: the last ``K - 1`` outputs of the
+    input projection (for the short convolution, channel-major ``[3H, B, K-1]``) and every input of the long
+    convolutions so far, ``[C, length, B]`` (C = H, or 2H with the residual long convolution; time before batch, so
+    that a decoding step is one batched product of each channel's reversed filter with its history), in a buffer that
     grows by doubling. Padded positions are stored as zeros, as the full forward sees them."""
 
     def __init__(self) -> None:
@@ -322,37 +323,37 @@ class ConvolutionState:
         self.length = 0
 
     def long_conv_inputs(self) -> torch.Tensor:
-        return self._inputs[..., : self.length]
+        """``[C, length, B]``."""
+        return self._inputs[:, : self.length]
 
     def append(self, short_conv_state: torch.Tensor, long_conv_inputs: torch.Tensor) -> None:
+        """Replace the short convolution's state; append ``long_conv_inputs`` (channel-major ``[C, B, n]``)."""
         self.short_conv_state = short_conv_state
-        new_length = self.length + long_conv_inputs.shape[-1]
-        if self._inputs is None or new_length > self._inputs.shape[-1]:
-            capacity = max(new_length, 2 * (0 if self._inputs is None else self._inputs.shape[-1]))
-            grown = long_conv_inputs.new_empty(*long_conv_inputs.shape[:-1], capacity)
+        new = long_conv_inputs.permute(0, 2, 1)
+        new_length = self.length + new.shape[1]
+        if self._inputs is None or new_length > self._inputs.shape[1]:
+            capacity = max(new_length, 2 * (0 if self._inputs is None else self._inputs.shape[1]))
+            grown = new.new_empty(new.shape[0], capacity, new.shape[2])
             if self.length:
-                grown[..., : self.length] = self.long_conv_inputs()
+                grown[:, : self.length] = self.long_conv_inputs()
             self._inputs = grown
-        self._inputs[..., self.length : new_length] = long_conv_inputs
+        self._inputs[:, self.length : new_length] = new
         self.length = new_length
 
     def _map_batch(self, function) -> None:
-        """Apply ``function`` (batch dimension 1) to every stored tensor: beam reordering, selection, repetition."""
+        """``function(tensor, batch_dim)`` on every stored tensor: beam reordering, selection, repetition."""
         if self.short_conv_state is not None:
-            self.short_conv_state = function(self.short_conv_state)
-            self._inputs = function(self.long_conv_inputs())
+            self.short_conv_state = function(self.short_conv_state, 1)
+            self._inputs = function(self.long_conv_inputs(), 2)
 
     def reorder(self, indices: torch.Tensor) -> None:
-        self._map_batch(lambda x: x.index_select(1, indices.to(x.device)))
+        self._map_batch(lambda x, dim: x.index_select(dim, indices.to(x.device)))
 
     def select(self, indices: torch.Tensor) -> None:
-        self._map_batch(lambda x: x[:, indices])
+        self._map_batch(lambda x, dim: x.movedim(dim, 0)[indices].movedim(0, dim))
 
     def repeat_interleave(self, repeats: int) -> None:
-        self._map_batch(lambda x: x.repeat_interleave(repeats, dim=1))
-
-    def to(self, device) -> None:
-        self._map_batch(lambda x: x.to(device, non_blocking=True))
+        self._map_batch(lambda x, dim: x.repeat_interleave(repeats, dim=dim))
 
     def clear(self) -> None:
         self.short_conv_state, self._inputs, self.length = None, None, 0
@@ -430,15 +431,15 @@ class M2SequenceMixer(nn.Module):
             inputs.append(_zero_padding(u.permute(2, 0, 1), new_mask))
             filters.append(self.filter_fn2)
         state.append(z[..., z.shape[-1] - (taps - 1) :], torch.cat(inputs))
-        history = state.long_conv_inputs().split(hidden)
         outputs = []
-        for f, x in zip(filters, history):
+        for f, x in zip(filters, state.long_conv_inputs().split(hidden)):  # x: [H, total, B]
             if new == 1:
-                # y[t] = Σ_s k[t - s] x[s] + D x[t]: per channel, the newest `total` reversed taps dot the inputs.
-                taps_reversed = f.reversed_kernel(f.pos_emb.z.shape[1])[:, -total:].to(x.dtype)
-                y = torch.bmm(x, taps_reversed.unsqueeze(-1)).addcmul_(x[..., -1:], f.bias.to(x.dtype)[:, None, None])
+                # y[t] = Σ_s k[t - s] x[s] + D x[t]: per channel, the newest `total` reversed taps times the inputs.
+                taps_reversed = f.reversed_kernel(f.pos_emb.z.shape[1])[:, None, -total:].to(x.dtype)
+                y = torch.bmm(taps_reversed, x).addcmul_(x[:, -1:], f.bias.to(x.dtype)[:, None, None])
+                y = y.permute(0, 2, 1)  # [H, B, 1]
             else:
-                y = fft_conv(x, f.spectrum(total), f.bias)[..., -new:]
+                y = fft_conv(x.permute(0, 2, 1), f.spectrum(total), f.bias)[..., -new:]
             outputs.append(y)
         y = outputs[0] * x2
         if len(outputs) > 1:

@@ -88,7 +88,7 @@ class M2GPTCacheLayer(ConvolutionState, CacheLayerMixin):
         )
 
     def offload(self) -> None:
-        raise NotImplementedError("An M2-GPT cache cannot be offloaded; use the default cache.")
+        raise NotImplementedError("An M2-GPT cache cannot be offloaded.")
 
 
 class M2GPTCache(Cache):
