@@ -123,7 +123,8 @@ def build_tokenizer(model_args: ModelArguments, texts, output_dir: Path):
     folder.mkdir(parents=True, exist_ok=True)
     trainer.save_model(str(folder))
     vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-    merges = [line for line in (folder / "merges.txt").read_text(encoding="utf-8").splitlines()[1:] if line]
+    lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()[1:]  # after the version header
+    merges = [tuple(line.split()) for line in lines if line]
     return GPT2Tokenizer(vocab=vocab, merges=merges)
 
 

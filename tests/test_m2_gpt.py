@@ -243,6 +243,13 @@ def test_config_presets_defaults_and_validation():
         M2GPTConfig(monarch_mlp_type="lowrank")
 
 
+@pytest.mark.parametrize("preset,millions", [("125m", 93.6), ("360m", 364.9)])
+def test_preset_parameter_counts_are_the_documented_ones(preset, millions):
+    with torch.device("meta"):
+        model = M2GPTForCausalLM(M2GPTConfig.from_preset(preset))
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 1) == millions
+
+
 def test_default_mlp_is_monarch_and_options_switch_it():
     assert isinstance(tiny_model().model.layers[0].mlp.gated_layers, MonarchLinear)
     assert isinstance(tiny_model(monarch_mlp_type="blockdiag").model.layers[0].mlp.wo, BlockdiagLinear)
