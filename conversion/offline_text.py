@@ -44,16 +44,38 @@ def _sentences(path: Path) -> list[str]:
     return found
 
 
+def _parts(part: str, files: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(chosen, other): even-numbered files make the "calibration" (training) part, odd-numbered ones the other."""
+    if part not in ("calibration", "evaluation"):
+        raise ValueError(f"`part` is 'calibration' or 'evaluation', got {part!r}.")
+    even, odd = files[0::2], files[1::2]
+    return (even, odd) if part == "calibration" else (odd, even)
+
+
+def stdlib_paragraphs(part: str) -> list[str]:
+    """Every prose paragraph of the docstrings of the whole standard library (subpackages included, tests excluded),
+    whitespace-normalised, from the ``"calibration"`` (training) or ``"evaluation"`` part of its files (disjoint):
+    about 9 MB of English for language-model training offline."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if not {"test", "tests", "idle_test"} & set(p.relative_to(root).parts))
+    paragraphs = []
+    for path in _parts(part, files)[0]:
+        for doc in _docstrings(path):
+            for paragraph in doc.split("\n\n"):
+                text = " ".join(paragraph.split())
+                letters = sum(c.isalpha() or c.isspace() for c in text)
+                if len(text.split()) >= 5 and letters / len(text) > 0.85:
+                    paragraphs.append(text)
+    return paragraphs
+
+
 def stdlib_sentences(part: str, limit: int) -> list[str]:
     """Up to ``limit`` distinct sentences from the ``"calibration"`` part (even-numbered files) or the
     ``"evaluation"`` part (odd-numbered files) of the standard library's sources."""
-    if part not in ("calibration", "evaluation"):
-        raise ValueError(f"`part` is 'calibration' or 'evaluation', got {part!r}.")
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.glob("*.py"))
-    chosen = files[0::2] if part == "calibration" else files[1::2]
+    chosen, others = _parts(part, sorted(p for p in root.glob("*.py")))
     other = set()
-    for path in files[1::2] if part == "calibration" else files[0::2]:
+    for path in others:
         other.update(_sentences(path))
     seen: dict[str, None] = {}
     for path in chosen:

@@ -71,7 +71,7 @@ class DataArguments:
     text_column: str = field(default="text")
     block_size: int = field(default=128, metadata={"help": "Tokens per training sequence (texts are concatenated)."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Cap on training blocks."})
-    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Cap on validation blocks."})
+    max_eval_samples: Optional[int] = field(default=256, metadata={"help": "Cap on validation blocks."})
 
 
 def default_training_arguments(output_dir: str = "runs/pretrain-m2-gpt") -> list[str]:
@@ -83,14 +83,14 @@ def default_training_arguments(output_dir: str = "runs/pretrain-m2-gpt") -> list
 
 
 def write_offline_corpus(folder: Path) -> tuple[str, str]:
-    """Training and validation text from the standard library's docstrings, one sentence per line."""
-    from conversion.offline_text import stdlib_sentences
+    """Training and validation text from the standard library's docstrings (disjoint files), a paragraph per line."""
+    from conversion.offline_text import stdlib_paragraphs
 
     folder.mkdir(parents=True, exist_ok=True)
     files = []
     for part, name in (("calibration", "train.txt"), ("evaluation", "validation.txt")):
         path = folder / name
-        path.write_text("\n".join(stdlib_sentences(part, 10**9)) + "\n", encoding="utf-8")
+        path.write_text("\n".join(stdlib_paragraphs(part)) + "\n", encoding="utf-8")
         files.append(str(path))
     return files[0], files[1]
 
