@@ -310,15 +310,23 @@ def _chunks(total: int, per_item_bytes: int, minimum: int, device: torch.device)
     return [slice(start, min(start + size, total)) for start in range(0, total, size)]
 
 
+# The official short filter's length, and how many tokens of decoding a `ConvolutionState` can roll back (assisted
+# generation drops rejected draft tokens this way).
+SHORT_FILTER_TAPS = 3
+ROLLBACK_LIMIT = 256
+
+
 class ConvolutionState:
-    """What a causal M2 mixer keeps of earlier tokens for incremental decoding: the last ``K - 1`` outputs of the
-    input projection (for the short convolution, channel-major ``[3H, B, K-1]``) and every input of the long
+    """What a causal M2 mixer keeps of earlier tokens for incremental decoding: the recent outputs of the input
+    projection (channel-major ``[3H, B, n]``; the short convolution reads the last ``SHORT_FILTER_TAPS - 1``, and up
+    to ``ROLLBACK_LIMIT`` more are kept so that `crop` can roll decoding back) and every input of the long
     convolutions so far, ``[C, length, B]`` (C = H, or 2H with the residual long convolution; time before batch, so
     that a decoding step is one batched product of each channel's reversed filter with its history), in a buffer that
     grows by doubling. Padded positions are stored as zeros, as the full forward sees them."""
 
     def __init__(self) -> None:
-        self.short_conv_state: Optional[torch.Tensor] = None
+        self._projections: Optional[torch.Tensor] = None  # [3H, B, capacity], the first `_stored` columns in use
+        self._stored = 0
         self._inputs: Optional[torch.Tensor] = None
         self.length = 0
 
@@ -326,9 +334,19 @@ class ConvolutionState:
         """``[C, length, B]``."""
         return self._inputs[:, : self.length]
 
-    def append(self, short_conv_state: torch.Tensor, long_conv_inputs: torch.Tensor) -> None:
-        """Replace the short convolution's state; append ``long_conv_inputs`` (channel-major ``[C, B, n]``)."""
-        self.short_conv_state = short_conv_state
+    def _recent_projections(self) -> torch.Tensor:
+        return self._projections[..., : self._stored]
+
+    def short_conv_inputs(self, like: torch.Tensor) -> torch.Tensor:
+        """The last ``SHORT_FILTER_TAPS - 1`` input projections, ``[3H, B, taps - 1]``, with the zeros that the
+        convolution pads the start with where there are fewer (``like``: the new projections)."""
+        count = SHORT_FILTER_TAPS - 1
+        stored = self._recent_projections() if self._projections is not None else like[..., :0]
+        return F.pad(stored[..., stored.shape[-1] - min(count, stored.shape[-1]) :], (max(0, count - self._stored), 0))
+
+    def append(self, projections: torch.Tensor, long_conv_inputs: torch.Tensor) -> None:
+        """Append the new tokens' input projections (``[3H, B, n]``) and long-convolution inputs (``[C, B, n]``)."""
+        self._append_projections(projections)
         new = long_conv_inputs.permute(0, 2, 1)
         new_length = self.length + new.shape[1]
         if self._inputs is None or new_length > self._inputs.shape[1]:
@@ -340,10 +358,37 @@ class ConvolutionState:
         self._inputs[:, self.length : new_length] = new
         self.length = new_length
 
+    def _append_projections(self, new: torch.Tensor) -> None:
+        """Into a buffer of twice the rollback window: when it is full, the newest window moves to its front (one
+        column copied per token, amortised)."""
+        keep = SHORT_FILTER_TAPS - 1 + ROLLBACK_LIMIT
+        count = new.shape[-1]
+        if self._projections is None or self._stored + count > self._projections.shape[-1]:
+            kept = self._recent_projections()[..., max(0, self._stored - keep) :] if self._stored else None
+            buffer = new.new_empty(*new.shape[:-1], 2 * keep + count)
+            self._stored = 0 if kept is None else kept.shape[-1]
+            if kept is not None:
+                buffer[..., : self._stored] = kept
+            self._projections = buffer
+        self._projections[..., self._stored : self._stored + count] = new
+        self._stored += count
+
+    def crop(self, tokens: int) -> None:
+        """Forget the last ``tokens`` tokens, as if they had never been appended."""
+        if not 0 <= tokens <= self.length:
+            raise ValueError(f"Cannot remove {tokens} tokens from a state that holds {self.length}.")
+        if tokens and self._stored - tokens < min(self.length - tokens, SHORT_FILTER_TAPS - 1):
+            raise ValueError(
+                f"An M2 convolution state can roll back at most {ROLLBACK_LIMIT} tokens (`ROLLBACK_LIMIT`), asked for "
+                f"{tokens}."
+            )
+        self._stored -= tokens
+        self.length -= tokens
+
     def _map_batch(self, function) -> None:
-        """``function(tensor, batch_dim)`` on every stored tensor: beam reordering, selection, repetition."""
-        if self.short_conv_state is not None:
-            self.short_conv_state = function(self.short_conv_state, 1)
+        """``function(tensor, batch_dim)`` on every stored tensor: beam reordering, selection, repetition, moves."""
+        if self._projections is not None:
+            self._projections = function(self._recent_projections(), 1)
             self._inputs = function(self.long_conv_inputs(), 2)
 
     def reorder(self, indices: torch.Tensor) -> None:
@@ -355,8 +400,11 @@ class ConvolutionState:
     def repeat_interleave(self, repeats: int) -> None:
         self._map_batch(lambda x, dim: x.repeat_interleave(repeats, dim=dim))
 
+    def move_to(self, device) -> None:
+        self._map_batch(lambda x, dim: x.to(device, non_blocking=True))
+
     def clear(self) -> None:
-        self.short_conv_state, self._inputs, self.length = None, None, 0
+        self._projections, self._inputs, self._stored, self.length = None, None, 0, 0
 
 
 class M2SequenceMixer(nn.Module):
@@ -375,7 +423,9 @@ class M2SequenceMixer(nn.Module):
             self.layernorm = nn.LayerNorm(hidden)
         self.in_linear = nn.Linear(hidden, 3 * hidden)
         self.out_linear = nn.Linear(hidden, hidden)
-        self.short_filter = nn.Conv1d(3 * hidden, 3 * hidden, kernel_size=3, groups=3 * hidden, padding=2)
+        self.short_filter = nn.Conv1d(
+            3 * hidden, 3 * hidden, kernel_size=SHORT_FILTER_TAPS, groups=3 * hidden, padding=SHORT_FILTER_TAPS - 1
+        )
         self.filter_fn = HyenaFilter(config, hidden, config.bidirectional)
         if config.residual_long_conv:
             self.filter_fn2 = HyenaFilter(config, hidden, config.bidirectional)
@@ -420,17 +470,15 @@ class M2SequenceMixer(nn.Module):
             u = self.layernorm(u)
         z = _zero_padding(self.in_linear(u).permute(2, 0, 1), new_mask)  # [3H, B, n]
         taps = self.short_filter.weight.shape[-1]
-        previous = state.short_conv_state
-        if previous is None:
-            previous = z.new_zeros(z.shape[0], batch, taps - 1)  # the zeros the convolution pads the start with
-        z = torch.cat([previous, z], dim=-1)
-        x1, x2, v = causal_depthwise_conv(z, self.short_filter.weight, self.short_filter.bias)[..., taps - 1 :].chunk(3)
+        extended = torch.cat([state.short_conv_inputs(z), z], dim=-1)
+        convolved = causal_depthwise_conv(extended, self.short_filter.weight, self.short_filter.bias)
+        x1, x2, v = convolved[..., taps - 1 :].chunk(3)
         inputs = [_zero_padding(v * x1, new_mask)]
         filters = [self.filter_fn]
         if hasattr(self, "filter_fn2"):
             inputs.append(_zero_padding(u.permute(2, 0, 1), new_mask))
             filters.append(self.filter_fn2)
-        state.append(z[..., z.shape[-1] - (taps - 1) :], torch.cat(inputs))
+        state.append(z, torch.cat(inputs))
         outputs = []
         for f, x in zip(filters, state.long_conv_inputs().split(hidden)):  # x: [H, total, B]
             if new == 1:

@@ -43,10 +43,10 @@ __all__ = [
 
 class M2GPTCacheLayer(ConvolutionState, CacheLayerMixin):
     """One block's convolution state (see `ConvolutionState`) behind the Transformers cache-layer interface. It
-    holds no keys or values, so it cannot be cropped (assisted decoding) or offloaded."""
+    holds no keys or values; `crop` rolls back up to `ROLLBACK_LIMIT` tokens (what assisted generation needs)."""
 
     is_compileable = False
-    is_croppable = False
+    is_croppable = True
     is_sliding = False
     supports_early_init = False
 
@@ -82,13 +82,18 @@ class M2GPTCacheLayer(ConvolutionState, CacheLayerMixin):
         self.repeat_interleave(repeats)
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError(
-            "An M2-GPT cache cannot be cropped (it keeps only the short convolution's last inputs); decode without "
-            "assisted or prompt-lookup generation."
-        )
+        # Transformers' convention: a negative count removes that many tokens; a positive one is a legacy final size.
+        ConvolutionState.crop(self, -tokens_to_remove if tokens_to_remove <= 0 else self.length - tokens_to_remove)
 
     def offload(self) -> None:
-        raise NotImplementedError("An M2-GPT cache cannot be offloaded.")
+        if self._inputs is not None:
+            self.device = self._inputs.device
+            self.move_to("cpu")
+
+    def prefetch(self) -> None:
+        device = getattr(self, "device", None)
+        if self._inputs is not None and device is not None and self._inputs.device != device:
+            self.move_to(device)
 
 
 class M2GPTCache(Cache):
@@ -152,10 +157,12 @@ class M2GPTPreTrainedModel(ShipsAllHeadsMixin, PreTrainedModel):
         super()._init_weights(module)
         init_structured_layer(module)
 
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        # generate() must not build a DynamicCache (key/value layers): the model creates its own M2GPTCache.
-        return False
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
+        # generate() would build a DynamicCache of key/value layers; this model keeps convolution inputs instead.
+        if model_kwargs.get("cache") is None and generation_config.use_cache is not False:
+            model_kwargs["cache"] = M2GPTCache(self.config)
+            return
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
     def _real_token_mask(self, attention_mask: Optional[torch.Tensor], length: int) -> Optional[torch.Tensor]:
         """The mask to apply, or None when every token is real."""

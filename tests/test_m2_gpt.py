@@ -161,6 +161,48 @@ def test_one_token_steps_use_the_direct_convolution(monkeypatch):
     assert calls == []
 
 
+def test_crop_rolls_decoding_back_exactly():
+    model = tiny_model(residual_long_conv=True)
+    ids = random_ids(2, 30)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        out = model(ids[:, :12], use_cache=True)
+        cache = out.cache
+        model(random_ids(2, 7, seed=5), cache=cache)  # a rejected draft: 7 wrong tokens
+        cache.crop(-7)
+        assert cache.get_seq_length() == 12
+        for layer in cache.layers:  # a round trip through the CPU (a no-op move here) keeps the state usable
+            layer.offload()
+            layer.prefetch()
+        continued = [model(ids[:, t : t + 1], cache=cache).logits for t in range(12, 30)]
+    torch.testing.assert_close(torch.cat(continued, dim=1), full[:, 12:], rtol=1e-4, atol=1e-4)
+
+
+def test_convolution_state_keeps_the_rollback_window_and_refuses_more():
+    from m2_hf.m2_mixer import ROLLBACK_LIMIT, SHORT_FILTER_TAPS, ConvolutionState
+
+    state = ConvolutionState()
+    total = 3 * (ROLLBACK_LIMIT + SHORT_FILTER_TAPS)  # long enough for the projection buffer to wrap around
+    for t in range(total):
+        state.append(torch.full((3, 1, 1), float(t)), torch.full((2, 1, 1), float(t)))
+    state.crop(ROLLBACK_LIMIT)
+    kept = total - ROLLBACK_LIMIT
+    assert state.length == kept
+    assert state.short_conv_inputs(torch.empty(3, 1, 1))[0, 0].tolist() == [kept - 2.0, kept - 1.0]
+    assert state.long_conv_inputs()[0, -1, 0].item() == kept - 1
+    with pytest.raises(ValueError, match="roll back at most"):
+        state.crop(state.length - 1)  # far more than the window: the projections it needs are gone
+
+
+def test_assisted_generation_equals_plain_greedy():
+    model = tiny_model()
+    assistant = tiny_model(seed=4, num_hidden_layers=1)
+    prompt = random_ids(1, 6)
+    plain = model.generate(prompt, max_new_tokens=12, do_sample=False)
+    assisted = model.generate(prompt, max_new_tokens=12, do_sample=False, assistant_model=assistant)
+    assert torch.equal(assisted, plain)
+
+
 def test_left_padding_does_not_change_real_tokens():
     model = tiny_model(residual_long_conv=True)
     ids = random_ids(1, 15)
