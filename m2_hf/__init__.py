@@ -31,6 +31,7 @@ from .configuration_monarch_converted import (
     MonarchGPT2Config,
     MonarchRobertaConfig,
 )
+from .lm_loss import fused_linear_cross_entropy
 from .modeling_m2_bert import (
     M2BertForMaskedLM,
     M2BertForQuestionAnswering,
@@ -169,6 +170,7 @@ __all__ = [
     "blockdiag_factor_shape",
     "blockdiag_multiply",
     "dense_weight_and_bias",
+    "fused_linear_cross_entropy",
     "monarch_factor_shapes",
     "monarch_multiply",
     "project_blockdiag",

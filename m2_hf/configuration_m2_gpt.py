@@ -68,6 +68,11 @@ class M2GPTConfig(PreTrainedConfig):
             features, width of the filter MLP.
         hyena_training_additions (`bool`, defaults to `False`):
             An extra LayerNorm at the mixer input.
+        fused_training_loss (`bool`, defaults to `True`):
+            In training mode, when `labels` are given, compute the loss fused with the output layer, chunk by chunk,
+            without materialising the `[batch, length, vocab_size]` logits (`lm_loss.fused_linear_cross_entropy`:
+            the same loss and gradients, less memory, a faster step); the output's `logits` are then None. Evaluation
+            and inference always return logits.
         use_cache (`bool`, defaults to `True`):
             Whether forward returns the convolution state for incremental decoding (`M2GPTCache`).
         tie_word_embeddings (`bool`, defaults to `True`):
@@ -98,6 +103,7 @@ class M2GPTConfig(PreTrainedConfig):
         hyena_emb_dim: int = 5,
         hyena_filter_order: int = 128,
         hyena_training_additions: bool = False,
+        fused_training_loss: bool = True,
         use_cache: bool = True,
         bos_token_id: Optional[int] = 50256,
         eos_token_id: Optional[int] = 50256,
@@ -125,6 +131,7 @@ class M2GPTConfig(PreTrainedConfig):
         self.hyena_emb_dim = hyena_emb_dim
         self.hyena_filter_order = hyena_filter_order
         self.hyena_training_additions = hyena_training_additions
+        self.fused_training_loss = fused_training_loss
         self.use_cache = use_cache
         self.tie_word_embeddings = tie_word_embeddings
         self._validate()

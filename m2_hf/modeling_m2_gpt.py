@@ -29,6 +29,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_m2_gpt import M2GPTConfig
+from .lm_loss import fused_linear_cross_entropy
 from .m2_mixer import ConvolutionState, M2GatedMLP, M2SequenceMixer, init_mixer_module
 from .model_utils import ShipsAllHeadsMixin, init_structured_layer
 
@@ -234,6 +235,10 @@ class M2GPTModel(M2GPTPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
 
 
+# The loss keywords `fused_linear_cross_entropy` takes, as Transformers' `ForCausalLMLoss` does.
+_FUSED_LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
+
+
 class M2GPTForCausalLM(M2GPTPreTrainedModel, GenerationMixin):
     """M2-GPT with a language-modelling head tied to the token embeddings; generates with `generate()`."""
 
@@ -280,6 +285,10 @@ class M2GPTForCausalLM(M2GPTPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
+        if self._fuses_loss(labels, logits_to_keep):
+            loss_kwargs = {key: kwargs[key] for key in _FUSED_LOSS_KWARGS if key in kwargs}
+            loss = fused_linear_cross_entropy(hidden_states, self.lm_head.weight, labels, **loss_kwargs)
+            return CausalLMOutputWithPast(loss=loss, cache=outputs.cache, hidden_states=outputs.hidden_states)
         if logits_to_keep:
             hidden_states = hidden_states[:, -logits_to_keep:]
         logits = self.lm_head(hidden_states)
@@ -287,6 +296,17 @@ class M2GPTForCausalLM(M2GPTPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states)
+
+
+    def _fuses_loss(self, labels: Optional[torch.Tensor], logits_to_keep: int) -> bool:
+        """Whether this forward computes the loss without logits (see `M2GPTConfig.fused_training_loss`)."""
+        return (
+            self.training
+            and labels is not None
+            and self.config.fused_training_loss
+            and not logits_to_keep
+            and self.lm_head.bias is None
+        )
 
 
 class M2GPTForSequenceClassification(M2GPTPreTrainedModel):
