@@ -8,7 +8,9 @@ import transformers
 from transformers import (
     AutoConfig,
     AutoModel,
+    AutoImageProcessor,
     AutoModelForCausalLM,
+    AutoModelForImageClassification,
     AutoModelForMaskedLM,
     AutoModelForMultipleChoice,
     AutoModelForNextSentencePrediction,
@@ -22,8 +24,13 @@ from transformers import (
 )
 from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
 
+# Imported from their modules: the top-level name of the torchvision one warns where torchvision is missing.
+from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+from transformers.models.vit.image_processing_vit import ViTImageProcessor
+
 from .configuration_m2_bert import M2BertConfig
 from .configuration_m2_gpt import M2GPTConfig
+from .configuration_m2_vit import M2ViTConfig
 from .configuration_monarch_converted import (
     SOURCE_MODEL_TYPES,
     MonarchBertConfig,
@@ -48,6 +55,7 @@ from .modeling_m2_gpt import (
     M2GPTModel,
     M2GPTPreTrainedModel,
 )
+from .modeling_m2_vit import M2ViTForImageClassification, M2ViTModel, M2ViTPreTrainedModel
 from .modeling_monarch_converted import CONVERTED_CLASSES, structure_linear_layers
 from .monarch import (
     BlockdiagLinear,
@@ -71,7 +79,9 @@ def _shipped_name(cls: type) -> str:
     return f"{cls.__module__.rpartition('.')[2]}.{cls.__name__}"
 
 
-def _register(config_class, model_type: str, heads: dict, tokenizer_class=None, extra_classes=()) -> None:
+def _register(
+    config_class, model_type: str, heads: dict, tokenizer_class=None, extra_classes=(), image_processors=None
+) -> None:
     """Register a model family with the Auto classes, here and in the code that `save_pretrained` ships (whose
     `auto_map` names every head: `ShipsAllHeadsMixin`)."""
     AutoConfig.register(model_type, config_class, exist_ok=True)
@@ -85,6 +95,8 @@ def _register(config_class, model_type: str, heads: dict, tokenizer_class=None, 
         model_class.shipped_auto_map = auto_map
     if tokenizer_class is not None:
         AutoTokenizer.register(config_class, fast_tokenizer_class=tokenizer_class, exist_ok=True)
+    if image_processors is not None:
+        AutoImageProcessor.register(config_class, image_processor_classes=image_processors, exist_ok=True)
 
 
 _register(
@@ -112,6 +124,14 @@ _register(
         AutoModelForSequenceClassification: M2GPTForSequenceClassification,
     },
     tokenizer_class=GPT2Tokenizer,
+)
+
+_register(
+    M2ViTConfig,
+    "m2_vit",
+    {AutoModel: M2ViTModel, AutoModelForImageClassification: M2ViTForImageClassification},
+    # ViT's processor: the torchvision backend where torchvision is installed, else the PIL one.
+    image_processors={"torchvision": ViTImageProcessor, "pil": ViTImageProcessorPil},
 )
 
 _CONVERTED_AUTO_CLASSES = (
@@ -166,6 +186,10 @@ __all__ = [
     "M2GPTForSequenceClassification",
     "M2GPTModel",
     "M2GPTPreTrainedModel",
+    "M2ViTConfig",
+    "M2ViTForImageClassification",
+    "M2ViTModel",
+    "M2ViTPreTrainedModel",
     "MonarchLinear",
     "blockdiag_factor_shape",
     "blockdiag_multiply",

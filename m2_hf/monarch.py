@@ -201,13 +201,24 @@ def _monarch_multiply_for_training(x: torch.Tensor, w1: torch.Tensor, w2: torch.
     return _permute_copy(out, (1, 2, 0)).view(n, s * l)
 
 
+# Up to this many rows (one-token decoding steps), the factors multiply the activations from the left: ``W x^T``
+# streams each weight row once, about twice as fast on CPU as ``x W^T`` for one or two rows.
+_FEW_ROWS = 2
+
+
 def _monarch_multiply_for_inference(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """Without a backward pass, ``bmm`` reading the permuted views directly is cheaper than explicit copies."""
     n = x.shape[0]
     k, _, p = w1.shape
     l, s, r = w2.shape
-    h = torch.bmm(x.reshape(n, k, p).transpose(0, 1), w1.transpose(1, 2))
+    x_blocks = x.reshape(n, k, p).transpose(0, 1)
+    if n <= _FEW_ROWS:
+        h = torch.bmm(w1, x_blocks.transpose(1, 2)).transpose(1, 2)
+    else:
+        h = torch.bmm(x_blocks, w1.transpose(1, 2))
     g = h.transpose(0, 1).reshape(n, r, l).permute(2, 0, 1)
+    if n <= _FEW_ROWS:
+        return torch.bmm(w2, g.transpose(1, 2)).permute(2, 1, 0).reshape(n, s * l)
     return torch.bmm(g, w2.transpose(1, 2)).permute(1, 2, 0).reshape(n, s * l)
 
 
