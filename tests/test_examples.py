@@ -50,3 +50,51 @@ def test_pretrain_m2_gpt_trains_both_models_and_writes_loadable_folders(corpus, 
     generated = model.generate(**tokenizer("Monarch", return_tensors="pt"), max_new_tokens=3, do_sample=False)
     assert generated.shape[-1] == len(tokenizer("Monarch").input_ids) + 3
     assert torch.isfinite(model(generated).logits).all()
+
+
+@pytest.mark.parametrize("data", ["image-folder", "offline-default"])
+def test_finetune_image_classification_trains_both_models_and_writes_loadable_folders(data, tmp_path):
+    import numpy as np
+    import torch
+    from huggingface_hub import ModelCard
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
+
+    import m2_hf  # noqa: F401  (registers m2_vit)
+
+    args = ["--output_dir", str(tmp_path / "run"), "--image_size", "16", "--patch_size", "4", "--hidden_size", "32",
+            "--num_hidden_layers", "1", "--num_train_epochs", "1", "--per_device_train_batch_size", "8",
+            "--max_eval_samples", "16", "--logging_steps", "1"]
+    if data == "image-folder":
+        rng = np.random.default_rng(0)
+        for split, count in (("train", 12), ("val", 6)):
+            for label in ("bright", "dark"):
+                folder = tmp_path / split / label
+                folder.mkdir(parents=True)
+                for i in range(count):
+                    level = 200 if label == "bright" else 40
+                    pixels = np.clip(rng.normal(level, 20, (20, 20, 3)), 0, 255).astype(np.uint8)
+                    Image.fromarray(pixels).save(folder / f"{i}.png")
+        args += ["--train_dir", str(tmp_path / "train"), "--validation_dir", str(tmp_path / "val")]
+        expected_labels = {"bright", "dark"}
+    else:
+        args += ["--max_train_samples", "48"]
+        expected_labels = {str(d) for d in range(10)}
+    output = run_example("finetune_image_classification.py", *args, cwd=tmp_path).stdout
+    assert "m2-vit" in output and "vit" in output
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [r["model"] for r in results] == ["m2-vit", "vit"]
+    assert all(0.0 <= r["validation_accuracy"] <= 1.0 and r["validation_images"] <= 16 for r in results)
+    folder = tmp_path / "run" / "m2-vit"
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.eval_results[0].metric_type == "accuracy"
+    assert card.data.eval_results[0].metric_value == round(results[0]["validation_accuracy"], 4)
+    assert "trust_remote_code=True" in card.text and "{{" not in card.text
+    model = AutoModelForImageClassification.from_pretrained(folder)
+    assert model.config.model_type == "m2_vit" and set(model.config.id2label.values()) == expected_labels
+    processor = AutoImageProcessor.from_pretrained(folder)
+    picture = Image.fromarray(np.full((24, 24, 3), 128, dtype=np.uint8))
+    assert processor(picture, return_tensors="pt").pixel_values.shape == (1, 3, 16, 16)
+    predictions = pipeline("image-classification", model=str(folder))(picture, top_k=2)
+    assert len(predictions) == 2 and {p["label"] for p in predictions} <= expected_labels
+    assert torch.isfinite(model(processor(picture, return_tensors="pt").pixel_values).logits).all()
