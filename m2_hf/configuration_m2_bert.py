@@ -6,7 +6,8 @@ from typing import Optional
 
 from transformers import PreTrainedConfig
 
-_MLP_TYPES = ("blockdiag", "monarch")
+from .configuration_m2_common import check_mixer_fields
+
 
 
 class M2BertConfig(PreTrainedConfig):
@@ -189,9 +190,4 @@ class M2BertConfig(PreTrainedConfig):
                 f"`long_conv_l_max` ({self.long_conv_l_max}) must equal `max_position_embeddings` "
                 f"({self.max_position_embeddings}): the filters and the position table cover the same lengths."
             )
-        if self.monarch_mlp_type not in _MLP_TYPES:
-            raise ValueError(f"`monarch_mlp_type` must be one of {_MLP_TYPES}, got {self.monarch_mlp_type!r}.")
-        if self.hyena_emb_dim < 3 or self.hyena_emb_dim % 2 == 0:
-            raise ValueError(
-                f"`hyena_emb_dim` must be an odd integer >= 3 (time plus sine/cosine pairs), got {self.hyena_emb_dim}."
-            )
+        check_mixer_fields(self)

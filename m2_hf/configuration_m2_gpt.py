@@ -6,7 +6,8 @@ from typing import Optional
 
 from transformers import PreTrainedConfig
 
-_MLP_TYPES = ("blockdiag", "monarch")
+from .configuration_m2_common import check_mixer_fields
+
 
 # Documented sizes, with their parameter counts (Monarch GLU MLP, GPT-2 vocabulary, tied embeddings). "125m", the
 # default, is GPT-2 small's shape (the paper's smaller scale): 93.6M parameters against GPT-2 small's 124.4M, the
@@ -154,11 +155,6 @@ class M2GPTConfig(PreTrainedConfig):
         return cls(**{**PRESETS[name], **kwargs})
 
     def _validate(self) -> None:
-        if self.monarch_mlp_type not in _MLP_TYPES:
-            raise ValueError(f"`monarch_mlp_type` must be one of {_MLP_TYPES}, got {self.monarch_mlp_type!r}.")
-        if self.hyena_emb_dim < 3 or self.hyena_emb_dim % 2 == 0:
-            raise ValueError(
-                f"`hyena_emb_dim` must be an odd integer >= 3 (time plus sine/cosine pairs), got {self.hyena_emb_dim}."
-            )
+        check_mixer_fields(self)
         if self.max_position_embeddings < 1:
             raise ValueError(f"`max_position_embeddings` must be positive, got {self.max_position_embeddings}.")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
-_MLP_TYPES = ("blockdiag", "monarch")
+from .configuration_m2_common import check_mixer_fields
+
 _POOLING = ("mean", "cls")
 
 
@@ -144,14 +145,9 @@ class M2ViTConfig(PreTrainedConfig):
         return True
 
     def _validate(self) -> None:
-        if self.monarch_mlp_type not in _MLP_TYPES:
-            raise ValueError(f"`monarch_mlp_type` must be one of {_MLP_TYPES}, got {self.monarch_mlp_type!r}.")
+        check_mixer_fields(self)
         if self.pooling not in _POOLING:
             raise ValueError(f"`pooling` must be one of {_POOLING}, got {self.pooling!r}.")
-        if self.hyena_emb_dim < 3 or self.hyena_emb_dim % 2 == 0:
-            raise ValueError(
-                f"`hyena_emb_dim` must be an odd integer >= 3 (time plus sine/cosine pairs), got {self.hyena_emb_dim}."
-            )
         height, width = _pair(self.image_size)
         if self.patch_size < 1 or height % self.patch_size or width % self.patch_size:
             raise ValueError(

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .monarch import BlockdiagLinear, MonarchLinear
 
@@ -27,6 +28,7 @@ __all__ = [
     "ConvolutionState",
     "HyenaFilter",
     "M2GatedMLP",
+    "M2PreNormBlock",
     "M2SequenceMixer",
     "causal_depthwise_conv",
     "fft_conv",
@@ -584,3 +586,32 @@ class M2GatedMLP(nn.Module):
         if not hasattr(self, "layernorm"):
             return out
         return self.layernorm(out.add_(x) if inplace else out + x)
+
+
+class M2PreNormBlock(GradientCheckpointingLayer):
+    """The pre-LayerNorm residual block of M2-GPT and M2-ViT: ``h + mixer(LN(h))``, then ``h + mlp(LN(h))``, with
+    dropout on the residual branches. Given a causal mixer's ``cache`` (`ConvolutionState`), the mixer continues the
+    sequence that the state holds (`M2SequenceMixer.step`) instead of mixing the inputs alone."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mixer = M2SequenceMixer(config)
+        self.post_mixer_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = M2GatedMLP(config, post_norm=False)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        cache: Optional[ConvolutionState] = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        normed = self.input_layernorm(hidden_states)
+        if cache is None:
+            mixed = self.mixer(normed, mask)
+        else:
+            mixed = self.mixer.step(normed, mask, cache)
+        hidden_states = hidden_states + self.dropout(mixed)
+        return hidden_states + self.dropout(self.mlp(self.post_mixer_layernorm(hidden_states)))

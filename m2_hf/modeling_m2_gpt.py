@@ -16,7 +16,6 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.generation import GenerationMixin
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
@@ -30,7 +29,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_m2_gpt import M2GPTConfig
 from .lm_loss import fused_linear_cross_entropy
-from .m2_mixer import ConvolutionState, M2GatedMLP, M2SequenceMixer, init_mixer_module
+from .m2_mixer import ConvolutionState, M2PreNormBlock, init_mixer_module
 from .model_utils import ShipsAllHeadsMixin, init_structured_layer
 
 __all__ = [
@@ -115,31 +114,8 @@ def _check_length(length: int, config: M2GPTConfig) -> None:
         )
 
 
-class M2GPTBlock(GradientCheckpointingLayer):
-    """``h + mixer(LN(h))``, then ``h + mlp(LN(h))``; residual branches get dropout."""
-
-    def __init__(self, config: M2GPTConfig) -> None:
-        super().__init__()
-        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mixer = M2SequenceMixer(config)
-        self.post_mixer_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = M2GatedMLP(config, post_norm=False)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        mask: Optional[torch.Tensor] = None,
-        cache: Optional[ConvolutionState] = None,
-        **kwargs,
-    ) -> torch.Tensor:
-        normed = self.input_layernorm(hidden_states)
-        if cache is None:
-            mixed = self.mixer(normed, mask)
-        else:
-            mixed = self.mixer.step(normed, mask, cache)
-        hidden_states = hidden_states + self.dropout(mixed)
-        return hidden_states + self.dropout(self.mlp(self.post_mixer_layernorm(hidden_states)))
+class M2GPTBlock(M2PreNormBlock):
+    """``h + mixer(LN(h))``, then ``h + mlp(LN(h))``, with the causal mixer (`M2PreNormBlock`)."""
 
 
 class M2GPTPreTrainedModel(ShipsAllHeadsMixin, PreTrainedModel):

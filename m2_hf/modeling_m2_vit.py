@@ -14,7 +14,6 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
@@ -22,7 +21,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_m2_vit import M2ViTConfig, _pair
-from .m2_mixer import M2GatedMLP, M2SequenceMixer, init_mixer_module
+from .m2_mixer import M2PreNormBlock, init_mixer_module
 from .model_utils import ShipsAllHeadsMixin, init_structured_layer
 
 __all__ = ["M2ViTForImageClassification", "M2ViTModel", "M2ViTPreTrainedModel"]
@@ -66,20 +65,9 @@ class M2ViTPatchEmbeddings(nn.Module):
             )
 
 
-class M2ViTLayer(GradientCheckpointingLayer):
-    """``h + mixer(LN(h))``, then ``h + mlp(LN(h))``; residual branches get dropout."""
-
-    def __init__(self, config: M2ViTConfig) -> None:
-        super().__init__()
-        self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mixer = M2SequenceMixer(config)
-        self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = M2GatedMLP(config, post_norm=False)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
-        hidden_states = hidden_states + self.dropout(self.mixer(self.layernorm_before(hidden_states)))
-        return hidden_states + self.dropout(self.mlp(self.layernorm_after(hidden_states)))
+class M2ViTLayer(M2PreNormBlock):
+    """``h + mixer(LN(h))``, then ``h + mlp(LN(h))``, with the bidirectional mixer over the patches
+    (`M2PreNormBlock`)."""
 
 
 class M2ViTPreTrainedModel(ShipsAllHeadsMixin, PreTrainedModel):
