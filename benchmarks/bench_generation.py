@@ -3,7 +3,7 @@
 
 Reproduce (from the repository root, inside the project's virtual environment)::
 
-    python benchmarks/bench_generation.py            # full run: about 25 minutes on 2 cores, 24 GB
+    python benchmarks/bench_generation.py            # full run: about 35 minutes on 2 cores, 24 GB
     python benchmarks/bench_generation.py --quick    # tiny models, seconds (smoke test)
 
 Models: `M2GPTForCausalLM` with its defaults (hidden 768, 12 layers, Monarch GLU MLP, nblocks 4) and
