@@ -76,6 +76,7 @@ def child(name: str, image_size: int, batch: int, repeats: int, quick: bool) -> 
     model = build_model(name, image_size, quick)
     result = {
         "parameters": sum(p.numel() for p in model.parameters()),
+        "patches": (image_size // model.config.patch_size) ** 2,
         "forward": measure(model, batch, image_size, False, repeats),
         "training": measure(model, batch, image_size, True, repeats),
     }
@@ -113,7 +114,7 @@ def main() -> None:
     for size, batch in zip(args.sizes, args.batches):
         log(f"{size} px, batch {batch}")
         results = {name: in_fresh_process(name, size, batch, args.repeats, args.quick) for name in MODELS}
-        patches = (size // (8 if args.quick else 16)) ** 2
+        patches = results["m2-vit"]["patches"]
         for mode in ("forward", "training"):
             rate = {name: batch / statistics.median(r[mode]) for name, r in results.items()}
             ratio = rate["m2-vit"] / rate["vit"]

@@ -3,11 +3,7 @@ DistilBERT and GPT-2 checkpoints built from configs."""
 
 import hashlib
 import json
-import os
 import shutil
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -21,6 +17,7 @@ from conversion import checkpoints
 from conversion.cli import main
 from conversion.monarch import MonarchSettings, convert_to_monarch
 from m2_hf import BlockdiagLinear, MonarchLinear
+from remote_code import run_without_m2_hf
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -203,10 +200,8 @@ def test_trust_remote_code_without_the_package(tmp_path):
     model = transformers.AutoModelForSequenceClassification.from_pretrained(folder).eval()
     inputs = inputs_for("bert", "BertForSequenceClassification")
     torch.save({"ids": inputs["input_ids"], "logits": first_output(model, inputs)}, tmp_path / "expected.pt")
-    script = textwrap.dedent(
+    run_without_m2_hf(
         f"""
-        import sys
-        sys.modules["m2_hf"] = None  # the folder's own code has to do the work
         import torch
         from transformers import AutoModel, AutoModelForSequenceClassification
         data = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
@@ -216,13 +211,9 @@ def test_trust_remote_code_without_the_package(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(model(data["ids"]).logits, data["logits"])
         AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True)
-        print("remote code OK")
-        """
+        """,
+        tmp_path,
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "remote code OK" in result.stdout
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -1,10 +1,6 @@
 """M2-BERT: architecture fidelity, padding invariance, Transformers integration."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -34,6 +30,7 @@ from m2_hf import (
     MonarchLinear,
 )
 from m2_hf.m2_mixer import causal_depthwise_conv, fft_long_conv
+from remote_code import run_without_m2_hf
 
 HEADS = {
     AutoModel: M2BertModel,
@@ -381,10 +378,8 @@ def test_trust_remote_code_without_the_package(tmp_path):
     with torch.no_grad():
         expected = {auto.__name__: auto.from_pretrained(folder).eval()(ids) for auto in HEADS}
     torch.save({"ids": ids, "logits": model(ids).logits.detach()}, tmp_path / "expected.pt")
-    script = textwrap.dedent(
+    run_without_m2_hf(
         f"""
-        import sys
-        sys.modules["m2_hf"] = None  # m2-hf must not be importable: the folder's own code has to do the work
         import torch
         from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
         data = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
@@ -394,13 +389,9 @@ def test_trust_remote_code_without_the_package(tmp_path):
             torch.testing.assert_close(model(data["ids"]).logits, data["logits"])
             AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True)(data["ids"])
             AutoModelForMaskedLM.from_pretrained({str(folder)!r}, trust_remote_code=True)(data["ids"])
-        print("remote code OK")
-        """
+        """,
+        tmp_path,
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "remote code OK" in result.stdout
     assert expected  # every Auto class also loads the folder with the package installed
 
 

@@ -1,10 +1,6 @@
 """M2-GPT: strict causality, incremental decoding, generation, Transformers integration."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -29,6 +25,7 @@ from m2_hf import (
     MonarchLinear,
 )
 from m2_hf.configuration_m2_gpt import PRESETS
+from remote_code import run_without_m2_hf
 
 HEADS = {
     AutoModel: M2GPTModel,
@@ -339,10 +336,8 @@ def test_trust_remote_code_without_the_package(tmp_path):
     prompt = random_ids(1, 6)
     expected = model.generate(prompt, max_new_tokens=8, do_sample=False)
     torch.save({"prompt": prompt, "expected": expected}, tmp_path / "expected.pt")
-    script = textwrap.dedent(
+    run_without_m2_hf(
         f"""
-        import sys
-        sys.modules["m2_hf"] = None  # m2-hf must not be importable: the folder's own code has to do the work
         import torch
         from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
         data = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
@@ -352,13 +347,9 @@ def test_trust_remote_code_without_the_package(tmp_path):
         assert torch.equal(generated, data["expected"]), (generated, data["expected"])
         AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True)(data["prompt"])
         AutoModelForSequenceClassification.from_pretrained({str(folder)!r}, trust_remote_code=True)(data["prompt"])
-        print("remote code OK")
-        """
+        """,
+        tmp_path,
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "remote code OK" in result.stdout
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

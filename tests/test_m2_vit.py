@@ -2,10 +2,6 @@
 code, Trainer)."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -24,6 +20,7 @@ from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPi
 
 from m2_hf import BlockdiagLinear, M2ViTConfig, M2ViTForImageClassification, M2ViTModel, MonarchLinear
 from m2_hf.m2_mixer import M2SequenceMixer
+from remote_code import run_without_m2_hf
 
 HEADS = {AutoModel: M2ViTModel, AutoModelForImageClassification: M2ViTForImageClassification}
 
@@ -166,10 +163,8 @@ def test_trust_remote_code_without_the_package(tmp_path):
     with torch.no_grad():
         expected = model(pixels).logits
     torch.save({"pixels": pixels, "expected": expected}, tmp_path / "expected.pt")
-    script = textwrap.dedent(
+    run_without_m2_hf(
         f"""
-        import sys
-        sys.modules["m2_hf"] = None  # m2-hf must not be importable: the folder's own code has to do the work
         import torch
         from transformers import AutoModel, AutoModelForImageClassification
         data = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
@@ -178,13 +173,9 @@ def test_trust_remote_code_without_the_package(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(model(data["pixels"]).logits, data["expected"])
             AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True)(data["pixels"])
-        print("remote code OK")
-        """
+        """,
+        tmp_path,
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "remote code OK" in result.stdout
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
