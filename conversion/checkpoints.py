@@ -140,3 +140,18 @@ def write_model_folder(
         if extra is not None:
             extra(staging, copied)
     return copied
+
+
+def push_folder_to_hub(folder: Path, repo_id: str) -> str:
+    """Upload a complete folder (a converted checkpoint, a fine-tuned model); a failure (offline, no token) leaves the
+    folder as it is and says how to retry."""
+    from huggingface_hub import create_repo, upload_folder
+
+    try:
+        create_repo(repo_id, exist_ok=True)
+        return str(upload_folder(repo_id=repo_id, folder_path=str(folder)))
+    except Exception as error:  # network, auth and Hub errors all mean the same here: not uploaded
+        raise ConversionError(
+            f"The folder {folder} is complete, but uploading it to {repo_id} failed ({type(error).__name__}: "
+            f"{error}). Upload it later with `huggingface-cli upload {repo_id} {folder}`."
+        ) from error

@@ -31,6 +31,7 @@ from m2_hf.modeling_monarch_converted import STRUCTURED_CLASSES
 from .checkpoints import (
     ConversionError,
     check_destination,
+    push_folder_to_hub,
     read_config,
     resolve_source,
     write_model_folder,
@@ -473,20 +474,6 @@ def _model_card(report: dict, model: nn.Module, source: Path):
         layer_table=format_layer_table(report["layers"]), calibration=report.get("calibration"),
         model_type=model.config.model_type,
     )
-
-
-def push_folder_to_hub(folder: Path, repo_id: str) -> str:
-    """Upload a complete folder; a failure (offline, no token) leaves the folder as it is and says how to retry."""
-    from huggingface_hub import create_repo, upload_folder
-
-    try:
-        create_repo(repo_id, exist_ok=True)
-        return str(upload_folder(repo_id=repo_id, folder_path=str(folder)))
-    except Exception as error:  # network, auth and Hub errors all mean the same here: not uploaded
-        raise ConversionError(
-            f"The folder {folder} is complete, but uploading it to {repo_id} failed ({type(error).__name__}: "
-            f"{error}). Upload it later with `huggingface-cli upload {repo_id} {folder}`."
-        ) from error
 
 
 def convert_to_monarch(

@@ -14,6 +14,9 @@ from transformers import Trainer, TrainingArguments, set_seed
 
 from m2_hf import M2BertConfig, M2BertForSequenceClassification, M2GPTConfig, M2GPTForCausalLM
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+from example_utils import end_distributed_run  # noqa: E402  (the examples' clean torchrun exit)
+
 SAMPLES, LENGTH, VOCAB = 16, 24, 97
 
 
@@ -62,15 +65,7 @@ def main(kind: str, out: str, per_device_batch: int) -> None:
     trainer.save_model(out)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as handle:
         json.dump({"world_size": args.world_size, "parallel_mode": str(args.parallel_mode), "seen": seen}, handle)
-    if torch.distributed.is_initialized():
-        # Both ranks are done (files written) past this barrier. Interpreter shutdown with a live gloo group
-        # sometimes aborts a rank ("terminate called without an active exception") and destroying the group
-        # sometimes hangs (about 1 run in 8 on this 2-core CPU machine, torch 2.13): leave without either.
-        torch.distributed.barrier()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-
+    end_distributed_run()
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
