@@ -260,6 +260,54 @@ def eval_results(task_type: str, dataset_name: str, metrics: dict[str, float], d
                        metric_type=name, metric_value=round(float(value), 4)) for name, value in metrics.items()]
 
 
+def structure_description(config) -> str:
+    """Which layers of a Monarch-converted model are structured, for its card; empty for other models."""
+    layers = getattr(config, "monarch_layers", None)
+    if not layers:
+        return ""
+    blocks = ", ".join(sorted({str(n) for n in layers.values()}))
+    return f"{len(layers)} linear layers as {config.monarch_structure} matrices (`nblocks` {blocks})"
+
+
+@dataclasses.dataclass
+class TrainedModelCard:
+    """What the generic `trained-model` card says about a model that an example trained."""
+
+    pipeline_tag: str
+    description: str
+    data_description: str
+    validation_description: str
+    training_description: str
+    example_input: str  # a Python literal, the pipeline's input in the usage snippet
+    auto_class: str
+    base_model: Optional[str] = None
+    notes: str = ""
+
+    def write(self, folder: Path, model, metrics: dict[str, float]) -> None:
+        from huggingface_hub import ModelCardData
+
+        from model_cards import render_model_card
+
+        custom_code = bool(getattr(model.config, "auto_map", None))
+        hub_base_model = self.base_model if self.base_model and not Path(self.base_model).exists() else None
+        card_data = ModelCardData(
+            model_name=folder.name, library_name="transformers", pipeline_tag=self.pipeline_tag,
+            base_model=hub_base_model, tags=["m2-hf", self.pipeline_tag, *(["custom_code"] if custom_code else [])],
+            eval_results=eval_results(self.pipeline_tag, self.data_description, metrics),
+        )
+        card = render_model_card(
+            "trained-model", card_data, model_name=folder.name, model_description=self.description,
+            architecture=type(model).__name__, model_type=model.config.model_type,
+            num_parameters=f"{model.num_parameters() / 1e6:.2f}M", base_model=self.base_model,
+            structure_description=structure_description(model.config), metrics={k: f"{v:.4f}" for k, v in
+                                                                                 metrics.items()},
+            validation_description=self.validation_description, training_description=self.training_description,
+            training_notes=self.notes, script="examples/" + Path(sys.argv[0]).name, pipeline_tag=self.pipeline_tag,
+            example_input=self.example_input, custom_code=custom_code, auto_class=self.auto_class,
+        )
+        card.save(folder / "README.md")
+
+
 def end_distributed_run() -> None:
     """Leave a `torchrun` run cleanly: every rank waits until all are done, then exits without running the
     interpreter's teardown, where a live gloo group sometimes aborts or hangs one rank."""

@@ -19,32 +19,27 @@ installed), and that `--push_to_hub` uploads.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import evaluate
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset
-from transformers import (
-    HfArgumentParser,
-    Trainer,
-    TrainingArguments,
-    ViTConfig,
-    ViTForImageClassification,
-    set_seed,
+from example_utils import (  # first: it makes the checkout importable
+    TrainedModelCard,
+    classification_compute_metrics,
+    end_distributed_run,
+    eval_results,
+    parse_arguments,
+    publish,
+    train_and_evaluate,
+    training_arguments_for,
 )
+from transformers import Trainer, TrainingArguments, ViTConfig, ViTForImageClassification, set_seed
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # `python examples/...` from a checkout without installing
-    sys.path.insert(0, str(REPO_ROOT))
-
-from m2_hf import M2ViTConfig, M2ViTForImageClassification  # noqa: E402
+from m2_hf import M2ViTConfig, M2ViTForImageClassification
 
 
 @dataclass
@@ -149,73 +144,51 @@ def build_models(model_args: ModelArguments, labels: list[str]) -> dict:
     return models
 
 
-def accuracy_metric():
-    """`evaluate`'s accuracy; where it cannot be fetched (offline, not cached), the same formula here."""
-    try:
-        return evaluate.load("accuracy")
-    except OSError:
-        print("evaluate's `accuracy` is not available offline: computing accuracy directly")
-        return None
-
-
-def compute_metrics_with(metric):
-    def compute_metrics(prediction):
-        predicted = np.argmax(prediction.predictions, axis=-1)
-        if metric is None:
-            return {"accuracy": float(np.mean(predicted == prediction.label_ids))}
-        return metric.compute(predictions=predicted, references=prediction.label_ids)
-
-    return compute_metrics
-
-
-def train_one(name: str, build, splits, processor, training_args: TrainingArguments, metric, description: str) -> dict:
+def train_one(name: str, build, splits, processor, training_args: TrainingArguments, description: str) -> dict:
     set_seed(training_args.seed)
     model = build()
-    overrides = {"output_dir": str(Path(training_args.output_dir) / name)}
-    if training_args.hub_model_id:
-        overrides["hub_model_id"] = f"{training_args.hub_model_id}-{name}"
-    args = dataclasses.replace(training_args, **overrides)
     trainer = Trainer(
-        model=model, args=args, train_dataset=splits["train"], eval_dataset=splits["validation"],
-        processing_class=processor, compute_metrics=compute_metrics_with(metric),
+        model=model, args=training_arguments_for(training_args, name), train_dataset=splits["train"],
+        eval_dataset=splits["validation"], processing_class=processor,
+        compute_metrics=classification_compute_metrics(("accuracy",), is_regression=False),
     )
-    start = time.perf_counter()
-    train_result = trainer.train()
-    seconds = time.perf_counter() - start
-    metrics = trainer.evaluate()
+    figures = train_and_evaluate(trainer)
     result = {
         "model": name,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "train_loss": train_result.training_loss,
-        "validation_loss": metrics["eval_loss"],
-        "validation_accuracy": metrics["eval_accuracy"],
-        "train_seconds": seconds,
+        **figures,
+        "validation_loss": figures["loss"],
+        "validation_accuracy": figures["accuracy"],
         "train_images": len(splits["train"]),
         "validation_images": len(splits["validation"]),
-        "epochs": args.num_train_epochs,
     }
-    trainer.save_model()
-    if name == "m2-vit":
-        write_model_card(Path(args.output_dir), model, result, description)
-    else:
-        trainer.create_model_card(model_name=Path(args.output_dir).name)
-    if args.push_to_hub:
-        trainer.push_to_hub()
+    publish(trainer, training_args, lambda folder: write_model_card(folder, model, result, description))
     return result
 
 
-def write_model_card(folder: Path, model: M2ViTForImageClassification, result: dict, description: str) -> None:
-    """The m2-vit card template, with the validation accuracy as `model-index` metadata."""
-    from huggingface_hub import EvalResult, ModelCardData
+def write_model_card(folder: Path, model, result: dict, description: str) -> None:
+    """M2-ViT: the m2-vit card template; the ViT baseline: the generic card. Both with the validation accuracy as
+    `model-index` metadata."""
+    from huggingface_hub import ModelCardData
 
     from model_cards import render_model_card
 
+    metrics = {"accuracy": result["validation_accuracy"]}
+    training = (f"{description}: {result['train_images']} images, {result['epochs']:g} epochs in "
+                f"{result['train_seconds']:.0f} s")
+    validation = f"{result['validation_images']} held-out images ({description})"
+    if not isinstance(model, M2ViTForImageClassification):
+        TrainedModelCard(
+            pipeline_tag="image-classification", description="The ViT baseline of "
+            "`examples/finetune_image_classification.py`.", data_description=description,
+            validation_description=validation, training_description=training, example_input=repr("image.png"),
+            auto_class="AutoModelForImageClassification",
+        ).write(folder, model, metrics)
+        return
     config = model.config
     card_data = ModelCardData(
         model_name=folder.name, library_name="transformers", pipeline_tag="image-classification",
         tags=["m2", "monarch", "custom_code", "vision"],
-        eval_results=[EvalResult(task_type="image-classification", dataset_type="image", dataset_name=description,
-                                 metric_type="accuracy", metric_value=round(result["validation_accuracy"], 4))],
+        eval_results=eval_results("image-classification", description, metrics, dataset_type="image"),
     )
     mlp = f"{'GLU, ' if config.use_glu_mlp else ''}{config.monarch_mlp_type} with {config.monarch_mlp_nblocks} blocks"
     card = render_model_card(
@@ -223,37 +196,33 @@ def write_model_card(folder: Path, model: M2ViTForImageClassification, result: d
         patch_size=config.patch_size, num_patches=config.num_patches, hidden_size=config.hidden_size,
         num_hidden_layers=config.num_hidden_layers, mlp_description=mlp, pooling=config.pooling,
         num_parameters=f"{result['parameters'] / 1e6:.2f}M", num_labels=config.num_labels,
-        training_description=(f"Trained with `examples/finetune_image_classification.py` on {description}: "
-                              f"{result['train_images']} images, {result['epochs']:g} epochs in "
-                              f"{result['train_seconds']:.0f} s."),
-        measurements=(f"Validation accuracy {result['validation_accuracy']:.4f} on {result['validation_images']} "
-                      f"held-out images ({description})."),
+        training_description=f"Trained with `examples/finetune_image_classification.py` on {training}.",
+        measurements=f"Validation accuracy {result['validation_accuracy']:.4f} on {validation}.",
     )
     card.save(folder / "README.md")
 
 
 def main() -> None:
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    argv = sys.argv[1:]
-    output_dir = argv[argv.index("--output_dir") + 1] if "--output_dir" in argv else "runs/finetune-image-classification"
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(
-        args=default_training_arguments(output_dir) + argv
+    model_args, data_args, training_args = parse_arguments(
+        (ModelArguments, DataArguments, TrainingArguments), default_training_arguments,
+        "runs/finetune-image-classification",
     )
     raw, description = load_images(data_args, training_args.seed)
     labels = raw["train"].features[data_args.label_column_name].names
     processor = ViTImageProcessorPil(size={"height": model_args.image_size, "width": model_args.image_size})
     splits = with_pixel_values(raw, processor, data_args)
     print(f"{len(splits['train'])} training and {len(splits['validation'])} validation images, {len(labels)} classes")
-    metric = accuracy_metric()
-    results = [train_one(name, build, splits, processor, training_args, metric, description)
+    results = [train_one(name, build, splits, processor, training_args, description)
                for name, build in build_models(model_args, labels).items()]
-    print(f"\n{'model':<8} {'parameters':>11} {'train s':>8} {'val loss':>9} {'val accuracy':>13}")
-    for r in results:
-        print(f"{r['model']:<8} {r['parameters']:>11,} {r['train_seconds']:>8.0f} {r['validation_loss']:>9.3f} "
-              f"{r['validation_accuracy']:>13.4f}")
-    output = Path(training_args.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    if training_args.process_index == 0:
+        print(f"\n{'model':<8} {'parameters':>11} {'train s':>8} {'val loss':>9} {'val accuracy':>13}")
+        for r in results:
+            print(f"{r['model']:<8} {r['parameters']:>11,} {r['train_seconds']:>8.0f} {r['validation_loss']:>9.3f} "
+                  f"{r['validation_accuracy']:>13.4f}")
+        output = Path(training_args.output_dir)
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    end_distributed_run()
 
 
 if __name__ == "__main__":

@@ -22,16 +22,15 @@ the evaluation results; `--push_to_hub --hub_model_id NAME` uploads it. Runs unc
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from example_utils import (  # first: it makes the checkout importable
     GLUE_TASK_METRICS,
+    TrainedModelCard,
     classification_compute_metrics,
     end_distributed_run,
-    eval_results,
     MINILM_HUB_ID,
     metric_names,
     packaged_minilm,
@@ -212,35 +211,16 @@ def build_trainer(task: TextTask, model: PreTrainedModel, args: TrainingArgument
 
 
 def model_card_writer(model: PreTrainedModel, result: dict, task: TextTask, base_model: str, notes: str = ""):
-    def write(folder: Path) -> None:
-        from huggingface_hub import ModelCardData
-
-        from model_cards import render_model_card
-
-        metrics = result["metrics"]
-        custom_code = bool(getattr(model.config, "auto_map", None))
-        layers = getattr(model.config, "monarch_layers", None)
-        structure = (f"{len(layers)} linear layers as {model.config.monarch_structure} matrices "
-                     f"(`nblocks` {', '.join(sorted({str(n) for n in layers.values()}))})") if layers else ""
-        card_data = ModelCardData(
-            model_name=folder.name, library_name="transformers", pipeline_tag="text-classification",
-            base_model=None if Path(base_model).exists() else base_model,
-            tags=["m2-hf", "text-classification", *(["custom_code"] if custom_code else [])],
-            eval_results=eval_results("text-classification", task.data_description,
-                                      {m: result[m] for m in metrics}),
-        )
-        card = render_model_card(
-            "text-classification", card_data, model_name=folder.name, base_model=base_model,
-            architecture=type(model).__name__, model_type=model.config.model_type, custom_code=custom_code,
-            num_parameters=f"{result['parameters'] / 1e6:.2f}M", structure_description=structure,
-            data_description=task.data_description, train_examples=result["train_examples"],
-            validation_examples=result["validation_examples"], metrics={m: f"{result[m]:.4f}" for m in metrics},
-            epochs=f"{result['epochs']:g}", train_seconds=f"{result['train_seconds']:.0f}",
-            script="examples/" + Path(sys.argv[0]).name, training_notes=notes,
-        )
-        card.save(folder / "README.md")
-
-    return write
+    card = TrainedModelCard(
+        pipeline_tag="text-classification", description=f"A text classifier fine-tuned from `{base_model}` with m2-hf.",
+        data_description=task.data_description,
+        validation_description=f"{result['validation_examples']} validation examples of {task.data_description}",
+        training_description=(f"{result['train_examples']} examples of {task.data_description}: "
+                              f"{result['epochs']:g} epoch(s) in {result['train_seconds']:.0f} s"),
+        example_input=repr("A three-hour cinema master class."), auto_class="AutoModelForSequenceClassification",
+        base_model=base_model, notes=notes,
+    )
+    return lambda folder: card.write(folder, model, {m: result[m] for m in result["metrics"]})
 
 
 def finetune(task: TextTask, model_args: ModelArguments, training_args: TrainingArguments,

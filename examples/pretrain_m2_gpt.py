@@ -19,34 +19,35 @@ Every trained model is saved under `output_dir/<model>` with its tokenizer: a fo
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 from datasets import load_dataset
+from example_utils import (  # first: it makes the checkout importable
+    TrainedModelCard,
+    end_distributed_run,
+    eval_results,
+    parse_arguments,
+    publish,
+    train_and_evaluate,
+    training_arguments_for,
+)
 from transformers import (
     AutoTokenizer,
     DataCollatorForLanguageModeling,
     GPT2Config,
     GPT2LMHeadModel,
     GPT2Tokenizer,
-    HfArgumentParser,
     Trainer,
     TrainingArguments,
     set_seed,
 )
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # `python examples/...` from a checkout without installing
-    sys.path.insert(0, str(REPO_ROOT))
-
-from m2_hf import M2GPTConfig, M2GPTForCausalLM  # noqa: E402
+from m2_hf import M2GPTConfig, M2GPTForCausalLM
 
 
 @dataclass
@@ -174,58 +175,54 @@ def build_models(model_args: ModelArguments, tokenizer, block_size: int) -> dict
 def train_one(name: str, build, splits, tokenizer, training_args: TrainingArguments, data_description: str) -> dict:
     set_seed(training_args.seed)
     model = build()
-    overrides = {"output_dir": str(Path(training_args.output_dir) / name)}
-    if training_args.hub_model_id:
-        overrides["hub_model_id"] = f"{training_args.hub_model_id}-{name}"
-    args = dataclasses.replace(training_args, **overrides)
+    args = training_arguments_for(training_args, name)
     trainer = Trainer(
         model=model, args=args, train_dataset=splits["train"], eval_dataset=splits["validation"],
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), processing_class=tokenizer,
     )
-    start = time.perf_counter()
-    train_result = trainer.train()
-    seconds = time.perf_counter() - start
-    metrics = trainer.evaluate()
+    figures = train_and_evaluate(trainer)
     result = {
         "model": name,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "train_loss": train_result.training_loss,
-        "validation_loss": metrics["eval_loss"],
-        "validation_perplexity": math.exp(metrics["eval_loss"]),
-        "train_seconds": seconds,
+        **figures,
+        "validation_loss": figures["loss"],
+        "validation_perplexity": math.exp(figures["loss"]),
         "train_tokens": trainer.state.global_step * args.train_batch_size * args.gradient_accumulation_steps
         * len(splits["train"][0]["input_ids"]) * max(1, args.world_size),
+        "validation_blocks": len(splits["validation"]),
     }
-    trainer.save_model()
-    if name == "m2-gpt":
-        write_model_card(Path(args.output_dir), model, result, data_description)
-    else:
-        trainer.create_model_card(model_name=Path(args.output_dir).name)
-    if args.push_to_hub:
-        trainer.push_to_hub()
+    publish(trainer, training_args, lambda folder: write_model_card(folder, model, result, data_description))
     return result
 
 
-def write_model_card(folder: Path, model: M2GPTForCausalLM, result: dict, data_description: str) -> None:
-    """The m2-gpt card template, with the validation perplexity as `model-index` metadata."""
-    from huggingface_hub import EvalResult, ModelCardData
+def write_model_card(folder: Path, model, result: dict, data_description: str) -> None:
+    """M2-GPT: the m2-gpt card template; the baseline: the generic card. Both with the validation perplexity as
+    `model-index` metadata."""
+    from huggingface_hub import ModelCardData
 
     from model_cards import render_model_card
 
+    metrics = {"perplexity": result["validation_perplexity"]}
+    training = (f"{data_description}: {result['train_tokens']:,} tokens in {result['train_seconds']:.0f} s")
+    if not isinstance(model, M2GPTForCausalLM):
+        TrainedModelCard(
+            pipeline_tag="text-generation", description="The GPT-2 baseline of `examples/pretrain_m2_gpt.py`.",
+            data_description=data_description,
+            validation_description=f"{result['validation_blocks']} validation blocks of {data_description}",
+            training_description=training, example_input=repr("The standard library"),
+            auto_class="AutoModelForCausalLM",
+        ).write(folder, model, metrics)
+        return
     config = model.config
     card_data = ModelCardData(
         model_name=folder.name, library_name="transformers", pipeline_tag="text-generation",
-        tags=["m2", "monarch", "custom_code"],
-        eval_results=[EvalResult(task_type="text-generation", dataset_type="text", dataset_name=data_description,
-                                 metric_type="perplexity", metric_value=round(result["validation_perplexity"], 3))],
+        tags=["m2", "monarch", "custom_code"], eval_results=eval_results("text-generation", data_description, metrics),
     )
     mlp = f"{'GLU, ' if config.use_glu_mlp else ''}{config.monarch_mlp_type} with {config.monarch_mlp_nblocks} blocks"
     card = render_model_card(
         "m2-gpt", card_data, model_name=folder.name, repo_id=folder.name, hidden_size=config.hidden_size,
         num_hidden_layers=config.num_hidden_layers, mlp_description=mlp, max_length=config.max_position_embeddings,
         num_parameters=f"{result['parameters'] / 1e6:.1f}M", vocab_size=config.vocab_size,
-        training_description=(f"Trained with `examples/pretrain_m2_gpt.py` on {data_description}: "
-                              f"{result['train_tokens']:,} tokens in {result['train_seconds']:.0f} s."),
+        training_description=f"Trained with `examples/pretrain_m2_gpt.py` on {training}.",
         measurements=(f"Validation loss {result['validation_loss']:.3f}, perplexity "
                       f"{result['validation_perplexity']:.2f} ({data_description})."),
     )
@@ -233,16 +230,14 @@ def write_model_card(folder: Path, model: M2GPTForCausalLM, result: dict, data_d
 
 
 def main() -> None:
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    argv = sys.argv[1:]
-    output_dir = argv[argv.index("--output_dir") + 1] if "--output_dir" in argv else "runs/pretrain-m2-gpt"
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(
-        args=default_training_arguments(output_dir) + argv
+    model_args, data_args, training_args = parse_arguments(
+        (ModelArguments, DataArguments, TrainingArguments), default_training_arguments, "runs/pretrain-m2-gpt"
     )
     torch.manual_seed(training_args.seed)
     output = Path(training_args.output_dir)
-    raw = load_text(data_args, output)
-    tokenizer = build_tokenizer(model_args, raw["train"][data_args.text_column], output)
+    with training_args.main_process_first(desc="corpus and tokenizer"):  # under torchrun, one rank writes them
+        raw = load_text(data_args, output)
+        tokenizer = build_tokenizer(model_args, raw["train"][data_args.text_column], output)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     splits = tokenized_blocks(raw, tokenizer, data_args)
@@ -253,11 +248,13 @@ def main() -> None:
     )
     results = [train_one(name, build, splits, tokenizer, training_args, data_description)
                for name, build in build_models(model_args, tokenizer, data_args.block_size).items()]
-    print(f"\n{'model':<8} {'parameters':>11} {'tokens':>9} {'train s':>8} {'val loss':>9} {'val ppl':>9}")
-    for r in results:
-        print(f"{r['model']:<8} {r['parameters']:>11,} {r['train_tokens']:>9,} {r['train_seconds']:>8.0f} "
-              f"{r['validation_loss']:>9.3f} {r['validation_perplexity']:>9.2f}")
-    (output / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    if training_args.process_index == 0:
+        print(f"\n{'model':<8} {'parameters':>11} {'tokens':>9} {'train s':>8} {'val loss':>9} {'val ppl':>9}")
+        for r in results:
+            print(f"{r['model']:<8} {r['parameters']:>11,} {r['train_tokens']:>9,} {r['train_seconds']:>8.0f} "
+                  f"{r['validation_loss']:>9.3f} {r['validation_perplexity']:>9.2f}")
+        (output / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    end_distributed_run()
 
 
 if __name__ == "__main__":

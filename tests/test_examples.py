@@ -19,6 +19,15 @@ def run_example(script: str, *args: str, cwd: Path) -> subprocess.CompletedProce
     return result
 
 
+def model_index(folder: Path) -> dict:
+    """The metrics of a folder's model card, as the Hub reads them."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(folder / "README.md")
+    assert "{{" not in card.text
+    return {result.metric_type: result.metric_value for result in card.data.eval_results}
+
+
 @pytest.mark.parametrize("corpus", ["files", "offline-default"])
 def test_pretrain_m2_gpt_trains_both_models_and_writes_loadable_folders(corpus, tmp_path):
     import torch
@@ -44,6 +53,7 @@ def test_pretrain_m2_gpt_trains_both_models_and_writes_loadable_folders(corpus, 
     folder = tmp_path / "run" / "m2-gpt"
     card = (folder / "README.md").read_text()
     assert "model-index" in card and "perplexity" in card and "trust_remote_code=True" in card
+    assert model_index(tmp_path / "run" / "gpt2") == {"perplexity": round(results[1]["validation_perplexity"], 4)}
     model = AutoModelForCausalLM.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert model.config.model_type == "m2_gpt" and model.config.vocab_size == len(tokenizer)
@@ -90,6 +100,7 @@ def test_finetune_image_classification_trains_both_models_and_writes_loadable_fo
     assert card.data.eval_results[0].metric_type == "accuracy"
     assert card.data.eval_results[0].metric_value == round(results[0]["validation_accuracy"], 4)
     assert "trust_remote_code=True" in card.text and "{{" not in card.text
+    assert model_index(tmp_path / "run" / "vit") == {"accuracy": round(results[1]["validation_accuracy"], 4)}
     model = AutoModelForImageClassification.from_pretrained(folder)
     assert model.config.model_type == "m2_vit" and set(model.config.id2label.values()) == expected_labels
     processor = AutoImageProcessor.from_pretrained(folder)

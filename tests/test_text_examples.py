@@ -13,7 +13,7 @@ import torch
 from huggingface_hub import ModelCard
 from remote_code import run_without_m2_hf
 from test_conversion_monarch import write_source, write_tokenizer
-from test_examples import ROOT, run_example
+from test_examples import ROOT, model_index, run_example
 from test_m2_bert import tiny_config
 
 import m2_hf
@@ -87,9 +87,8 @@ def test_finetune_text_classification_writes_a_hub_ready_folder_that_scores_as_r
     assert result["metrics"] == ["accuracy", "f1"] and result["train_examples"] == 48
     # The folder holds the evaluated model: its predictions give the reported accuracy.
     assert accuracy_of_saved_model(output, tmp_path / "dev.csv") == pytest.approx(result["accuracy"], abs=1e-6)
+    assert model_index(output) == {"accuracy": round(result["accuracy"], 4), "f1": round(result["f1"], 4)}
     card = ModelCard.load(output / "README.md")
-    reported = {m.metric_type: m.metric_value for m in card.data.eval_results}
-    assert reported == {"accuracy": round(result["accuracy"], 4), "f1": round(result["f1"], 4)}
     assert card.data.pipeline_tag == "text-classification"
     config = json.loads((output / "config.json").read_text())
     assert (output / "model.safetensors").is_file() and (output / "tokenizer.json").is_file()
@@ -178,9 +177,8 @@ def test_dense_to_sparse_compares_dense_monarch_and_densified_models(tmp_path):
     # Reverse sparsification is exact: the same predictions, hence the same scores.
     assert densified["accuracy"] == monarch["accuracy"] and densified["f1"] == monarch["f1"]
     assert densified["loss"] == pytest.approx(monarch["loss"], abs=1e-5)
-    for name in results:
-        card = ModelCard.load(output / name / "README.md")
-        assert {m.metric_type for m in card.data.eval_results} == {"accuracy", "f1"}
+    for name, result in results.items():
+        assert model_index(output / name) == {"accuracy": round(result["accuracy"], 4), "f1": round(result["f1"], 4)}
     assert json.loads((output / "monarch-dense" / "config.json").read_text())["model_type"] == "bert"
     run_without_m2_hf(f"""
         from transformers import BertForSequenceClassification
