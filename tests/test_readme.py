@@ -1,0 +1,50 @@
+"""The README's user's guide runs as written: its code blocks, in order, in one empty folder, offline."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from remote_code import run_without_m2_hf
+
+ROOT = Path(__file__).resolve().parents[1]
+GUIDE_HEADING = "## User's guide: four paths"
+
+
+def guide_blocks() -> list[tuple[str, str]]:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split(GUIDE_HEADING, 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```(python|bash)\n(.*?)```", section, flags=re.DOTALL)
+
+
+def run_block(language: str, code: str, folder: Path) -> str:
+    # The commands a user types: this interpreter's `python` and the `m2-convert` installed beside it.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    command = [sys.executable, "-c", code] if language == "python" else ["bash", "-euo", "pipefail", "-c", code]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=folder)
+    assert result.returncode == 0, f"{language} block failed:\n{code}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def test_the_four_paths_run_as_written(tmp_path):
+    blocks = guide_blocks()
+    assert [language for language, _ in blocks] == ["python", "bash", "python", "python"]
+    outputs = [run_block(language, code, tmp_path) for language, code in blocks]
+    assert "torch.Size([1, 13, 128])" in outputs[0]
+    assert "MonarchBertModel" in outputs[1] and outputs[1].count("monarch   nblocks=4") == 12  # inspect: 6 layers x 2
+    assert "eval_loss" in outputs[2]
+    folder = tmp_path / "minilm-monarch-reviews"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "monarch_bert" and "AutoModelForSequenceClassification" in config["auto_map"]
+    for name in ("model.safetensors", "tokenizer.json", "modeling_monarch_converted.py", "README.md"):
+        assert name in outputs[3], name
+    run_without_m2_hf(f"""
+        from huggingface_hub import ModelCard
+        from transformers import pipeline
+        card = ModelCard.load({str(folder / 'README.md')!r})
+        assert card.data.eval_results[0].metric_type == "accuracy"
+        classify = pipeline("text-classification", model={str(folder)!r}, trust_remote_code=True)
+        assert classify("a joyful, moving film")[0]["label"] in ("LABEL_0", "LABEL_1")
+    """, tmp_path)
