@@ -227,6 +227,7 @@ def train_and_evaluate(trainer: Trainer) -> dict:
         "train_seconds": seconds,
         "train_samples_per_second": train_result.metrics["train_samples_per_second"],
         "epochs": trainer.args.num_train_epochs,
+        "processes": trainer.args.world_size,
         **{key.removeprefix("eval_"): value for key, value in metrics.items()},
     }
 

@@ -454,6 +454,9 @@ class M2SequenceMixer(nn.Module):
         if hasattr(self, "layernorm"):
             u = self.layernorm(u)
         tokens = u.reshape(batch * length, hidden)
+        # A wrapped input projection (PEFT's LoRA layer, a quantised linear) must run as a module: its `.weight` is the
+        # base layer's alone. Its output, computed once, is then sliced per chunk instead of its weight.
+        projected = None if type(self.in_linear) is nn.Linear else self.in_linear(tokens).t()
         filters = [self.filter_fn] + ([self.filter_fn2] if hasattr(self, "filter_fn2") else [])
         spectra = [(f.spectrum(length), f.bias) for f in filters]
         # An FFT of a channel over the batch holds 2 x B x 2L floats (real input and complex half spectrum).
@@ -461,9 +464,11 @@ class M2SequenceMixer(nn.Module):
         if inplace:
             mixed = None
             for channels in chunks:
-                mixed = self._mix_channels(tokens, channels, batch, spectra, mask, inplace, mixed)
+                mixed = self._mix_channels(tokens, channels, batch, spectra, mask, inplace, mixed, projected)
         else:
-            mixed = torch.cat([self._mix_channels(tokens, c, batch, spectra, mask, inplace) for c in chunks])
+            mixed = torch.cat(
+                [self._mix_channels(tokens, c, batch, spectra, mask, inplace, projected=projected) for c in chunks]
+            )
         return mixed.view(hidden, batch * length).t()
 
     def step(self, u: torch.Tensor, mask: Optional[torch.Tensor], state: ConvolutionState) -> torch.Tensor:
@@ -506,17 +511,30 @@ class M2SequenceMixer(nn.Module):
         return self.out_linear(y.permute(1, 2, 0))
 
     def _mix_channels(
-        self, tokens, channels: slice, batch: int, spectra, mask, inplace: bool, mixed: Optional[torch.Tensor] = None
+        self,
+        tokens,
+        channels: slice,
+        batch: int,
+        spectra,
+        mask,
+        inplace: bool,
+        mixed: Optional[torch.Tensor] = None,
+        projected: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """The mixer for one chunk of channels, from the input projection to the gated long convolutions: channel-major
         ``[c, B, L]``. In place, the chunk is written into ``mixed`` (all channels, allocated by the first chunk),
-        which is returned."""
+        which is returned. ``projected`` (``[3H, B * L]``) is the input projection's output, when it was computed by
+        calling the layer."""
         hidden = tokens.shape[1]
-        weight = self.in_linear.weight.view(3, hidden, hidden)[:, channels].reshape(-1, hidden)
-        bias = self.in_linear.bias.view(3, hidden, 1)[:, channels].reshape(-1, 1)
+        if projected is None:
+            weight = self.in_linear.weight.view(3, hidden, hidden)[:, channels].reshape(-1, hidden)
+            bias = self.in_linear.bias.view(3, hidden, 1)[:, channels].reshape(-1, 1)
+            z = torch.addmm(bias, weight, tokens.t())
+        else:
+            z = projected.reshape(3, hidden, -1)[:, channels].reshape(-1, projected.shape[-1])
         # Padding is zeroed before each convolution: the short one (else real tokens after left padding would read
         # pad positions) and the long ones (the short convolution's bias and tail make pad positions non-zero).
-        z = _zero_padding(torch.addmm(bias, weight, tokens.t()).view(weight.shape[0], batch, -1), mask, inplace)
+        z = _zero_padding(z.view(z.shape[0], batch, -1), mask, inplace)
         taps = self.short_filter.weight.shape[-1]
         conv_weight = self.short_filter.weight.view(3, hidden, 1, taps)[:, channels].reshape(-1, 1, taps)
         conv_bias = self.short_filter.bias.view(3, hidden)[:, channels].reshape(-1)

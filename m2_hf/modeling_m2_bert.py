@@ -377,8 +377,6 @@ class M2BertForSequenceClassification(M2BertPreTrainedModel):
 class M2BertForTokenClassification(M2BertPreTrainedModel):
     """M2-BERT with a per-token classification head."""
 
-    accepts_loss_kwargs = False
-
     def __init__(self, config: M2BertConfig) -> None:
         super().__init__(config)
         self.num_labels = config.num_labels
@@ -406,7 +404,9 @@ class M2BertForTokenClassification(M2BertPreTrainedModel):
         logits = self.classifier(self.dropout(outputs.last_hidden_state))
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1), ignore_index=-100)
+            # Divides by `num_items_in_batch` when Trainer passes it: with gradient accumulation, every target token
+            # weighs the same however the -100 labels fall across the micro-batches.
+            loss = self.loss_function(logits, labels, self.config, **kwargs)
         return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
 

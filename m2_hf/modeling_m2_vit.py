@@ -135,6 +135,10 @@ class M2ViTForImageClassification(M2ViTPreTrainedModel):
     """M2-ViT with a linear classifier on the pooled representation (single-label, multi-label or regression, by
     `config.problem_type`, as Transformers' ViT)."""
 
+    # The regression and multi-label losses are means that ignore `num_items_in_batch`: let Trainer scale the loss for
+    # gradient accumulation.
+    accepts_loss_kwargs = False
+
     def __init__(self, config: M2ViTConfig) -> None:
         super().__init__(config)
         self.num_labels = config.num_labels

@@ -112,6 +112,12 @@ _ORIGINAL_CLASSES = {
 }
 
 
+# Trainer leaves the division by the gradient-accumulation steps to the loss of any forward that takes `**kwargs`,
+# expecting it to divide by `num_items_in_batch`. Of the original classes only these causal LMs' losses do; the others
+# (plain mean cross-entropy and friends) would report and train on a loss `gradient_accumulation_steps` times too large.
+_LOSSES_DIVIDED_BY_NUM_ITEMS = (BertLMHeadModel, RobertaForCausalLM, GPT2LMHeadModel)
+
+
 def _converted_class(original: type, config_class: type) -> type:
     return type(
         f"Monarch{original.__name__}",
@@ -121,6 +127,7 @@ def _converted_class(original: type, config_class: type) -> type:
             "__doc__": f"[`{original.__name__}`] with the linear layers named by `config.monarch_layers` structured.",
             "config_class": config_class,
             "original_class": original,
+            "accepts_loss_kwargs": original in _LOSSES_DIVIDED_BY_NUM_ITEMS,
         },
     )
 

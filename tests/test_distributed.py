@@ -59,3 +59,19 @@ def load_file_of_initial(kind: str, tmp_path: Path) -> dict:
     model = build(kind)
     model.save_pretrained(tmp_path / "initial")
     return load_file(tmp_path / "initial" / "model.safetensors")
+
+
+def test_an_example_runs_unchanged_under_torchrun(tmp_path):
+    from test_text_examples import TINY_TRAINING, accuracy_of_saved_model, review_files, write_checkpoint
+
+    checkpoint = write_checkpoint("monarch", tmp_path)
+    output = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(ROOT / "examples" / "finetune_text_classification.py"), "--model_name_or_path", str(checkpoint),
+               "--output_dir", str(output), *review_files(tmp_path), *TINY_TRAINING, "--use_cpu"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((output / "results.json").read_text())
+    assert report["processes"] == 2
+    assert accuracy_of_saved_model(output, tmp_path / "dev.csv") == pytest.approx(report["accuracy"], abs=1e-6)
