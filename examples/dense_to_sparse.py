@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,7 +142,9 @@ def main() -> None:
                      card_notes="The dense baseline of `examples/dense_to_sparse.py`.")
     with training_args.main_process_first(desc="Monarch conversion"):  # one rank converts, the others then read
         if training_args.process_index == 0:
+            start = time.perf_counter()
             report = convert(model_args.model_name_or_path, output / "monarch-init", sparse, task)
+            conversion_seconds = time.perf_counter() - start
     monarch_args = ModelArguments(model_name_or_path=str(output / "monarch-init"),
                                   base_model_id=model_args.base_model_id or model_args.model_name_or_path)
     notes = (f"Dense-to-sparse: the {sparse.conversion_method} Monarch projection of the linear layers "
@@ -152,11 +155,12 @@ def main() -> None:
         results = [with_model_summary(r, AutoModelForSequenceClassification.from_pretrained(output / r["model"]))
                    for r in (dense, monarch)]
         results[1]["conversion"] = {"method": report["settings"]["method"], "layers": len(report["layers"]),
-                                    "totals": report["totals"]}
+                                    "seconds": conversion_seconds, "totals": report["totals"]}
         if sparse.densify:
             results.append(evaluate_densified(task, monarch, output, training_args, monarch_args.base_model_id))
         table = markdown_table(results)
-        print("\n" + table)
+        print(f"\n{table}\n\nConversion ({report['settings']['method']}, {len(report['layers'])} layers): "
+              f"{conversion_seconds:.1f} s")
         (output / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         (output / "results.md").write_text(table + "\n", encoding="utf-8")
     end_distributed_run()

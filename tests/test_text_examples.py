@@ -170,6 +170,7 @@ def test_dense_to_sparse_compares_dense_monarch_and_densified_models(tmp_path):
                          "--targets", "all", *review_files(tmp_path), *TINY_TRAINING, cwd=tmp_path).stdout
     results = {r["model"]: r for r in json.loads((output / "results.json").read_text())}
     assert list(results) == ["dense", "monarch", "monarch-dense"] and "| monarch-dense |" in stdout
+    assert results["monarch"]["conversion"]["layers"] == 12 and results["monarch"]["conversion"]["seconds"] > 0
     dense, monarch, densified = results["dense"], results["monarch"], results["monarch-dense"]
     assert monarch["structured_layers"] == 12 and dense["structured_layers"] == densified["structured_layers"] == 0
     assert monarch["non_embedding_parameters"] < dense["non_embedding_parameters"] == densified["non_embedding_parameters"]
