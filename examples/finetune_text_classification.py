@@ -135,26 +135,37 @@ def text_columns(raw, data_args: DataArguments) -> tuple[str, Optional[str]]:
     return string_columns[0], (string_columns[1] if len(string_columns) > 1 else None)
 
 
+def check_splits(raw, data_args: DataArguments) -> None:
+    missing = [split for split in ("train", "validation") if split not in raw]
+    if missing:
+        raise SystemExit(f"The data has no {' or '.join(missing)} split (it has {', '.join(raw)}); pass "
+                         "--train_file and --validation_file, or a data set with both splits.")
+    if data_args.label_column_name not in raw["train"].column_names:
+        raise SystemExit(f"No label column {data_args.label_column_name!r} in {raw['train'].column_names}; "
+                         "name it with --label_column_name.")
+
+
 def label_names(raw, data_args: DataArguments) -> Optional[list[str]]:
-    """Class names, or None for a regression task (float labels)."""
+    """Class names, or None for a regression task (float labels). Plain labels are sorted (numerically if numbers)."""
     feature = raw["train"].features[data_args.label_column_name]
     if hasattr(feature, "names"):
         return list(feature.names)
     if feature.dtype in ("float32", "float64"):
         return None
-    return sorted({str(label) for label in raw["train"][data_args.label_column_name]})
+    return [str(label) for label in sorted(set(raw["train"][data_args.label_column_name]))]
 
 
 def tokenized_splits(raw, tokenizer, data_args: DataArguments, labels: Optional[list[str]]):
     first, second = text_columns(raw, data_args)
-    label_ids = None if labels is None or hasattr(raw["train"].features[data_args.label_column_name], "names") \
-        else {name: i for i, name in enumerate(labels)}
+    # Class labels of a `ClassLabel` column are already ids; plain labels (strings, numbers) are mapped to them.
+    already_ids = labels is None or hasattr(raw["train"].features[data_args.label_column_name], "names")
+    label_ids = None if already_ids else {name: i for i, name in enumerate(labels)}
 
     def preprocess(batch):
         texts = (batch[first],) if second is None else (batch[first], batch[second])
         encoded = tokenizer(*texts, truncation=True, max_length=data_args.max_seq_length)
         raw_labels = batch[data_args.label_column_name]
-        encoded["labels"] = [label_ids[str(v)] for v in raw_labels] if label_ids else raw_labels
+        encoded["labels"] = raw_labels if label_ids is None else [label_ids[str(v)] for v in raw_labels]
         return encoded
 
     splits = {}
@@ -195,6 +206,7 @@ class TextTask:
 
 def prepare_task(model_args: ModelArguments, data_args: DataArguments) -> TextTask:
     raw, data_description = load_text_data(data_args)
+    check_splits(raw, data_args)
     labels = label_names(raw, data_args)
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path,
                                               trust_remote_code=model_args.trust_remote_code)

@@ -203,3 +203,29 @@ def test_push_to_hub_offline_keeps_the_complete_folder_and_says_how_to_retry(tmp
     assert "huggingface-cli upload" in result.stderr
     for name in ("model.safetensors", "config.json", "tokenizer.json", "README.md"):
         assert (output / name).is_file(), name
+
+
+def run_failing_example(script: str, *args: str, cwd: Path) -> str:
+    import os
+    import subprocess
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args], capture_output=True, text=True,
+                            env=env, cwd=cwd)
+    assert result.returncode != 0
+    return result.stderr
+
+
+def test_bad_data_gets_an_error_that_names_the_fix(tmp_path):
+    checkpoint = write_checkpoint("dense", tmp_path)
+    for name in ("train", "dev"):
+        (tmp_path / f"{name}.csv").write_text("text,sentiment\na joyful film,1\na dull mess,0\n")
+    common = ["--model_name_or_path", str(checkpoint), "--output_dir", str(tmp_path / "run")]
+    error = run_failing_example("finetune_text_classification.py", *common, "--train_file", str(tmp_path / "train.csv"),
+                                "--validation_file", str(tmp_path / "dev.csv"), cwd=tmp_path)
+    assert "No label column 'label'" in error and "--label_column_name" in error
+    (tmp_path / "train.txt").write_text("a joyful film\n")
+    error = run_failing_example("finetune_text_classification.py", *common, "--train_file", str(tmp_path / "train.txt"),
+                                "--validation_file", str(tmp_path / "dev.csv"), cwd=tmp_path)
+    assert "--train_file must be .csv, .json or .jsonl" in error
+    assert not (tmp_path / "run").exists()
