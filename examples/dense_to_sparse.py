@@ -37,6 +37,7 @@ from finetune_text_classification import (
     build_trainer,
     default_training_arguments,
     finetune,
+    load_classifier,
     model_card_writer,
     prepare_task,
 )
@@ -138,7 +139,8 @@ def main() -> None:
     )
     output = Path(training_args.output_dir)
     task = prepare_task(model_args, data_args)
-    dense = finetune(task, model_args, training_args, name="dense",
+    dense_model = load_classifier(model_args, task.labels, task.task_name)
+    dense = finetune(task, model_args, training_args, name="dense", model=dense_model,
                      card_notes="The dense baseline of `examples/dense_to_sparse.py`.")
     with training_args.main_process_first(desc="Monarch conversion"):  # one rank converts, the others then read
         if training_args.process_index == 0:
@@ -150,10 +152,10 @@ def main() -> None:
     notes = (f"Dense-to-sparse: the {sparse.conversion_method} Monarch projection of the linear layers "
              f"({', '.join(sparse.targets)}, nblocks {sparse.nblocks}), then the same fine-tuning as the dense "
              "baseline.")
-    monarch = finetune(task, monarch_args, training_args, name="monarch", card_notes=notes)
+    monarch_model = load_classifier(monarch_args, task.labels, task.task_name)
+    monarch = finetune(task, monarch_args, training_args, name="monarch", model=monarch_model, card_notes=notes)
     if training_args.process_index == 0:
-        results = [with_model_summary(r, AutoModelForSequenceClassification.from_pretrained(output / r["model"]))
-                   for r in (dense, monarch)]
+        results = [with_model_summary(dense, dense_model), with_model_summary(monarch, monarch_model)]
         results[1]["conversion"] = {"method": report["settings"]["method"], "layers": len(report["layers"]),
                                     "seconds": conversion_seconds, "totals": report["totals"]}
         if sparse.densify:

@@ -11,11 +11,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_example(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+def run_example(script: str, *args: str, cwd: Path, succeed: bool = True) -> subprocess.CompletedProcess:
+    """Run an example offline; it must exit with 0, or with an error when ``succeed`` is False."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args], capture_output=True, text=True,
                             env=env, cwd=cwd)
-    assert result.returncode == 0, result.stderr[-4000:]
+    if succeed:
+        assert result.returncode == 0, result.stderr[-4000:]
+    else:
+        assert result.returncode != 0, result.stdout[-2000:]
     return result
 
 

@@ -188,32 +188,15 @@ def test_dense_to_sparse_compares_dense_monarch_and_densified_models(tmp_path):
 
 
 def test_push_to_hub_offline_keeps_the_complete_folder_and_says_how_to_retry(tmp_path):
-    import os
-    import subprocess
-
     checkpoint = write_checkpoint("dense", tmp_path)
     output = tmp_path / "run"
-    command = [sys.executable, str(ROOT / "examples" / "finetune_text_classification.py"), "--model_name_or_path",
-               str(checkpoint), "--output_dir", str(output), *review_files(tmp_path), *TINY_TRAINING,
-               "--push_to_hub", "--hub_model_id", "someone/tiny-classifier"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert result.returncode != 0
-    assert "is complete, but uploading it to someone/tiny-classifier failed" in result.stderr
-    assert "huggingface-cli upload" in result.stderr
+    error = run_example("finetune_text_classification.py", "--model_name_or_path", str(checkpoint), "--output_dir",
+                        str(output), *review_files(tmp_path), *TINY_TRAINING, "--push_to_hub", "--hub_model_id",
+                        "someone/tiny-classifier", cwd=tmp_path, succeed=False).stderr
+    assert "is complete, but uploading it to someone/tiny-classifier failed" in error
+    assert "huggingface-cli upload" in error
     for name in ("model.safetensors", "config.json", "tokenizer.json", "README.md"):
         assert (output / name).is_file(), name
-
-
-def run_failing_example(script: str, *args: str, cwd: Path) -> str:
-    import os
-    import subprocess
-
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args], capture_output=True, text=True,
-                            env=env, cwd=cwd)
-    assert result.returncode != 0
-    return result.stderr
 
 
 def test_bad_data_gets_an_error_that_names_the_fix(tmp_path):
@@ -221,11 +204,11 @@ def test_bad_data_gets_an_error_that_names_the_fix(tmp_path):
     for name in ("train", "dev"):
         (tmp_path / f"{name}.csv").write_text("text,sentiment\na joyful film,1\na dull mess,0\n")
     common = ["--model_name_or_path", str(checkpoint), "--output_dir", str(tmp_path / "run")]
-    error = run_failing_example("finetune_text_classification.py", *common, "--train_file", str(tmp_path / "train.csv"),
-                                "--validation_file", str(tmp_path / "dev.csv"), cwd=tmp_path)
+    error = run_example("finetune_text_classification.py", *common, "--train_file", str(tmp_path / "train.csv"),
+                        "--validation_file", str(tmp_path / "dev.csv"), cwd=tmp_path, succeed=False).stderr
     assert "No label column 'label'" in error and "--label_column_name" in error
     (tmp_path / "train.txt").write_text("a joyful film\n")
-    error = run_failing_example("finetune_text_classification.py", *common, "--train_file", str(tmp_path / "train.txt"),
-                                "--validation_file", str(tmp_path / "dev.csv"), cwd=tmp_path)
+    error = run_example("finetune_text_classification.py", *common, "--train_file", str(tmp_path / "train.txt"),
+                        "--validation_file", str(tmp_path / "dev.csv"), cwd=tmp_path, succeed=False).stderr
     assert "--train_file must be .csv, .json or .jsonl" in error
     assert not (tmp_path / "run").exists()
