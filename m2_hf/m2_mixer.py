@@ -22,7 +22,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .monarch import BlockdiagLinear, MonarchLinear
+from .monarch import BlockdiagLinear, MonarchLinear, _autocast_dtype, blockdiag_multiply
 
 __all__ = [
     "ConvolutionState",
@@ -30,6 +30,7 @@ __all__ = [
     "M2GatedMLP",
     "M2PreNormBlock",
     "M2SequenceMixer",
+    "Workspace",
     "causal_depthwise_conv",
     "fft_conv",
     "fft_long_conv",
@@ -60,12 +61,53 @@ def _per_channel(values: torch.Tensor, ndim: int) -> torch.Tensor:
     return values.view(values.shape[0], *([1] * (ndim - values.dim())), *values.shape[1:])
 
 
-def zero_padded_buffer(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+class Workspace:
+    """Scratch tensors of an inference forward on CPU, reused across the chunks of a mixer or MLP call and, when a model
+    passes one workspace to all its layers, across layers.
+
+    On CPU, glibc maps every freshly allocated block of more than a few MB and gives it back when it is freed, so each
+    new activation is page-faulted in again; at 16k tokens that cost M2-BERT about a tenth of its inference time. Only
+    tensors that never leave a layer live here: a tensor from :meth:`tensor` is valid until the next request of the
+    same ``name``.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def tensor(self, name: str, shape: tuple[int, ...], like: torch.Tensor, dtype: Optional[torch.dtype] = None):
+        """An uninitialised tensor of ``shape`` on ``like``'s device (and dtype, unless ``dtype`` is given)."""
+        dtype = like.dtype if dtype is None else dtype
+        if like.device.type != "cpu":
+            # Accelerators' caching allocators reuse memory already; holding scratch tensors would only raise the peak.
+            return like.new_empty(shape, dtype=dtype)
+        numel = math.prod(shape)
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype or buffer.device != like.device:
+            buffer = like.new_empty(numel, dtype=dtype)
+            self._buffers[name] = buffer
+        return buffer[:numel].view(shape)
+
+
+def _scratch(workspace: Optional[Workspace], name: str, shape, like: torch.Tensor) -> Optional[torch.Tensor]:
+    """``workspace.tensor(...)`` to pass as an ``out=`` argument, or None (a fresh output) without a workspace."""
+    return None if workspace is None else workspace.tensor(name, tuple(shape), like)
+
+
+def _gemm_output(workspace: Optional[Workspace], name: str, shape, like: torch.Tensor) -> Optional[torch.Tensor]:
+    """:func:`_scratch` for a matrix product, except under autocast, whose choice of dtype ``out=`` calls bypass."""
+    return None if _autocast_dtype(like.device.type) is not None else _scratch(workspace, name, shape, like)
+
+
+def zero_padded_buffer(
+    like: torch.Tensor, workspace: Optional[Workspace] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(buffer, head)``: an FFT-dtype buffer shaped like ``like`` but twice as long, its second half zero, and the
     view of its first half. Writing an input into ``head`` and passing ``padded=buffer`` to :func:`fft_conv` saves the
     copy that padding would make."""
     length = like.shape[-1]
-    buffer = like.new_empty(*like.shape[:-1], 2 * length, dtype=_fft_dtype(like.dtype))
+    shape = (*like.shape[:-1], 2 * length)
+    dtype = _fft_dtype(like.dtype)
+    buffer = like.new_empty(shape, dtype=dtype) if workspace is None else workspace.tensor("padded", shape, like, dtype)
     buffer[..., length:].zero_()
     return buffer, buffer[..., :length]
 
@@ -106,9 +148,12 @@ def fft_long_conv(
     return fft_conv(x, kernel_spectrum(k_forward, k_reverse), d)
 
 
-def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def causal_depthwise_conv(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Depthwise causal convolution of channel-major ``x`` ``[C, *batch, L]`` with an ``nn.Conv1d(groups=C)`` weight
-    ``[C, 1, K]``: ``y[t] = bias + Σ_j weight[K-1-j] x[t-j]``, zero before the start.
+    ``[C, 1, K]``: ``y[t] = bias + Σ_j weight[K-1-j] x[t-j]``, zero before the start; written into ``out`` if given
+    (without autograd).
 
     This is ``Conv1d(padding=K-1)`` truncated to the first L outputs, as the official short filter computes it, done as
     K shifted multiply-adds: on CPU about 4x faster than the depthwise convolution kernel, and no layout change.
@@ -116,9 +161,9 @@ def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     taps = weight.shape[-1]
     weight = _per_channel(weight.view(weight.shape[0], taps), x.dim() + 1).to(x.dtype)
     if bias is None:
-        y = x * weight[..., taps - 1]
+        y = torch.mul(x, weight[..., taps - 1], out=out)
     else:
-        y = torch.addcmul(_per_channel(bias.to(x.dtype), x.dim()), x, weight[..., taps - 1])
+        y = torch.addcmul(_per_channel(bias.to(x.dtype), x.dim()), x, weight[..., taps - 1], out=out)
     for shift in range(1, min(taps, x.shape[-1])):
         # In place on a view of y: autograd records it (y itself is not needed by any backward formula).
         y[..., shift:].addcmul_(x[..., :-shift], weight[..., taps - 1 - shift])
@@ -441,16 +486,20 @@ class M2SequenceMixer(nn.Module):
         if config.residual_long_conv:
             self.filter_fn2 = HyenaFilter(config, hidden, config.bidirectional)
 
-    def forward(self, u: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.out_linear(self.mix(u, mask)).view(u.shape)
+    def forward(
+        self, u: torch.Tensor, mask: Optional[torch.Tensor] = None, workspace: Optional[Workspace] = None
+    ) -> torch.Tensor:
+        return self.out_linear(self.mix(u, mask, workspace)).view(u.shape)
 
-    def mix(self, u: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def mix(
+        self, u: torch.Tensor, mask: Optional[torch.Tensor] = None, workspace: Optional[Workspace] = None
+    ) -> torch.Tensor:
         """Everything before the output projection: ``[B * L, hidden]`` (a transposed view of channel-major data).
 
-        The output projection is token-wise, so a caller can apply it chunk by chunk (as ``M2BertLayer`` does).
+        The output projection is token-wise, so a caller can apply it chunk by chunk (as ``M2BertLayer`` does). Where
+        autograd does not record, the result lives in ``workspace`` (if given) until its next use.
         """
         batch, length, hidden = u.shape
-        inplace = not records_autograd(self, u)
         if hasattr(self, "layernorm"):
             u = self.layernorm(u)
         tokens = u.reshape(batch * length, hidden)
@@ -461,14 +510,13 @@ class M2SequenceMixer(nn.Module):
         spectra = [(f.spectrum(length), f.bias) for f in filters]
         # An FFT of a channel over the batch holds 2 x B x 2L floats (real input and complex half spectrum).
         chunks = _chunks(hidden, 4 * batch * length * u.element_size(), 8, u.device)
-        if inplace:
+        if records_autograd(self, u):
+            mixed = torch.cat([self._mix_channels(tokens, c, batch, spectra, mask, projected=projected) for c in chunks])
+        else:
+            workspace = Workspace() if workspace is None else workspace
             mixed = None
             for channels in chunks:
-                mixed = self._mix_channels(tokens, channels, batch, spectra, mask, inplace, mixed, projected)
-        else:
-            mixed = torch.cat(
-                [self._mix_channels(tokens, c, batch, spectra, mask, inplace, projected=projected) for c in chunks]
-            )
+                mixed = self._mix_channels(tokens, channels, batch, spectra, mask, projected, mixed, workspace)
         return mixed.view(hidden, batch * length).t()
 
     def step(self, u: torch.Tensor, mask: Optional[torch.Tensor], state: ConvolutionState) -> torch.Tensor:
@@ -517,47 +565,52 @@ class M2SequenceMixer(nn.Module):
         batch: int,
         spectra,
         mask,
-        inplace: bool,
-        mixed: Optional[torch.Tensor] = None,
         projected: Optional[torch.Tensor] = None,
+        mixed: Optional[torch.Tensor] = None,
+        workspace: Optional[Workspace] = None,
     ) -> torch.Tensor:
         """The mixer for one chunk of channels, from the input projection to the gated long convolutions: channel-major
-        ``[c, B, L]``. In place, the chunk is written into ``mixed`` (all channels, allocated by the first chunk),
-        which is returned. ``projected`` (``[3H, B * L]``) is the input projection's output, when it was computed by
-        calling the layer."""
+        ``[c, B, L]``. ``projected`` (``[3H, B * L]``) is the input projection's output, when it was computed by
+        calling the layer.
+
+        Without ``workspace``, the computation is out of place (autograd records it). With it, intermediate results are
+        updated in place in its tensors and the chunk is written into ``mixed`` (all channels, taken from the workspace
+        by the first chunk), which is returned."""
         hidden = tokens.shape[1]
+        width = 3 * (channels.stop - channels.start)
         if projected is None:
             weight = self.in_linear.weight.view(3, hidden, hidden)[:, channels].reshape(-1, hidden)
             bias = self.in_linear.bias.view(3, hidden, 1)[:, channels].reshape(-1, 1)
-            z = torch.addmm(bias, weight, tokens.t())
+            out = _gemm_output(workspace, "projected", (width, tokens.shape[0]), tokens)
+            z = torch.addmm(bias, weight, tokens.t(), out=out)
         else:
             z = projected.reshape(3, hidden, -1)[:, channels].reshape(-1, projected.shape[-1])
+        inplace = workspace is not None
         # Padding is zeroed before each convolution: the short one (else real tokens after left padding would read
         # pad positions) and the long ones (the short convolution's bias and tail make pad positions non-zero).
         z = _zero_padding(z.view(z.shape[0], batch, -1), mask, inplace)
         taps = self.short_filter.weight.shape[-1]
         conv_weight = self.short_filter.weight.view(3, hidden, 1, taps)[:, channels].reshape(-1, 1, taps)
         conv_bias = self.short_filter.bias.view(3, hidden)[:, channels].reshape(-1)
-        x1, x2, v = causal_depthwise_conv(z, conv_weight, conv_bias).chunk(3, dim=0)
+        convolved = causal_depthwise_conv(z, conv_weight, conv_bias, out=_scratch(workspace, "convolved", z.shape, z))
+        x1, x2, v = convolved.chunk(3, dim=0)
         if not inplace:
             y = fft_conv(_zero_padding(v * x1, mask), spectra[0][0][channels], spectra[0][1][channels]) * x2
             if len(spectra) > 1:
                 residual = _zero_padding(tokens[:, channels].t().view(v.shape), mask)
                 y = y + fft_conv(residual, spectra[1][0][channels], spectra[1][1][channels])
             return y
-        # Without autograd: inputs go straight into zero-padded FFT buffers and results straight into `mixed`.
+        # Inputs go straight into a zero-padded FFT buffer and results straight into `mixed`.
         if mixed is None:
-            mixed = v.new_empty(hidden, *v.shape[1:])
-        padded, gated = zero_padded_buffer(v)
+            mixed = workspace.tensor("mixed", (hidden, *v.shape[1:]), v)
+        padded, gated = zero_padded_buffer(v, workspace)
         _zero_padding(torch.mul(v, x1, out=gated), mask, inplace=True)
         y = fft_conv(gated, spectra[0][0][channels], spectra[0][1][channels], inplace=True, padded=padded)
-        if len(spectra) == 1:
-            torch.mul(y, x2, out=mixed[channels])
-            return mixed
-        y.mul_(x2)
-        _zero_padding(gated.copy_(tokens[:, channels].t().view(v.shape)), mask, inplace=True)
-        residual = fft_conv(gated, spectra[1][0][channels], spectra[1][1][channels], inplace=True, padded=padded)
-        torch.add(y, residual, out=mixed[channels])
+        torch.mul(y, x2, out=mixed[channels])
+        if len(spectra) > 1:
+            _zero_padding(gated.copy_(tokens[:, channels].t().view(v.shape)), mask, inplace=True)
+            residual = fft_conv(gated, spectra[1][0][channels], spectra[1][1][channels], inplace=True, padded=padded)
+            mixed[channels].add_(residual)
         return mixed
 
 
@@ -582,34 +635,71 @@ class M2GatedMLP(nn.Module):
         if post_norm:
             self.layernorm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, projection: Optional[nn.Module] = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, projection: Optional[nn.Module] = None, workspace: Optional[Workspace] = None
+    ) -> torch.Tensor:
         """``x``: ``[..., hidden]``. With ``projection``, the MLP (and its residual) reads ``projection(x)``, computed
-        chunk by chunk: this fuses a preceding token-wise layer without materialising its whole output."""
+        chunk by chunk: this fuses a preceding token-wise layer without materialising its whole output. Where autograd
+        does not record, the chunks' intermediate results live in ``workspace`` (a new one if not given)."""
         tokens = x.reshape(-1, x.shape[-1])
         # Token-wise: run over chunks of tokens whose widest activation (the gated layer's output) stays small.
         chunks = _chunks(tokens.shape[0], self.gated_layers.out_features * x.element_size(), 64, x.device)
-        out = [self._mlp_tokens(tokens[rows] if projection is None else projection(tokens[rows])) for rows in chunks]
-        out = torch.cat(out) if len(out) > 1 else out[0]
+        if records_autograd(self, x) or (projection is not None and records_autograd(projection, x)):
+            out = [self._mlp_tokens(_project(projection, tokens[rows], None)) for rows in chunks]
+            out = torch.cat(out) if len(out) > 1 else out[0]
+        else:
+            workspace = Workspace() if workspace is None else workspace
+            out = None
+            for rows in chunks:
+                y = self._mlp_tokens(_project(projection, tokens[rows], workspace), workspace)
+                if out is None:
+                    out = y.new_empty(tokens.shape[0], y.shape[-1])
+                out[rows] = y
         return out.view(*x.shape[:-1], out.shape[-1])
 
-    def _mlp_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        inplace = not records_autograd(self, x)
-        hidden = self.gated_layers(x)
+    def _mlp_tokens(self, x: torch.Tensor, workspace: Optional[Workspace] = None) -> torch.Tensor:
+        """The MLP of a chunk of tokens ``[N, hidden]``; in place, in ``workspace``'s tensors, if given."""
+        inplace = workspace is not None
+        hidden = _linear(self.gated_layers, x, workspace, "gated")
         if self.use_glu:
             gate, value = hidden.chunk(2, dim=-1)
             hidden = self.act(gate).mul_(value) if inplace else self.act(gate) * value
         else:
             hidden = self.act(hidden)
-        out = self.wo(self.dropout(hidden))
+        out = _linear(self.wo, self.dropout(hidden), workspace, "mlp_output")
         if not hasattr(self, "layernorm"):
             return out
         return self.layernorm(out.add_(x) if inplace else out + x)
 
 
+def _linear(layer: nn.Module, x: torch.Tensor, workspace: Optional[Workspace], name: str) -> torch.Tensor:
+    """``layer(x)`` for 2-D ``x``. With a workspace, a plain dense or block-diagonal layer writes into its tensor
+    ``name``; any other layer (a PEFT wrapper, a Monarch layer) is called as it is."""
+    out = _gemm_output(workspace, name, (x.shape[0], getattr(layer, "out_features", 0)), x)
+    if out is None:
+        return layer(x)
+    if type(layer) is nn.Linear:
+        if layer.bias is None:
+            return torch.mm(x, layer.weight.t(), out=out)
+        return torch.addmm(layer.bias, x, layer.weight.t(), out=out)
+    if type(layer) is BlockdiagLinear and (layer.in_features_padded, layer.out_features_padded) == (
+        layer.in_features,
+        layer.out_features,
+    ):
+        out = blockdiag_multiply(x, layer.weight, out=out)
+        return out if layer.bias is None else out.add_(layer.bias)
+    return layer(x)
+
+
+def _project(projection: Optional[nn.Module], x: torch.Tensor, workspace: Optional[Workspace]) -> torch.Tensor:
+    return x if projection is None else _linear(projection, x, workspace, "mlp_input")
+
+
 class M2PreNormBlock(GradientCheckpointingLayer):
     """The pre-LayerNorm residual block of M2-GPT and M2-ViT: ``h + mixer(LN(h))``, then ``h + mlp(LN(h))``, with
     dropout on the residual branches. Given a causal mixer's ``cache`` (`ConvolutionState`), the mixer continues the
-    sequence that the state holds (`M2SequenceMixer.step`) instead of mixing the inputs alone."""
+    sequence that the state holds (`M2SequenceMixer.step`) instead of mixing the inputs alone. A `Workspace` shared by
+    the blocks of a model lets them reuse one set of scratch tensors in inference."""
 
     def __init__(self, config) -> None:
         super().__init__()
@@ -624,12 +714,13 @@ class M2PreNormBlock(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         mask: Optional[torch.Tensor] = None,
         cache: Optional[ConvolutionState] = None,
+        workspace: Optional[Workspace] = None,
         **kwargs,
     ) -> torch.Tensor:
         normed = self.input_layernorm(hidden_states)
         if cache is None:
-            mixed = self.mixer(normed, mask)
+            mixed = self.mixer(normed, mask, workspace)
         else:
             mixed = self.mixer.step(normed, mask, cache)
         hidden_states = hidden_states + self.dropout(mixed)
-        return hidden_states + self.dropout(self.mlp(self.post_mixer_layernorm(hidden_states)))
+        return hidden_states + self.dropout(self.mlp(self.post_mixer_layernorm(hidden_states), workspace=workspace))

@@ -222,20 +222,25 @@ def _monarch_multiply_for_inference(x: torch.Tensor, w1: torch.Tensor, w2: torch
     return torch.bmm(g, w2.transpose(1, 2)).permute(1, 2, 0).reshape(n, s * l)
 
 
-def blockdiag_multiply(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Block-diagonal multiply of a 2-D ``x`` ``(N, b*p)`` by ``weight`` ``(b, s, p)``; returns ``(N, b*s)``."""
+def blockdiag_multiply(x: torch.Tensor, weight: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Block-diagonal multiply of a 2-D ``x`` ``(N, b*p)`` by ``weight`` ``(b, s, p)``; returns ``(N, b*s)``, written
+    into ``out`` if given (only where autograd does not record)."""
     n = x.shape[0]
     b, s, p = weight.shape
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        out = torch.bmm(x.reshape(n, b, p).transpose(0, 1), weight.transpose(1, 2))
-        return out.transpose(0, 1).reshape(n, b * s)
+        if out is not None:
+            raise ValueError("blockdiag_multiply cannot write into `out` while autograd records the product.")
+        product = torch.bmm(x.reshape(n, b, p).transpose(0, 1), weight.transpose(1, 2))
+        return product.transpose(0, 1).reshape(n, b * s)
     # Without a backward pass each block's GEMM can read its input columns and write its output columns in place,
     # which skips the two activation transposes of the batched form (about 30% faster for M2-BERT's MLP on CPU).
     cast = _autocast_dtype(x.device.type)  # `out=` calls bypass autocast: cast by hand
     if cast is not None:
         x, weight = x.to(cast), weight.to(cast)
-    x = x.contiguous()
-    out = x.new_empty(n, b * s, dtype=torch.result_type(x, weight))
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if out is None:
+        out = x.new_empty(n, b * s, dtype=torch.result_type(x, weight))
     for block in range(b):
         torch.mm(x[:, block * p : (block + 1) * p], weight[block].t(), out=out[:, block * s : (block + 1) * s])
     return out

@@ -277,6 +277,39 @@ def test_without_mask_padding_leaks_as_in_the_official_model():
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def test_workspace_reuses_its_tensors_by_name():
+    from m2_hf.m2_mixer import Workspace
+
+    workspace, like = Workspace(), torch.zeros(1)
+    first = workspace.tensor("a", (4, 6), like)
+    assert workspace.tensor("a", (3, 5), like).data_ptr() == first.data_ptr()  # smaller: the same memory
+    assert workspace.tensor("b", (4, 6), like).data_ptr() != first.data_ptr()  # another name: its own
+    grown = workspace.tensor("a", (5, 6), like)
+    assert grown.shape == (5, 6) and grown.data_ptr() != first.data_ptr()
+    assert workspace.tensor("a", (2, 2), like, torch.complex64).dtype == torch.complex64
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.bfloat16, 0.05), (torch.float16, 0.01)])
+def test_inference_under_autocast_computes_in_the_autocast_dtype(dtype, tolerance, monkeypatch):
+    """The inference path writes matrix products into preallocated tensors, which autocast does not see; under
+    autocast it must compute in autocast's dtype all the same: as far from float32 as the recorded forward, and
+    within rounding of it."""
+    import m2_hf.m2_mixer as mixer_module
+
+    model = tiny_model(M2BertModel)
+    ids = torch.randint(5, 30000, (2, 50))
+    monkeypatch.setattr(mixer_module, "_CPU_CHUNK_BYTES", 1)
+    with torch.no_grad():
+        full_precision = model(ids).last_hidden_state
+    with torch.autocast("cpu", dtype=dtype):
+        recorded = model(ids).last_hidden_state.detach()
+        with torch.no_grad():
+            inferred = model(ids).last_hidden_state
+    torch.testing.assert_close(inferred, recorded, rtol=0, atol=tolerance)
+    rounding = (recorded - full_precision).abs().max()
+    assert (inferred - full_precision).abs().max() > rounding / 4 > 1e-4
+
+
 def test_too_long_input_names_long_conv_l_max():
     model = tiny_model()
     with pytest.raises(ValueError, match="long_conv_l_max"):

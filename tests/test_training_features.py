@@ -482,6 +482,29 @@ def test_lora_on_the_mixer_input_projection_reaches_every_mixer_path(case_name, 
         torch.testing.assert_close(outputs, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{path}: {m}")
 
 
+@pytest.mark.parametrize("case_name", ["m2_bert_masked_lm", "m2_gpt_causal_lm", "m2_vit_image_classification"])
+def test_inference_keeps_every_layers_hidden_states(case_name, monkeypatch):
+    """In inference the layers of a model share one `Workspace` of scratch tensors; what a layer returns must stay
+    its own. Every recorded hidden state equals the one computed with autograd, over many small chunks."""
+    import m2_hf.m2_mixer as mixer_module
+
+    case = CASES[case_name]
+    inputs = model_inputs(case.examples(2))
+    if "attention_mask" in inputs:
+        inputs["attention_mask"][0, :3] = 0
+    if case_name == "m2_gpt_causal_lm":
+        inputs["use_cache"] = False
+    model = case.build()
+    monkeypatch.setattr(mixer_module, "_CPU_CHUNK_BYTES", 1)
+    recorded = model(**inputs, output_hidden_states=True).hidden_states
+    with torch.no_grad():
+        inferred = model(**inputs, output_hidden_states=True).hidden_states
+    assert len(inferred) == len(recorded) >= 3
+    assert len({state.data_ptr() for state in inferred}) == len(inferred)
+    for layer, (got, expected) in enumerate(zip(inferred, recorded)):
+        torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-5, msg=lambda m: f"layer {layer}: {m}")
+
+
 def structured_layer_names(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, (MonarchLinear, BlockdiagLinear))]
 
