@@ -3,7 +3,7 @@
 
 Reproduce (from the repository root, inside the project's virtual environment)::
 
-    python benchmarks/bench_long_context.py                    # full default run: ~40 min on 2 cores; quiet machine
+    python benchmarks/bench_long_context.py                    # full default run: ~30 min on 2 cores; quiet machine
     python benchmarks/bench_long_context.py --quick            # smoke test with tiny models, seconds
     python benchmarks/bench_long_context.py --lengths 512 4096 --no-memory   # a subset, timing only
 
@@ -29,8 +29,9 @@ Outputs: a table on stdout, a targets check (PASS/MISS, never a failing exit sta
 and the run's metadata, and a PNG (throughput and peak memory against the length). Progress goes to stderr.
 
 Cost: every measured length takes ``1 memory probe + 1 warm-up + repeats`` forwards of each model. On a 2-core AMD
-EPYC (AVX512) one base-size forward of 16384 tokens takes roughly 20-50 s for M2 and 25 s (length 512) to ~100 s
-(length 16384, attention-bound) for BERT, so the default run takes about 40 minutes.
+EPYC (AVX512) one base-size forward of 16384 tokens takes roughly 13-14 s for M2 (25-30 s cold, when it computes
+its filters) and 20 s (length 512) to ~90 s (length 16384, attention-bound) for BERT, so the default run takes about
+30 minutes.
 """
 
 from __future__ import annotations
