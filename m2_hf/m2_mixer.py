@@ -674,21 +674,19 @@ class M2GatedMLP(nn.Module):
 
 def _linear(layer: nn.Module, x: torch.Tensor, workspace: Optional[Workspace], name: str) -> torch.Tensor:
     """``layer(x)`` for 2-D ``x``. With a workspace, a plain dense or block-diagonal layer writes into its tensor
-    ``name``; any other layer (a PEFT wrapper, a Monarch layer) is called as it is."""
-    out = _gemm_output(workspace, name, (x.shape[0], getattr(layer, "out_features", 0)), x)
+    ``name``; any other layer (a PEFT wrapper, a Monarch layer, a padded block-diagonal one) is called as it is."""
+    dense = type(layer) is nn.Linear
+    blockdiag = type(layer) is BlockdiagLinear and layer.in_features_padded == layer.in_features
+    blockdiag = blockdiag and layer.out_features_padded == layer.out_features
+    out = _gemm_output(workspace, name, (x.shape[0], layer.out_features), x) if dense or blockdiag else None
     if out is None:
         return layer(x)
-    if type(layer) is nn.Linear:
+    if dense:
         if layer.bias is None:
             return torch.mm(x, layer.weight.t(), out=out)
         return torch.addmm(layer.bias, x, layer.weight.t(), out=out)
-    if type(layer) is BlockdiagLinear and (layer.in_features_padded, layer.out_features_padded) == (
-        layer.in_features,
-        layer.out_features,
-    ):
-        out = blockdiag_multiply(x, layer.weight, out=out)
-        return out if layer.bias is None else out.add_(layer.bias)
-    return layer(x)
+    out = blockdiag_multiply(x, layer.weight, out=out)
+    return out if layer.bias is None else out.add_(layer.bias)
 
 
 def _project(projection: Optional[nn.Module], x: torch.Tensor, workspace: Optional[Workspace]) -> torch.Tensor:

@@ -223,6 +223,29 @@ def test_mlp_options(mlp_type, cls):
     assert model(ids).logits.shape == dense(ids).logits.shape == (2, 9, 30528)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"hidden_size": 36, "intermediate_size": 72, "monarch_mlp_nblocks": 8},  # padded block-diagonal layers
+        {"monarch_mlp_type": "monarch"},
+        {"use_monarch_mlp": False},
+        {"use_monarch_mlp": False, "use_glu_mlp": False},
+    ],
+)
+def test_every_mlp_option_infers_what_autograd_computes(overrides, monkeypatch):
+    """Inference writes plain dense and exactly block-diagonal layers into workspace tensors and calls the others."""
+    import m2_hf.m2_mixer as mixer_module
+
+    model = tiny_model(M2BertModel, **overrides)
+    ids = torch.randint(5, 30000, (2, 50))
+    monkeypatch.setattr(mixer_module, "_CPU_CHUNK_BYTES", 1)
+    recorded = model(ids).last_hidden_state.detach()
+    with torch.no_grad():
+        inferred = model(ids).last_hidden_state
+    torch.testing.assert_close(inferred, recorded, rtol=1e-5, atol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The attention mask
 # --------------------------------------------------------------------------------------------------------------------
