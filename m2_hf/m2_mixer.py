@@ -82,7 +82,7 @@ class Workspace:
             return like.new_empty(shape, dtype=dtype)
         numel = math.prod(shape)
         buffer = self._buffers.get(name)
-        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype or buffer.device != like.device:
+        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
             buffer = like.new_empty(numel, dtype=dtype)
             self._buffers[name] = buffer
         return buffer[:numel].view(shape)
@@ -577,11 +577,10 @@ class M2SequenceMixer(nn.Module):
         updated in place in its tensors and the chunk is written into ``mixed`` (all channels, taken from the workspace
         by the first chunk), which is returned."""
         hidden = tokens.shape[1]
-        width = 3 * (channels.stop - channels.start)
         if projected is None:
             weight = self.in_linear.weight.view(3, hidden, hidden)[:, channels].reshape(-1, hidden)
             bias = self.in_linear.bias.view(3, hidden, 1)[:, channels].reshape(-1, 1)
-            out = _gemm_output(workspace, "projected", (width, tokens.shape[0]), tokens)
+            out = _gemm_output(workspace, "projected", (weight.shape[0], tokens.shape[0]), tokens)
             z = torch.addmm(bias, weight, tokens.t(), out=out)
         else:
             z = projected.reshape(3, hidden, -1)[:, channels].reshape(-1, projected.shape[-1])
