@@ -66,7 +66,7 @@ class Workspace:
     passes one workspace to all its layers, across layers.
 
     On CPU, glibc maps every freshly allocated block of more than a few MB and gives it back when it is freed, so each
-    new activation is page-faulted in again; at 16k tokens that cost M2-BERT about a tenth of its inference time. Only
+    new activation is page-faulted in again (`benchmarks/profile_m2_bert_inference.py` counts the faults). Only
     tensors that never leave a layer live here: a tensor from :meth:`tensor` is valid until the next request of the
     same ``name``.
     """
