@@ -1,4 +1,8 @@
-"""The `m2-convert` command line (also `python -m conversion`)."""
+"""The `m2-convert` command line (also `python -m conversion`).
+
+Every failure ends in one line `m2-convert: error: ...` on stderr and exit code 2; `--debug` shows the traceback
+instead.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,26 @@ from pathlib import Path
 
 from .checkpoints import ConversionError
 
+PROG = "m2-convert"
 
-def _m2_bert(args: argparse.Namespace) -> dict:
-    from .m2_bert import convert_m2_bert
 
-    return convert_m2_bert(args.source, args.destination, overwrite=args.overwrite, dry_run=args.dry_run)
+class UsageError(ConversionError):
+    """Arguments that argparse refused."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(f"{message}; see `{self.prog} --help`")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _nblocks(values: list[str]) -> dict[str, int]:
@@ -26,6 +45,12 @@ def _nblocks(values: list[str]) -> dict[str, int]:
         except ValueError:
             raise ConversionError(f"--nblocks takes N or TARGET=N (for example 4, or mlp=4 attention=2), got {value!r}.")
     return parsed
+
+
+def _m2_bert(args: argparse.Namespace) -> dict:
+    from .m2_bert import convert_m2_bert
+
+    return convert_m2_bert(args.source, args.destination, overwrite=args.overwrite, dry_run=args.dry_run)
 
 
 def _monarch(args: argparse.Namespace) -> dict:
@@ -58,27 +83,61 @@ def _inspect(args: argparse.Namespace) -> dict:
     return report
 
 
+def _subcommand(commands, name: str, help: str, examples: str, run) -> argparse.ArgumentParser:
+    parser = commands.add_parser(
+        name, help=help, description=help[0].upper() + help[1:] + ".", epilog="examples:\n" + examples,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser, destination_help: str) -> None:
+    parser.add_argument("destination", type=Path, help=destination_help + " (must not exist, or be empty, unless "
+                        "--overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the destination if it is an earlier m2-convert output (never any other folder)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="do all the checks and the conversion in memory, print the report, write nothing")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="m2-convert", description="Convert checkpoints to and from m2-hf formats.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog=PROG, description="Convert checkpoints to and from m2-hf formats. The source is never "
+                     "modified; the output appears complete or not at all.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    m2_bert = commands.add_parser("m2-bert", help="a released M2-BERT checkpoint folder to a native m2-hf folder")
-    m2_bert.add_argument("source", type=Path, help="released checkpoint folder (config.json + weights)")
-    m2_bert.add_argument("destination", type=Path, help="output folder (must not exist unless --overwrite)")
-    m2_bert.add_argument("--overwrite", action="store_true", help="replace an existing destination")
-    m2_bert.add_argument("--dry-run", action="store_true", help="check and report, write nothing")
-    m2_bert.set_defaults(run=_m2_bert)
+    m2_bert = _subcommand(
+        commands, "m2-bert", "convert a released M2-BERT checkpoint folder (HazyResearch/m2 format) to a native m2-hf "
+        "folder", "  m2-convert m2-bert ./m2-bert-80M ./m2-bert-80M-hf\n"
+        "  m2-convert m2-bert ./m2-bert-80M ./m2-bert-80M-hf --dry-run", _m2_bert,
+    )
+    m2_bert.add_argument("source", help="released checkpoint folder (config.json plus pytorch_model.bin or "
+                         "safetensors, tokenizer files), or a Hub repo id when the Hub is reachable")
+    _add_output_arguments(m2_bert, "folder to write the native m2-hf checkpoint to")
 
-    monarch = commands.add_parser("monarch", help="a BERT/RoBERTa/DistilBERT/GPT-2 checkpoint to Monarch layers")
+    monarch = _subcommand(
+        commands, "monarch", "project the linear layers of a dense BERT, RoBERTa, DistilBERT or GPT-2 checkpoint to "
+        "Monarch (or block-diagonal) layers",
+        "  m2-convert monarch ./bert-base ./bert-base-monarch --targets mlp --nblocks 4\n"
+        "  m2-convert monarch ./gpt2 ./gpt2-monarch --targets all --nblocks mlp=4 attention=2 --dry-run\n"
+        "  m2-convert monarch ./minilm ./minilm-monarch --method calibrated --calibration-file text.txt",
+        _monarch,
+    )
     monarch.add_argument("source", help="checkpoint folder (config.json, weights, tokenizer files), or a Hub repo id "
                          "when the Hub is reachable")
-    monarch.add_argument("destination", type=Path, help="output folder (must not exist unless --overwrite)")
-    monarch.add_argument("--targets", nargs="+", default=["mlp"],
+    _add_output_arguments(monarch, "folder to write the converted checkpoint to")
+    monarch.add_argument("--targets", nargs="+", default=["mlp"], metavar="TARGET",
                          help="presets mlp, attention, all, or regular expressions matching whole layer names "
-                              "(default: mlp)")
+                              "(default: mlp); put them after SOURCE DESTINATION")
     monarch.add_argument("--nblocks", nargs="+", default=["4"], metavar="N|TARGET=N",
-                         help="blocks per layer, for every target or per target (default: 4)")
-    monarch.add_argument("--structure", choices=["monarch", "blockdiag"], default="monarch")
+                         help="blocks per layer, for every target or per target (default: 4); nblocks=1 keeps a "
+                              "layer's size, larger values shrink it more")
+    monarch.add_argument("--structure", choices=["monarch", "blockdiag"], default="monarch",
+                         help="monarch: two block-diagonal factors with a permutation between them (MonarchLinear); "
+                              "blockdiag: one block-diagonal factor (BlockdiagLinear, M2-BERT's MLP layer) "
+                              "(default: monarch)")
     monarch.add_argument("--method", choices=["closed-form", "calibrated"], default="closed-form",
                          help="closed-form projection, or calibrated: fitted to the layers' outputs on the calibration "
                               "text (default: closed-form)")
@@ -86,33 +145,67 @@ def build_parser() -> argparse.ArgumentParser:
                          "--method calibrated, fit) the converted model against the original on it")
     monarch.add_argument("--evaluation-file", type=Path, help="plain text to compare against the original on, when "
                          "it should differ from the calibration text (held-out text)")
-    monarch.add_argument("--calibration-samples", type=int, default=1000,
+    monarch.add_argument("--calibration-samples", type=_positive_int, default=1000, metavar="N",
                          help="lines used from each text file (default: 1000)")
     monarch.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the finished folder to this Hub repo")
-    monarch.add_argument("--overwrite", action="store_true", help="replace an existing destination")
-    monarch.add_argument("--dry-run", action="store_true", help="convert and report, write nothing")
-    monarch.set_defaults(run=_monarch)
 
-    dense = commands.add_parser("dense", help="a Monarch-converted folder back to the dense original (exact)")
-    dense.add_argument("source", type=Path)
-    dense.add_argument("destination", type=Path)
-    dense.add_argument("--overwrite", action="store_true", help="replace an existing destination")
-    dense.add_argument("--dry-run", action="store_true", help="check and report, write nothing")
-    dense.set_defaults(run=_dense)
+    dense = _subcommand(
+        commands, "dense", "turn a Monarch-converted folder back into the dense original architecture (exact reverse "
+        "sparsification)", "  m2-convert dense ./bert-base-monarch ./bert-base-dense", _dense,
+    )
+    dense.add_argument("source", type=Path, help="a folder written by `m2-convert monarch` (or fine-tuned from one)")
+    _add_output_arguments(dense, "folder to write the plain Transformers checkpoint to")
 
-    inspect = commands.add_parser("inspect", help="what a checkpoint folder holds")
-    inspect.add_argument("path", type=Path)
-    inspect.set_defaults(run=_inspect)
+    inspect = _subcommand(
+        commands, "inspect", "show what a checkpoint folder holds: architecture, remote code, structured layers, "
+        "parameters and dtypes", "  m2-convert inspect ./bert-base-monarch", _inspect,
+    )
+    inspect.add_argument("path", type=Path, help="a checkpoint folder (config.json plus weights)")
     return parser
 
 
+def _usage_hint(message: str, argv: list[str]) -> str:
+    """Say why SOURCE and DESTINATION went missing when a list option came first and took them as its values."""
+    swallowing = [option for option in ("--targets", "--nblocks") if option in argv]
+    if "the following arguments are required" in message and swallowing:
+        return (f"{message}. {' and '.join(swallowing)} take every value up to the next option, so they took "
+                "SOURCE and DESTINATION too: put them after SOURCE DESTINATION, or end their values with --")
+    return message
+
+
+def _fail(message: str) -> int:
+    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
     try:
+        args = build_parser().parse_args(argv)
         report = args.run(args)
+    except UsageError as error:
+        if debug:
+            raise
+        return _fail(_usage_hint(str(error), argv))
     except ConversionError as error:
-        print(f"m2-convert {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        if debug:
+            raise
+        return _fail(str(error))
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{PROG}: error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as error:  # a failure this tool did not foresee: still one line, and the way to see more
+        if debug:
+            raise
+        return _fail(f"unexpected {type(error).__name__}: {error}. Rerun with --debug for the traceback, and please "
+                     "report it.")
+    for warning in report.get("warnings", []):
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    if report.get("destination_problem"):
+        print(f"{PROG}: warning: a real run would stop: {report['destination_problem']}", file=sys.stderr)
     if args.command != "inspect":
         print(json.dumps(report, indent=2))
     return 0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import read_config, read_state_dict
+from .checkpoints import local_folder, read_config, read_state_dict
 
 
 def structured_layers(state: dict[str, torch.Tensor]) -> dict[str, dict]:
@@ -25,6 +25,7 @@ def structured_layers(state: dict[str, torch.Tensor]) -> dict[str, dict]:
 
 
 def inspect_folder(folder: Path) -> dict:
+    folder = local_folder(folder, role="checkpoint")
     config = read_config(folder)
     state = read_state_dict(folder)
     unique = {tensor.data_ptr(): tensor for tensor in state.values() if tensor.is_floating_point()}

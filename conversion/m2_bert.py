@@ -14,10 +14,12 @@ from model_cards import render_model_card
 
 from .checkpoints import (
     ConversionError,
-    check_destination,
+    OutputFolder,
+    check_finite,
+    copy_tokenizer_files,
     read_config,
     read_state_dict,
-    write_model_folder,
+    resolve_source,
 )
 
 # Config entries that describe the source's own code or training run, not the model.
@@ -99,31 +101,54 @@ def _head_for(state: dict[str, torch.Tensor]) -> type:
 def read_released_checkpoint(source: Path) -> ReleasedCheckpoint:
     raw_config = read_config(source)
     state, dropped = _drop_aliases_and_buffers(_with_bert_prefix(read_state_dict(source)))
+    check_finite(state.items(), source)
     values = {k: v for k, v in raw_config.items() if k not in _DROPPED_CONFIG_KEYS}
     values.update(_settings_from_keys(state))
     head = _head_for(state)
     if head is M2BertModel:
         state = {key[len("bert."):] if key.startswith("bert.") else key: value for key, value in state.items()}
-    return ReleasedCheckpoint(M2BertConfig(**values), state, head, dropped)
+    try:
+        config = M2BertConfig(**values)
+    except (ValueError, TypeError) as error:
+        raise ConversionError(f"{source / 'config.json'} is not a valid M2-BERT config: {error}") from error
+    return ReleasedCheckpoint(config, state, head, dropped)
 
 
-def _load_strictly(checkpoint: ReleasedCheckpoint):
+def _listed(keys: list[str]) -> str:
+    return f"{', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''} ({len(keys)})"
+
+
+def _shape_mismatches(model, state: dict[str, torch.Tensor]) -> list[str]:
+    expected = model.state_dict()
+    return [
+        f"{key}: weights {tuple(value.shape)}, config {tuple(expected[key].shape)}"
+        for key, value in state.items() if key in expected and expected[key].shape != value.shape
+    ]
+
+
+def _load_strictly(checkpoint: ReleasedCheckpoint, source: Path):
     model = checkpoint.head(checkpoint.config)
+    mismatches = _shape_mismatches(model, checkpoint.state)
+    if mismatches:
+        raise ConversionError(
+            f"The weights in {source} do not fit its config.json: {len(mismatches)} tensors have other shapes, for "
+            f"example {'; '.join(mismatches[:2])}. Fix config.json (hidden_size, intermediate_size, "
+            "num_hidden_layers, ...) to describe these weights."
+        )
     missing, unexpected = model.load_state_dict(checkpoint.state, strict=False)
-    # The decoder is tied to the word embeddings (some releases store only one of the two); a bare encoder may come
-    # without a pooler, which then keeps its fresh initialisation.
-    missing = [key for key in missing if key != "cls.predictions.decoder.weight" and not key.startswith("pooler.")]
+    # The decoder is tied to the word embeddings (some releases store only one of the two).
+    missing = [key for key in missing if key != "cls.predictions.decoder.weight"]
     if missing or unexpected:
         raise ConversionError(
-            "The weights do not fit the config: "
-            + (f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}; " if missing else "")
-            + (f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}" if unexpected else "")
-            + ". Nothing was written."
+            f"The weights in {source} are not a complete {checkpoint.head.__name__}: "
+            + "; ".join(f"{kind} {_listed(keys)}" for kind, keys in (("missing", missing), ("unexpected", unexpected))
+                        if keys)
+            + ". Converting would invent random weights or drop real ones; use the complete released checkpoint."
         )
     return model.eval()
 
 
-def _model_card(model, source: Path, dropped: list[str]):
+def _model_card(model, source_name: str, dropped: list[str]):
     config = model.config
     mlp = (
         f"GLU with BlockdiagLinear, {config.monarch_mlp_nblocks} blocks" if config.use_monarch_mlp else "GLU, dense"
@@ -133,32 +158,34 @@ def _model_card(model, source: Path, dropped: list[str]):
         pipeline_tag="fill-mask" if isinstance(model, M2BertForMaskedLM) else "feature-extraction",
     )
     return render_model_card(
-        "m2-bert", data, model_name=f"M2-BERT ({source.name})", repo_id=source.name,
-        model_description=f"Converted with `m2-convert m2-bert` from the released checkpoint `{source.name}`.",
+        "m2-bert", data, model_name=f"M2-BERT ({source_name})", repo_id=source_name,
+        model_description=f"Converted with `m2-convert m2-bert` from the released checkpoint `{source_name}`.",
         hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers, mlp_description=mlp,
         max_length=config.long_conv_l_max, num_parameters=f"{sum(p.numel() for p in model.parameters()):,}",
-        source=str(source.name), measurements=f"Dropped {len(dropped)} alias/buffer tensors of the source format.",
+        source=source_name, measurements=f"Dropped {len(dropped)} alias/buffer tensors of the source format.",
     )
 
 
-def convert_m2_bert(source: Path, destination: Path, overwrite: bool = False, dry_run: bool = False) -> dict:
+def convert_m2_bert(source, destination: Path, overwrite: bool = False, dry_run: bool = False) -> dict:
     """Convert a released M2-BERT folder; returns a report. Writes nothing when `dry_run` or on any error."""
-    source, destination = Path(source), Path(destination)
-    check_destination(source, destination, overwrite)
-    checkpoint = read_released_checkpoint(source)
-    model = _load_strictly(checkpoint)
-    report = {
-        "source": str(source),
-        "architecture": type(model).__name__,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "long_conv_l_max": checkpoint.config.long_conv_l_max,
-        "dropped_tensors": len(checkpoint.dropped),
-    }
-    if dry_run:
-        return report
-    card = _model_card(model, source, checkpoint.dropped)
-    report["tokenizer_files"] = write_model_folder(
-        model, source, destination, overwrite, lambda folder, _: card.save(folder / "README.md")
-    )
+    source = resolve_source(source)
+    with OutputFolder(destination, [source.path], overwrite, dry_run) as output:
+        destination_problem = output.prepare()
+        checkpoint = read_released_checkpoint(source.path)
+        model = _load_strictly(checkpoint, source.path)
+        report = {
+            "command": "m2-bert",
+            "source": source.name,
+            "architecture": type(model).__name__,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "long_conv_l_max": checkpoint.config.long_conv_l_max,
+            "dropped_tensors": len(checkpoint.dropped),
+        }
+        if dry_run:
+            return {**report, "destination_problem": destination_problem}
+        model.save_pretrained(output.staging)
+        report["tokenizer_files"] = copy_tokenizer_files(source.path, output.staging)
+        _model_card(model, source.name, checkpoint.dropped).save(output.staging / "README.md")
+        output.commit(report)
     report["destination"] = str(destination)
     return report

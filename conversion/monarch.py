@@ -21,6 +21,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.pytorch_utils import Conv1D
 
 import transformers
@@ -30,14 +31,17 @@ from m2_hf.modeling_monarch_converted import STRUCTURED_CLASSES
 
 from .checkpoints import (
     ConversionError,
-    check_destination,
+    OutputFolder,
+    Source,
+    check_finite,
+    check_weight_files,
+    copy_tokenizer_files,
+    has_tokenizer_vocabulary,
+    local_folder,
     push_folder_to_hub,
     read_config,
     resolve_source,
-    write_model_folder,
 )
-
-REPORT_FILE = "conversion_report.json"
 
 # Target presets per original model type: regular expressions that must match a whole module name (relative to the
 # base model). "all" is every linear layer of the transformer blocks; embeddings, norms, poolers and heads stay dense.
@@ -116,36 +120,80 @@ def _shape(layer: nn.Module) -> tuple[int, int]:
     return tuple(dense_weight_and_bias(layer)[0].shape)
 
 
-def _original_class(config: dict, model_type: str) -> type:
-    architectures = config.get("architectures") or [
-        transformers.AutoModel._model_mapping._model_mapping[model_type]
-    ]
-    name = architectures[0]
-    if name not in CONVERTED_CLASSES:
-        supported = sorted(n for n, c in CONVERTED_CLASSES.items() if SOURCE_MODEL_TYPES[c.config_class.model_type] == model_type)
-        raise ConversionError(f"{name} has no Monarch counterpart; supported {model_type} classes: {', '.join(supported)}.")
-    return getattr(transformers, name)
+def _supported_classes(model_type: str) -> list[str]:
+    return sorted(name for name, cls in CONVERTED_CLASSES.items()
+                  if SOURCE_MODEL_TYPES[cls.config_class.model_type] == model_type)
+
+
+def _expected_tensor_names(class_name: str, config) -> set[str]:
+    """The tensors a checkpoint saved from ``class_name`` holds: its state dict less the tied copies."""
+    with torch.device("meta"):
+        model = getattr(transformers, class_name)(copy.deepcopy(config))
+    return set(model.state_dict()) - set(model.all_tied_weights_keys)
+
+
+def infer_head(folder: Path, config_values: dict, model_type: str, tensor_names: list[str]) -> str:
+    """The class a checkpoint without ``architectures`` was saved from: the supported head whose tensors are exactly
+    the checkpoint's. Refuses when none or several fit (a decoder-only head is set aside unless ``is_decoder``)."""
+    config = transformers.AutoConfig.for_model(model_type, **config_values)
+    names = set(tensor_names)
+    fitting = [name for name in _supported_classes(model_type) if _expected_tensor_names(name, config) == names]
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if len(fitting) > 1 and not getattr(config, "is_decoder", True):
+        fitting = [name for name in fitting if name not in causal] or fitting
+    if len(fitting) == 1:
+        return fitting[0]
+    found = f"several heads fit its weights ({', '.join(fitting)})" if fitting else "no supported head fits its weights"
+    raise ConversionError(
+        f"{folder / 'config.json'} names no architecture, and {found}. Add the class the model was saved from, for "
+        f'example "architectures": ["{(fitting or _supported_classes(model_type))[0]}"], to config.json.'
+    )
+
+
+def _load_report_problem(source: Path, class_name: str, info: dict) -> Optional[str]:
+    missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+    if not missing and not unexpected:
+        return None
+    listed = "; ".join(
+        f"{kind} {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''} ({len(keys)})"
+        for kind, keys in (("missing", missing), ("unexpected", unexpected)) if keys
+    )
+    return (f"The weights in {source} do not fit {class_name} ({listed}): converting would drop weights or invent "
+            "random ones. Fix `architectures` in config.json, or complete the checkpoint.")
 
 
 def load_source(source: Path) -> tuple[nn.Module, str]:
-    """The source model (float weights as stored) and its model type; refuses what cannot be converted."""
+    """The source model (float weights as stored) and its model type; refuses what cannot be converted faithfully:
+    unknown architectures, weights that do not fit the head, non-finite weights."""
     config = read_config(source)
     model_type = config.get("model_type")
     if model_type in SOURCE_MODEL_TYPES:
         raise ConversionError(f"{source} is already a {model_type} checkpoint; `m2-convert dense` converts it back.")
     if model_type not in TARGET_PRESETS:
         raise ConversionError(
-            f"Unsupported architecture {model_type!r}; m2-convert monarch supports {', '.join(TARGET_PRESETS)}."
+            f"Unsupported architecture {model_type!r} in {source / 'config.json'}; m2-convert monarch supports "
+            f"{', '.join(TARGET_PRESETS)}."
         )
-    original_class = _original_class(config, model_type)
+    tensor_names = check_weight_files(source)
+    architectures = config.get("architectures")
+    if architectures:
+        class_name = architectures[0]
+    else:
+        values = {k: v for k, v in config.items() if k not in _BOOKKEEPING_KEYS}
+        class_name = infer_head(source, values, model_type, tensor_names)
+    if class_name not in CONVERTED_CLASSES or not hasattr(transformers, class_name):
+        raise ConversionError(f"{class_name} (in {source / 'config.json'}) has no Monarch counterpart; supported "
+                              f"{model_type} classes: {', '.join(_supported_classes(model_type))}.")
+    original_class = getattr(transformers, class_name)
     try:
-        model = original_class.from_pretrained(source, dtype="auto")
-    except (OSError, ValueError, RuntimeError) as error:
-        raise ConversionError(f"Transformers could not load {source} as {original_class.__name__}: {error}") from error
-    for name, tensor in model.state_dict().items():
-        # A finite sum proves every value finite, at a fraction of the cost; the full check only runs otherwise.
-        if tensor.is_floating_point() and not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
-            raise ConversionError(f"{name} holds non-finite values (NaN or inf); fix the checkpoint first.")
+        model, info = original_class.from_pretrained(source, dtype="auto", output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, TypeError) as error:
+        message = " ".join(str(error).split())
+        raise ConversionError(f"Transformers could not load {source} as {class_name}: {message[:500]}") from error
+    problem = _load_report_problem(source, class_name, info)
+    if problem:
+        raise ConversionError(problem)
+    check_finite(model.state_dict().items(), source)
     return model.eval(), model_type
 
 
@@ -315,11 +363,33 @@ MASKING_RATE = 0.15
 def read_calibration_text(path: Path, limit: Optional[int] = None) -> list[str]:
     """Non-empty lines of a plain-text file (one sample per line)."""
     if not Path(path).is_file():
-        raise ConversionError(f"Calibration file {path} does not exist (plain text, one sample per line).")
-    lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        raise ConversionError(f"The text file {path} does not exist (plain text, one sample per line).")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConversionError(f"The text file {path} is not UTF-8 text ({error.reason} at byte {error.start}); pass "
+                              "plain text, one sample per line.") from error
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
-        raise ConversionError(f"Calibration file {path} has no non-empty lines.")
+        raise ConversionError(f"The text file {path} has no non-empty lines.")
     return lines[:limit] if limit else lines
+
+
+def load_tokenizer(source: Path):
+    """The source's tokenizer, which calibration and evaluation text need."""
+    if not has_tokenizer_vocabulary(source):
+        raise ConversionError(
+            f"{source} has no tokenizer files (tokenizer.json, vocab.txt, ...), which --calibration-file and "
+            "--evaluation-file need. Copy the original model's tokenizer files into it, or leave out the text files."
+        )
+    try:
+        return transformers.AutoTokenizer.from_pretrained(source)
+    except Exception as error:  # missing or broken tokenizer files surface as many different exceptions
+        reason = " ".join(str(error).split())[:300]
+        raise ConversionError(
+            f"{source} has no usable tokenizer ({type(error).__name__}: {reason}), which --calibration-file and "
+            "--evaluation-file need. Copy the original model's tokenizer files into it, or leave out the text files."
+        ) from error
 
 
 @dataclass
@@ -458,7 +528,7 @@ def _as_converted_model(model: nn.Module, layers: dict[str, int], structure: str
     return model
 
 
-def _model_card(report: dict, model: nn.Module, source: Path):
+def _model_card(report: dict, model: nn.Module):
     from huggingface_hub import ModelCardData
 
     from model_cards import render_model_card
@@ -466,18 +536,51 @@ def _model_card(report: dict, model: nn.Module, source: Path):
     base_type = SOURCE_MODEL_TYPES[model.config.model_type]
     data = ModelCardData(
         library_name="transformers", tags=["monarch", "structured-matrices", "m2-hf", "custom_code", base_type],
-        base_model=report["source_name"],
+        base_model=report["source"],
     )
     return render_model_card(
-        "monarch-converted", data, source=report["source_name"], architecture=type(model).__name__,
+        "monarch-converted", data, source=report["source"], architecture=type(model).__name__,
         base_type=base_type, settings=report["settings"], totals=report["totals"], layers=report["layers"],
         layer_table=format_layer_table(report["layers"]), calibration=report.get("calibration"),
         model_type=model.config.model_type,
     )
 
 
+def shrink_warnings(layers: list[LayerReport]) -> list[str]:
+    """A warning for every layer that its structured form does not make smaller."""
+    return [
+        f"{layer.name}: nblocks={layer.nblocks} does not shrink it ({layer.parameters_before:,} -> "
+        f"{layer.parameters_after:,} parameters); choose a larger nblocks for it"
+        for layer in layers if layer.parameters_after >= layer.parameters_before
+    ]
+
+
+def _check_settings(settings: MonarchSettings) -> None:
+    if settings.structure not in STRUCTURES:
+        raise ConversionError(f"--structure must be one of {STRUCTURES}, got {settings.structure!r}.")
+    if settings.method not in PROJECTION_METHODS:
+        raise ConversionError(f"--method must be one of {', '.join(PROJECTION_METHODS)}, got {settings.method!r}.")
+    if settings.method != "closed-form" and settings.calibration_file is None:
+        raise ConversionError(f"--method {settings.method} fits layers to activations: pass --calibration-file.")
+    if settings.calibration_samples is not None and settings.calibration_samples < 1:
+        raise ConversionError(f"--calibration-samples must be at least 1, got {settings.calibration_samples}.")
+
+
+def _text_batches(source: Path, settings: MonarchSettings) -> tuple[Optional[CalibrationData], Optional[CalibrationData]]:
+    """The calibration and evaluation batches (the evaluation text defaults to the calibration text); read and
+    tokenized before the model is loaded, so that a bad file or a missing tokenizer is found at once."""
+    files = {"calibration": settings.calibration_file, "evaluation": settings.evaluation_file}
+    texts = {kind: read_calibration_text(path, settings.calibration_samples) for kind, path in files.items() if path}
+    if not texts:
+        return None, None
+    tokenizer = load_tokenizer(source)
+    batches = {kind: calibration_data(tokenizer, lines) for kind, lines in texts.items()}
+    calibration = batches.get("calibration")
+    return calibration, batches.get("evaluation", calibration)
+
+
 def convert_to_monarch(
-    source: Path,
+    source,
     destination: Path,
     settings: Optional[MonarchSettings] = None,
     overwrite: bool = False,
@@ -487,69 +590,56 @@ def convert_to_monarch(
 ) -> dict:
     """`m2-convert monarch`: returns the report; writes nothing on error or with `dry_run`."""
     settings = settings or MonarchSettings()
-    source, destination = resolve_source(source), Path(destination)
-    if settings.structure not in STRUCTURES:
-        raise ConversionError(f"--structure must be one of {STRUCTURES}, got {settings.structure!r}.")
-    if settings.method not in PROJECTION_METHODS:
-        raise ConversionError(f"--method must be one of {', '.join(PROJECTION_METHODS)}, got {settings.method!r}.")
-    if settings.method != "closed-form" and settings.calibration_file is None:
-        raise ConversionError(f"--method {settings.method} fits layers to activations: pass --calibration-file.")
-    check_destination(source, destination, overwrite)
-    model, model_type = load_source(source)
-    base = model.base_model
-    targets = resolve_targets(model_type, linear_layers(base), settings.targets, settings.nblocks)
-    calibration, evaluation, reference = None, None, None
-    if settings.calibration_file is not None or settings.evaluation_file is not None:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
-        if settings.calibration_file is not None:
-            texts = read_calibration_text(settings.calibration_file, settings.calibration_samples)
-            calibration = calibration_data(tokenizer, texts)
-        evaluation = calibration
-        if settings.evaluation_file is not None:
-            texts = read_calibration_text(settings.evaluation_file, settings.calibration_samples)
-            evaluation = calibration_data(tokenizer, texts)
-        reference = reference_outputs(model, evaluation)
-    parameters_before, flops_before = sum(p.numel() for p in model.parameters()), linear_flops_per_token(base)
-    # The calibrated method compares each layer's inputs with those of the untouched original.
-    original = copy.deepcopy(model) if settings.method == "calibrated" else None
-    layers = project_layers(
-        model, targets, settings.structure, settings.method, progress, calibration=calibration, original=original
-    )
-    del original
-    report = {
-        "source": str(source),
-        "source_name": source.name,
-        "architecture": type(model).__name__,
-        "settings": {
-            "targets": settings.targets, "nblocks": settings.nblocks, "structure": settings.structure,
-            "method": settings.method,
-            "calibration_file": None if settings.calibration_file is None else Path(settings.calibration_file).name,
-            "evaluation_file": None if settings.evaluation_file is None else Path(settings.evaluation_file).name,
-        },
-        "layers": [layer.__dict__ for layer in layers],
-        "totals": {
-            "parameters_before": parameters_before,
-            "parameters_after": sum(p.numel() for p in model.parameters()),
-            "linear_flops_per_token_before": flops_before,
-            "linear_flops_per_token_after": linear_flops_per_token(base),
-        },
-    }
-    if evaluation is not None:
-        report["calibration"] = compare_to_reference(model, evaluation, reference)
-    model = _as_converted_model(model, targets, settings.structure)
-    report["architecture_after"] = type(model).__name__
-    if dry_run:
-        return report
+    _check_settings(settings)
+    source: Source = resolve_source(source)
+    with OutputFolder(destination, [source.path], overwrite, dry_run) as output:
+        destination_problem = output.prepare()
+        calibration, evaluation = _text_batches(source.path, settings)
+        model, model_type = load_source(source.path)
+        base = model.base_model
+        targets = resolve_targets(model_type, linear_layers(base), settings.targets, settings.nblocks)
+        reference = reference_outputs(model, evaluation) if evaluation is not None else None
+        parameters_before, flops_before = sum(p.numel() for p in model.parameters()), linear_flops_per_token(base)
+        # The calibrated method compares each layer's inputs with those of the untouched original.
+        original = copy.deepcopy(model) if settings.method == "calibrated" else None
+        layers = project_layers(
+            model, targets, settings.structure, settings.method, progress, calibration=calibration, original=original
+        )
+        del original
+        report = {
+            "command": "monarch",
+            "source": source.name,
+            "architecture": type(model).__name__,
+            "settings": {
+                "targets": settings.targets, "nblocks": settings.nblocks, "structure": settings.structure,
+                "method": settings.method,
+                "calibration_file": None if settings.calibration_file is None else Path(settings.calibration_file).name,
+                "evaluation_file": None if settings.evaluation_file is None else Path(settings.evaluation_file).name,
+            },
+            "layers": [layer.__dict__ for layer in layers],
+            "totals": {
+                "parameters_before": parameters_before,
+                "parameters_after": sum(p.numel() for p in model.parameters()),
+                "linear_flops_per_token_before": flops_before,
+                "linear_flops_per_token_after": linear_flops_per_token(base),
+            },
+            "warnings": shrink_warnings(layers),
+        }
+        if evaluation is not None:
+            report["calibration"] = compare_to_reference(model, evaluation, reference)
+        model = _as_converted_model(model, targets, settings.structure)
+        report["architecture_after"] = type(model).__name__
+        if dry_run:
+            return {**report, "destination_problem": destination_problem}
+        model.save_pretrained(output.staging)
+        report["tokenizer_files"] = copy_tokenizer_files(source.path, output.staging)
+        _model_card(report, model).save(output.staging / "README.md")
+        output.commit(report)
     report["destination"] = str(destination)
-
-    def write_report_and_card(folder: Path, tokenizer_files: list[str]) -> None:
-        report["tokenizer_files"] = tokenizer_files
-        (folder / REPORT_FILE).write_text(json.dumps(report, indent=2), encoding="utf-8")
-        _model_card(report, model, source).save(folder / "README.md")
-
-    write_model_folder(model, source, destination, overwrite, write_report_and_card)
+    if output.removed_leftovers:
+        report["removed_leftovers"] = output.removed_leftovers
     if push_to_hub:
-        report["pushed_to"] = push_folder_to_hub(destination, push_to_hub)
+        report["pushed_to"] = push_folder_to_hub(Path(destination), push_to_hub)
     return report
 
 
@@ -566,10 +656,8 @@ def _dense_layer_like(original: nn.Module, structured: nn.Module) -> nn.Module:
     return conv
 
 
-def convert_to_dense(source: Path, destination: Path, overwrite: bool = False, dry_run: bool = False) -> dict:
-    """`m2-convert dense`: every structured layer materialised exactly; the original architecture and config."""
-    source, destination = Path(source), Path(destination)
-    check_destination(source, destination, overwrite)
+def _load_converted(source: Path) -> nn.Module:
+    """A `monarch_<type>` folder as its converted class, refusing weights that do not fit its `monarch_layers`."""
     config = read_config(source)
     model_type = config.get("model_type")
     if model_type not in SOURCE_MODEL_TYPES:
@@ -580,25 +668,49 @@ def convert_to_dense(source: Path, destination: Path, overwrite: bool = False, d
     name = (config.get("architectures") or [None])[0]
     converted_class = next((c for c in CONVERTED_CLASSES.values() if c.__name__ == name), None)
     if converted_class is None:
-        raise ConversionError(f"{source}'s architecture {name!r} is not a Monarch-converted class of m2-hf.")
-    model = converted_class.from_pretrained(source, dtype="auto").eval()
-    original_class = converted_class.original_class
-    layers = dict(model.config.monarch_layers)
-    values = {k: v for k, v in model.config.to_dict().items()
-              if k not in _BOOKKEEPING_KEYS and k not in ("monarch_layers", "monarch_structure")}
-    original_config = original_class.config_class(**values)
-    with torch.device("meta"):
-        skeleton = original_class(original_config).base_model
-    for layer_name in layers:
-        structured = model.base_model.get_submodule(layer_name)
-        dense = _dense_layer_like(skeleton.get_submodule(layer_name), structured)
-        model.base_model.set_submodule(layer_name, dense)
-    model.config = original_config
-    model.__class__ = original_class
-    report = {"source": str(source), "architecture": original_class.__name__, "densified_layers": len(layers),
-              "parameters": sum(p.numel() for p in model.parameters())}
-    if dry_run:
-        return report
-    report["tokenizer_files"] = write_model_folder(model, source, destination, overwrite)
+        raise ConversionError(f"{source}'s architecture {name!r} (in config.json) is not a Monarch-converted class of "
+                              "m2-hf; restore the config.json that m2-convert monarch wrote.")
+    check_weight_files(source)
+    try:
+        model, info = converted_class.from_pretrained(source, dtype="auto", output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, TypeError, AttributeError) as error:
+        message = " ".join(str(error).split())[:500]
+        raise ConversionError(f"{source}'s config.json does not fit its weights ({type(error).__name__}: {message}); "
+                              "restore the config.json (monarch_layers) that m2-convert monarch wrote.") from error
+    problem = _load_report_problem(source, name, info)
+    if problem:
+        raise ConversionError(problem.replace("Fix `architectures` in config.json",
+                                              "Restore the config.json (monarch_layers) that m2-convert monarch wrote"))
+    check_finite(model.state_dict().items(), source)
+    return model.eval()
+
+
+def convert_to_dense(source, destination: Path, overwrite: bool = False, dry_run: bool = False) -> dict:
+    """`m2-convert dense`: every structured layer materialised exactly; the original architecture and config."""
+    source = local_folder(source)
+    with OutputFolder(destination, [source], overwrite, dry_run) as output:
+        destination_problem = output.prepare()
+        model = _load_converted(source)
+        converted_class = type(model)
+        original_class = converted_class.original_class
+        layers = dict(model.config.monarch_layers)
+        values = {k: v for k, v in model.config.to_dict().items()
+                  if k not in _BOOKKEEPING_KEYS and k not in ("monarch_layers", "monarch_structure")}
+        original_config = original_class.config_class(**values)
+        with torch.device("meta"):
+            skeleton = original_class(original_config).base_model
+        for layer_name in layers:
+            structured = model.base_model.get_submodule(layer_name)
+            dense = _dense_layer_like(skeleton.get_submodule(layer_name), structured)
+            model.base_model.set_submodule(layer_name, dense)
+        model.config = original_config
+        model.__class__ = original_class
+        report = {"command": "dense", "source": source.resolve().name, "architecture": original_class.__name__,
+                  "densified_layers": len(layers), "parameters": sum(p.numel() for p in model.parameters())}
+        if dry_run:
+            return {**report, "destination_problem": destination_problem}
+        model.save_pretrained(output.staging)
+        report["tokenizer_files"] = copy_tokenizer_files(source, output.staging)
+        output.commit(report)
     report["destination"] = str(destination)
     return report

@@ -12,8 +12,8 @@ import transformers
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoTokenizer, BertConfig, DistilBertConfig, GPT2Config, RobertaConfig
 
+import conversion.monarch
 import m2_hf
-from conversion import checkpoints
 from conversion.cli import main
 from conversion.monarch import MonarchSettings, convert_to_monarch
 from m2_hf import BlockdiagLinear, MonarchLinear
@@ -309,24 +309,13 @@ def run_failing(args: list[str], capsys) -> str:
     return capsys.readouterr().err
 
 
-def test_existing_destination_is_refused_without_overwrite(tmp_path, capsys):
-    source, _ = write_source(tmp_path)
-    destination = tmp_path / "out"
-    destination.mkdir()
-    (destination / "keep.txt").write_text("mine")
-    assert "--overwrite" in run_failing(["monarch", str(source), str(destination)], capsys)
-    assert (destination / "keep.txt").read_text() == "mine"
-    assert main(["monarch", str(source), str(destination), "--overwrite"]) == 0
-    assert not (destination / "keep.txt").exists() and (destination / "model.safetensors").is_file()
-
-
 def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
     source, _ = write_source(tmp_path)
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoints, "copy_tokenizer_files", interrupted)  # after the weights are written
+    monkeypatch.setattr(conversion.monarch, "copy_tokenizer_files", interrupted)  # after the weights are written
     with pytest.raises(KeyboardInterrupt):
         convert_to_monarch(source, tmp_path / "out", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]
@@ -335,7 +324,8 @@ def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
 def test_bad_inputs_name_the_problem_and_write_nothing(tmp_path, capsys):
     source, _ = write_source(tmp_path)
     out = str(tmp_path / "out")
-    assert "no config.json" in run_failing(["monarch", str(tmp_path / "missing"), out], capsys)
+    (tmp_path / "empty").mkdir()
+    assert "no config.json" in run_failing(["monarch", str(tmp_path / "empty"), out], capsys)
     error = run_failing(["monarch", str(source), out, "--targets", "encoder.layer.0.nothing"], capsys)
     assert "matches no linear layer" in error and "encoder.layer.0.intermediate.dense" in error
     assert "does not fit" in run_failing(["monarch", str(source), out, "--nblocks", "1000"], capsys)
@@ -362,14 +352,6 @@ def test_bad_inputs_name_the_problem_and_write_nothing(tmp_path, capsys):
     assert "not a Monarch-converted" in run_failing(["dense", str(source), out], capsys)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
-
-
-def test_push_to_hub_offline_fails_clearly_after_the_folder_is_complete(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    source, _ = write_source(tmp_path)
-    error = run_failing(["monarch", str(source), str(tmp_path / "out"), "--push-to-hub", "someone/monarch-test"], capsys)
-    assert "is complete" in error and "huggingface-cli upload" in error
-    assert (tmp_path / "out" / "model.safetensors").is_file() and (tmp_path / "out" / "README.md").is_file()
 
 
 def test_hub_id_source_offline_fails_clearly(tmp_path, capsys, monkeypatch):
