@@ -384,6 +384,17 @@ class OutputFolder:
         self.close()
 
 
+def check_repo_id(repo_id: str) -> None:
+    """Refuse a malformed Hub repo id before any work (an upload is the last step)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ConversionError(f"--push-to-hub {repo_id!r} is not a Hub repo id ({error}); use NAME or "
+                              "OWNER/NAME.") from error
+
+
 def push_folder_to_hub(folder: Path, repo_id: str) -> str:
     """Upload a complete folder (a converted checkpoint, a fine-tuned model); a failure (offline, no token) leaves the
     folder as it is and says how to retry."""

@@ -44,6 +44,8 @@ def _nblocks(values: list[str]) -> dict[str, int]:
             parsed[target or "*"] = int(number)
         except ValueError:
             raise ConversionError(f"--nblocks takes N or TARGET=N (for example 4, or mlp=4 attention=2), got {value!r}.")
+        if parsed[target or "*"] < 1:
+            raise ConversionError(f"--nblocks must be at least 1, got {value!r}.")
     return parsed
 
 

@@ -34,6 +34,7 @@ from .checkpoints import (
     OutputFolder,
     Source,
     check_finite,
+    check_repo_id,
     check_weight_files,
     copy_tokenizer_files,
     has_tokenizer_vocabulary,
@@ -591,6 +592,8 @@ def convert_to_monarch(
     """`m2-convert monarch`: returns the report; writes nothing on error or with `dry_run`."""
     settings = settings or MonarchSettings()
     _check_settings(settings)
+    if push_to_hub:
+        check_repo_id(push_to_hub)
     source: Source = resolve_source(source)
     with OutputFolder(destination, [source.path], overwrite, dry_run) as output:
         destination_problem = output.prepare()

@@ -347,6 +347,17 @@ def inspect_missing_folder(case):
     return ["inspect", str(case.sandbox / "nothing")], "nothing does not exist"
 
 
+def zero_nblocks(case):
+    return ["monarch", str(case.copy("bert")), str(case.sandbox / "out"), "--nblocks", "mlp=0"], \
+        "--nblocks must be at least 1, got 'mlp=0'"
+
+
+def malformed_push_repo_id(case):
+    case.forbid_loading()
+    return ["monarch", str(case.copy("bert")), str(case.sandbox / "out"), "--push-to-hub", "a/b/c"], \
+        "--push-to-hub 'a/b/c' is not a Hub repo id"
+
+
 def unknown_option(case):
     return ["monarch", str(case.copy("bert")), str(case.sandbox / "out"), "--blocks", "4"], \
         "unrecognized arguments: --blocks 4"
@@ -363,7 +374,7 @@ CASES = [
     corrupt_pickle, binary_calibration_file, missing_calibration_file, negative_calibration_samples,
     zero_calibration_samples, calibrated_without_tokenizer, dense_with_a_layer_removed_from_monarch_layers,
     dense_with_nblocks_edited, nblocks_before_positionals, targets_before_positionals, mistyped_local_path,
-    source_is_a_file, inspect_missing_folder, unknown_option,
+    source_is_a_file, inspect_missing_folder, zero_nblocks, malformed_push_repo_id, unknown_option,
 ]
 
 
@@ -506,6 +517,21 @@ def test_a_hub_cache_snapshot_is_named_by_its_repo_id_and_no_local_path_is_writt
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("m2-convert: warning:")]
     assert len(warnings) == len(report["layers"]) == len(report["warnings"])
     assert "nblocks=1 does not shrink it" in warnings[0]
+
+
+def test_a_hub_id_from_the_offline_cache_names_the_card_and_report(library, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    commit = "0123abcd" * 5
+    shutil.copytree(library.bert, cache / "models--someone--tiny-bert" / "snapshots" / commit)
+    (cache / "models--someone--tiny-bert" / "refs").mkdir()
+    (cache / "models--someone--tiny-bert" / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    assert main(["monarch", "someone/tiny-bert", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / REPORT_FILE).read_text())["source"] == "someone/tiny-bert"
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "base_model: someone/tiny-bert" in card and commit not in card
 
 
 def test_push_hint_names_the_installed_cli(library, tmp_path, capsys, monkeypatch):
