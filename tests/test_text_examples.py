@@ -194,7 +194,7 @@ def test_push_to_hub_offline_keeps_the_complete_folder_and_says_how_to_retry(tmp
                         str(output), *review_files(tmp_path), *TINY_TRAINING, "--push_to_hub", "--hub_model_id",
                         "someone/tiny-classifier", cwd=tmp_path, succeed=False).stderr
     assert "is complete, but uploading it to someone/tiny-classifier failed" in error
-    assert "huggingface-cli upload" in error
+    assert "`hf upload someone/tiny-classifier" in error
     for name in ("model.safetensors", "config.json", "tokenizer.json", "README.md"):
         assert (output / name).is_file(), name
 
