@@ -230,6 +230,34 @@ def copy_tokenizer_files(source: Path, destination: Path) -> list[str]:
     return copied
 
 
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+
+
+def copy_sentence_transformers_files(source: Path, destination: Path) -> list[str]:
+    """A sentence-transformers checkpoint's pipeline (``modules.json``, its module folders such as pooling and
+    normalisation, their settings), so that the converted folder embeds text the way the source did."""
+    modules_file = source / "modules.json"
+    if not modules_file.is_file():
+        return []
+    try:
+        modules = json.loads(modules_file.read_text(encoding="utf-8"))
+        folders = [module["path"] for module in modules if module.get("path")]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+        raise ConversionError(f"{modules_file} is not a valid sentence-transformers module list ({error}); restore it, "
+                              "or remove it to convert the bare Transformers model.") from error
+    copied = []
+    for name in (*SENTENCE_TRANSFORMERS_FILES, *folders):
+        path = source / name
+        if path.is_file():
+            shutil.copy2(path, destination / name)
+        elif path.is_dir():
+            shutil.copytree(path, destination / name)
+        else:
+            continue
+        copied.append(name)
+    return copied
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Destinations
 # --------------------------------------------------------------------------------------------------------------------

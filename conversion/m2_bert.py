@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import torch
 from huggingface_hub import ModelCardData
 
-from m2_hf import M2BertConfig, M2BertForMaskedLM, M2BertForSequenceClassification, M2BertModel
+from m2_hf import M2BertConfig, M2BertForMaskedLM, M2BertForSequenceClassification, M2BertForTextEncoding, M2BertModel
 from model_cards import render_model_card
 
 from .checkpoints import (
@@ -90,12 +91,29 @@ def _settings_from_keys(state: dict[str, torch.Tensor]) -> dict:
     return settings
 
 
-def _head_for(state: dict[str, torch.Tensor]) -> type:
+def is_text_encoder(raw_config: dict) -> bool:
+    """Released retrieval models: their `auto_map` sends AutoModelForSequenceClassification to `BertForTextEncoding`
+    (or the folder was saved from m2-hf's `M2BertForTextEncoding`)."""
+    auto_map = raw_config.get("auto_map") or {}
+    names = [str(auto_map.get("AutoModelForSequenceClassification", "")), *(raw_config.get("architectures") or [])]
+    return any(name.endswith("BertForTextEncoding") for name in names)
+
+
+def _head_for(state: dict[str, torch.Tensor], raw_config: dict) -> type:
     if any(key.startswith("cls.predictions.") for key in state):
         return M2BertForMaskedLM
+    if is_text_encoder(raw_config):
+        return M2BertForTextEncoding
     if "classifier.weight" in state:
         return M2BertForSequenceClassification
     return M2BertModel
+
+
+def _without_unused_classifier(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The retrieval releases keep the classifier of the model they were fine-tuned from; their text encoder never
+    applies it."""
+    unused = [key for key in state if key.startswith("classifier.")]
+    return {key: value for key, value in state.items() if key not in unused}, unused
 
 
 def read_released_checkpoint(source: Path) -> ReleasedCheckpoint:
@@ -104,7 +122,10 @@ def read_released_checkpoint(source: Path) -> ReleasedCheckpoint:
     check_finite(state.items(), source)
     values = {k: v for k, v in raw_config.items() if k not in _DROPPED_CONFIG_KEYS}
     values.update(_settings_from_keys(state))
-    head = _head_for(state)
+    head = _head_for(state, raw_config)
+    if head is M2BertForTextEncoding:
+        state, unused = _without_unused_classifier(state)
+        dropped += unused
     if head is M2BertModel:
         state = {key[len("bert."):] if key.startswith("bert.") else key: value for key, value in state.items()}
     try:
@@ -153,8 +174,11 @@ def _model_card(model, source_name: str, dropped: list[str]):
     mlp = (
         f"GLU with BlockdiagLinear, {config.monarch_mlp_nblocks} blocks" if config.use_monarch_mlp else "GLU, dense"
     )
+    tags = ["m2", "monarch-mixer", "custom_code"]
+    if isinstance(model, M2BertForTextEncoding):
+        tags += ["sentence-transformers", "sentence-similarity"]
     data = ModelCardData(
-        license="apache-2.0", language="en", library_name="transformers", tags=["m2", "monarch-mixer", "custom_code"],
+        license="apache-2.0", language="en", library_name="transformers", tags=tags,
         pipeline_tag="fill-mask" if isinstance(model, M2BertForMaskedLM) else "feature-extraction",
     )
     return render_model_card(
@@ -162,8 +186,18 @@ def _model_card(model, source_name: str, dropped: list[str]):
         model_description=f"Converted with `m2-convert m2-bert` from the released checkpoint `{source_name}`.",
         hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers, mlp_description=mlp,
         max_length=config.long_conv_l_max, num_parameters=f"{sum(p.numel() for p in model.parameters()):,}",
-        source=source_name, measurements=f"Dropped {len(dropped)} alias/buffer tensors of the source format.",
+        source=source_name, measurements=f"Dropped {len(dropped)} tensors of the source format that the model never reads "
+        "(FlashFFTConv buffers, repeated sine frequencies, a retrieval release's unused classifier).",
     )
+
+
+def limit_tokenizer_length(folder: Path, max_length: int) -> None:
+    """Tokenizers (and sentence-transformers, which reads their limit) truncate at the model's longest sequence."""
+    path = folder / "tokenizer_config.json"
+    if path.is_file():
+        config = json.loads(path.read_text(encoding="utf-8"))
+        config["model_max_length"] = max_length
+        path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 def convert_m2_bert(source, destination: Path, overwrite: bool = False, dry_run: bool = False) -> dict:
@@ -181,10 +215,13 @@ def convert_m2_bert(source, destination: Path, overwrite: bool = False, dry_run:
             "long_conv_l_max": checkpoint.config.long_conv_l_max,
             "dropped_tensors": len(checkpoint.dropped),
         }
+        if unused_classifier := [key for key in checkpoint.dropped if key.startswith("classifier.")]:
+            report["dropped_unused_classifier"] = unused_classifier
         if dry_run:
             return {**report, "destination_problem": destination_problem}
         model.save_pretrained(output.staging)
         report["tokenizer_files"] = copy_tokenizer_files(source.path, output.staging)
+        limit_tokenizer_length(output.staging, checkpoint.config.long_conv_l_max)
         _model_card(model, source.name, checkpoint.dropped).save(output.staging / "README.md")
         output.commit(report)
     report["destination"] = str(destination)

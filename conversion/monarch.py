@@ -36,6 +36,7 @@ from .checkpoints import (
     check_finite,
     check_repo_id,
     check_weight_files,
+    copy_sentence_transformers_files,
     copy_tokenizer_files,
     has_tokenizer_vocabulary,
     local_folder,
@@ -636,6 +637,7 @@ def convert_to_monarch(
             return {**report, "destination_problem": destination_problem}
         model.save_pretrained(output.staging)
         report["tokenizer_files"] = copy_tokenizer_files(source.path, output.staging)
+        report["sentence_transformers_files"] = copy_sentence_transformers_files(source.path, output.staging)
         _model_card(report, model).save(output.staging / "README.md")
         output.commit(report)
     report["destination"] = str(destination)
@@ -714,6 +716,7 @@ def convert_to_dense(source, destination: Path, overwrite: bool = False, dry_run
             return {**report, "destination_problem": destination_problem}
         model.save_pretrained(output.staging)
         report["tokenizer_files"] = copy_tokenizer_files(source, output.staging)
+        report["sentence_transformers_files"] = copy_sentence_transformers_files(source, output.staging)
         output.commit(report)
     report["destination"] = str(destination)
     return report

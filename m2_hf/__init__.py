@@ -112,8 +112,13 @@ _register(
     tokenizer_class=BertTokenizer,
     extra_classes=(M2BertForTextEncoding,),
 )
-# The retrieval encoder ships under AutoModel in its own folders, as the released retrieval models do.
-M2BertForTextEncoding.register_for_auto_class("AutoModel")
+# As in the released retrieval models, AutoModelForSequenceClassification gives the text encoder for a text encoder's
+# folder (chosen by its `architectures`), here and in the code its folders ship; AutoModel stays the bare encoder,
+# which sentence-transformers loads.
+AutoModelForSequenceClassification.register(
+    M2BertConfig, (M2BertForSequenceClassification, M2BertForTextEncoding), exist_ok=True
+)
+M2BertForTextEncoding.register_for_auto_class("AutoModelForSequenceClassification")
 
 _register(
     M2GPTConfig,

@@ -32,7 +32,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_m2_bert import M2BertConfig
 from .m2_mixer import M2GatedMLP, M2SequenceMixer, Workspace, init_mixer_module
-from .model_utils import ShipsAllHeadsMixin, init_structured_layer
+from .model_utils import ShipsAllHeadsMixin, init_structured_layer, write_sentence_transformers_files
 
 __all__ = [
     "M2BertForMaskedLM",
@@ -457,12 +457,21 @@ class M2BertForQuestionAnswering(M2BertPreTrainedModel):
 
 class M2BertForTextEncoding(M2BertPreTrainedModel):
     """M2-BERT as a text encoder for retrieval: ``sentence_embedding`` is the pooler output, as in the released
-    long-context retrieval models (compare embeddings with cosine similarity)."""
+    long-context retrieval models (compare embeddings with cosine similarity).
+
+    Its folders load as the released ones do (``AutoModelForSequenceClassification`` gives this class) and are
+    sentence-transformers models: ``SentenceTransformer(folder, trust_remote_code=True).encode(texts)`` returns
+    ``sentence_embedding``."""
 
     def __init__(self, config: M2BertConfig) -> None:
         super().__init__(config)
         self.bert = M2BertModel(config)
         self.post_init()
+
+    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
+        super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+        if is_main_process:
+            write_sentence_transformers_files(save_directory, normalize=self.config.use_normalized_embeddings)
 
     @can_return_tuple
     def forward(
