@@ -178,6 +178,10 @@ class M2BertConfig(PreTrainedConfig):
         self.tie_word_embeddings = tie_word_embeddings
         self._validate()
         super().__init__(pad_token_id=pad_token_id, **kwargs)
+        # AutoModelForSequenceClassification chooses between the classifier and the text encoder by `architectures`,
+        # which Transformers iterates: a fresh config gets the classifier, the first of the two.
+        if self.architectures is None:
+            self.architectures = []
 
     def _validate(self) -> None:
         if not self.monarch_mixer_sequence_mixing:

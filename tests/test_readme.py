@@ -48,3 +48,16 @@ def test_the_four_paths_run_as_written(tmp_path):
         classify = pipeline("text-classification", model={str(folder)!r}, trust_remote_code=True)
         assert classify("a joyful, moving film")[0]["label"] in ("LABEL_0", "LABEL_1")
     """, tmp_path)
+
+
+def test_the_sentence_transformers_example_runs_as_written(tmp_path):
+    from test_sentence_transformers import write_released_retrieval_folder
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("### Sentence embeddings and retrieval (sentence-transformers)", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```(python|bash)\n(.*?)```", section, flags=re.DOTALL)
+    assert [language for language, _ in blocks] == ["bash", "python"]
+    write_released_retrieval_folder(tmp_path / "m2-bert-80M-2k-retrieval")  # a tiny model in the released layout
+    outputs = [run_block(language, code, tmp_path) for language, code in blocks]
+    assert '"architecture": "M2BertForTextEncoding"' in outputs[0]
+    assert "What is a Monarch matrix? -> [(" in outputs[1] and "toy_cosine_ndcg@10" in outputs[1]
