@@ -601,13 +601,11 @@ class MonarchLinear(_StructuredLinear):
         # The Triton autograd.Function is opaque to torch.compile and torch.func; they get the PyTorch path.
         if torch.compiler.is_compiling():
             return False
-        use_triton = (
-            AUTO_BACKENDS.get(x.device.type, "torch") == "triton"
-            and triton_supported(x)
-            and not torch._C._functorch.is_functorch_wrapped_tensor(x)
-        )
-        _log_auto_choice_once(x.device.type, "triton" if use_triton else "torch")
-        return use_triton
+        path = AUTO_BACKENDS.get(x.device.type, "torch")
+        if path == "triton" and not triton_supported(x):
+            path = "torch"
+        _log_auto_choice_once(x.device.type, path)
+        return path == "triton" and not torch._C._functorch.is_functorch_wrapped_tensor(x)
 
     def _multiply(self, x: torch.Tensor) -> torch.Tensor:
         w1, w2 = self.blkdiag1, self.blkdiag2
@@ -670,16 +668,20 @@ class BlockdiagLinear(_StructuredLinear):
 
 
 def _log_auto_choice_once(device_type: str, path: str) -> None:
-    """Say, once per process and device type, which multiply ``backend="auto"`` runs."""
+    """Say, once per process and device type, which multiply ``backend="auto"`` runs there (outside torch.compile and
+    torch.func, which always get the PyTorch path)."""
     if device_type in _auto_choices_logged:
         return
     _auto_choices_logged.add(device_type)
     message = f"MonarchLinear(backend='auto') runs the {_PATH_NAMES[path]} on {device_type} tensors"
     if device_type == "cuda" and path == "torch":
-        message += (
-            "; the Triton kernel is opt-in (backend='triton' or m2_hf.set_monarch_backend) until "
-            "benchmarks/bench_gpu.py measures it faster on a GPU"
-        )
+        if AUTO_BACKENDS.get(device_type) == "triton":
+            message += " (Triton is not installed)"
+        else:
+            message += (
+                "; the Triton kernel is opt-in (backend='triton' or m2_hf.set_monarch_backend) until "
+                "benchmarks/bench_gpu.py measures it faster on a GPU"
+            )
     logger.info(message + ".")
 
 

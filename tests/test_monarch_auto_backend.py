@@ -85,3 +85,11 @@ def test_the_choice_is_logged_once_per_process_and_device_type(fresh_log):
     assert len(messages) == 2
     assert messages[1].startswith("MonarchLinear(backend='auto') runs the PyTorch multiply (two bmm) on cuda tensors")
     assert "backend='triton'" in messages[1] and "bench_gpu.py" in messages[1]
+
+
+def test_a_measured_triton_default_without_triton_says_why_it_runs_pytorch(monkeypatch, fresh_log):
+    monkeypatch.setitem(monarch.AUTO_BACKENDS, "cuda", "triton")
+    monarch._log_auto_choice_once("cuda", "torch")
+    assert auto_messages(fresh_log) == [
+        "MonarchLinear(backend='auto') runs the PyTorch multiply (two bmm) on cuda tensors (Triton is not installed)."
+    ]
