@@ -27,6 +27,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from m2_hf import M2BertConfig, M2BertModel, MonarchLinear  # noqa: E402
+from m2_hf.monarch import AUTO_BACKENDS  # noqa: E402
 from m2_hf.monarch_triton import TRITON_AVAILABLE  # noqa: E402
 
 LAYER_SHAPES = [(1024, 4096), (4096, 16384), (4096, 4096)]
@@ -131,6 +132,26 @@ def time_monarch_layer(device: torch.device, tokens: int, repeats: int, shapes, 
                 rows.append(row)
                 print(format_layer_row(row, list(layers)), flush=True)
     return rows
+
+
+def fastest_multiply(rows: list[dict], nblocks_list) -> dict:
+    """Which Monarch multiply path these timings favour: what ``m2_hf.monarch.AUTO_BACKENDS["cuda"]`` should name.
+    Summarised by the geometric mean, over every (dtype, shape, nblocks, mode) cell, of Triton time / PyTorch time."""
+    ratios = [
+        row[f"monarch{nblocks}_triton"] / row[f"monarch{nblocks}_torch"]
+        for row in rows
+        for nblocks in nblocks_list
+        if f"monarch{nblocks}_triton" in row
+    ]
+    if not ratios:
+        return {"fastest": "torch", "cells": 0, "note": "only the PyTorch path was timed"}
+    geomean = statistics.geometric_mean(ratios)
+    return {
+        "fastest": "triton" if geomean < 1 else "torch",
+        "cells": len(ratios),
+        "triton_faster_cells": sum(ratio < 1 for ratio in ratios),
+        "triton_over_torch_time_geomean": geomean,
+    }
 
 
 def format_layer_row(row: dict, names: list[str]) -> str:
@@ -297,6 +318,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     report["monarch_layer"] = time_monarch_layer(
         device, args.layer_tokens, args.repeats, args.shapes, args.nblocks, backends
     )
+    report["fastest_multiply"] = fastest_multiply(report["monarch_layer"], args.nblocks)
+    print(f"fastest Monarch multiply: {json.dumps(report['fastest_multiply'])}; backend='auto' on CUDA runs "
+          f"{AUTO_BACKENDS.get('cuda', 'torch')!r} (m2_hf.monarch.AUTO_BACKENDS)", flush=True)
     write_report(args.json, report)  # partial results survive a later failure or timeout
 
     print(f"\n== M2-BERT vs BERT (SDPA), {args.layers} layers, hidden {args.hidden}, {args.tokens} tokens per call ==")

@@ -179,18 +179,24 @@ class _PositionalFeatures(nn.Module):
     def __init__(self, emb_dim: int, max_length: int) -> None:
         super().__init__()
         z, t = self.initial_features(emb_dim, max_length)
-        self.z = nn.Parameter(z)
-        self.register_buffer("t", t)
+        # A model built in half precision (`from_pretrained(..., dtype=torch.float16)` sets the default dtype) stores
+        # the features in it, rounded from the float32 construction.
+        dtype = torch.get_default_dtype()
+        self.z = nn.Parameter(z.to(dtype))
+        self.register_buffer("t", t.to(dtype))
 
     @staticmethod
     def initial_features(emb_dim: int, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        t = torch.linspace(0, 1, max_length)[None, :, None]
+        """``(z, t)`` in float32 whatever the default dtype: the official construction, bit for bit, and CPUs have no
+        complex half-precision exponential."""
+        t = torch.linspace(0, 1, max_length, dtype=torch.float32)[None, :, None]
         bands = (emb_dim - 1) // 2
-        angle = 2 * math.pi * torch.linspace(0, max_length - 1, max_length)[None, :, None] / max_length
-        frequencies = torch.linspace(1e-4, bands - 1, bands)[None, None]
-        # exp(-i f w), split into real and imaginary parts: the official construction, bit for bit.
+        angle = 2 * math.pi * torch.linspace(0, max_length - 1, max_length, dtype=torch.float32)[None, :, None]
+        angle = angle / max_length
+        frequencies = torch.linspace(1e-4, bands - 1, bands, dtype=torch.float32)[None, None]
+        # exp(-i f w), split into real and imaginary parts.
         rotation = torch.exp(-1j * frequencies * angle)
-        return torch.cat([t, rotation.real.to(t.dtype), rotation.imag.to(t.dtype)], dim=-1), t
+        return torch.cat([t, rotation.real, rotation.imag], dim=-1), t
 
     def forward(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.z[:, :length], self.t[:, :length]
@@ -218,11 +224,15 @@ class _ExponentialModulation(nn.Module):
 
     def __init__(self, width: int, fast_decay: float = 0.3, slow_decay: float = 1.5, target: float = 1e-2) -> None:
         super().__init__()
-        self.register_buffer("deltas", self.initial_deltas(width, fast_decay, slow_decay, target))
+        deltas = self.initial_deltas(width, fast_decay, slow_decay, target)
+        self.register_buffer("deltas", deltas.to(torch.get_default_dtype()))
 
     @staticmethod
     def initial_deltas(width: int, fast_decay: float = 0.3, slow_decay: float = 1.5, target: float = 1e-2):
-        return torch.linspace(math.log(target) / slow_decay, math.log(target) / fast_decay, width)[None, None]
+        """In float32, as :meth:`_PositionalFeatures.initial_features`: a half-precision model rounds the official
+        values instead of computing its own."""
+        start, end = math.log(target) / slow_decay, math.log(target) / fast_decay
+        return torch.linspace(start, end, width, dtype=torch.float32)[None, None]
 
     def forward(self, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return h * torch.exp(-t * self.deltas.abs())

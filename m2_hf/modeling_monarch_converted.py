@@ -76,6 +76,10 @@ class MonarchConvertedMixin(ShipsAllHeadsMixin):
     def __init__(self, config, *args, **kwargs) -> None:
         super().__init__(config, *args, **kwargs)
         structure_linear_layers(self.base_model, config.monarch_layers, config.monarch_structure)
+        if self.base_model is not self:
+            # Transformers initialises the weights that a checkpoint lacks with each sub-model's own `_init_weights`:
+            # as the original class, a head's base model would leave its structured layers as uninitialised memory.
+            self.base_model.__class__ = CONVERTED_CLASSES[type(self.base_model).__name__]
         self.post_init()
 
     @torch.no_grad()

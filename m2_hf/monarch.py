@@ -23,6 +23,7 @@ where ``P_mid`` sends intermediate feature ``f`` to position ``(f mod b) * q + f
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Literal, Optional
 
@@ -46,10 +47,20 @@ __all__ = [
     "set_monarch_backend",
 ]
 
+logger = logging.getLogger(__name__)
+
 Structure = Literal["monarch", "blockdiag"]
 Backend = Literal["auto", "torch", "triton"]
 _BACKENDS = ("auto", "torch", "triton")
 _STRUCTURES = ("monarch", "blockdiag")
+
+# The multiply that `backend="auto"` runs on tensors of each device type (any other: "torch"). On CUDA it is to be the
+# path that `benchmarks/bench_gpu.py` measures fastest on a GPU. That benchmark has not run on a GPU yet
+# (benchmarks/RESULTS.md), so there the PyTorch path, made of ops that PyTorch tests on GPUs, is the default, and the
+# Triton kernel, never run on a GPU so far, is opt-in (`backend="triton"`).
+AUTO_BACKENDS: dict[str, str] = {"cuda": "torch"}
+_PATH_NAMES = {"torch": "PyTorch multiply (two bmm)", "triton": "Triton kernel"}
+_auto_choices_logged: set[str] = set()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -535,8 +546,10 @@ class MonarchLinear(_StructuredLinear):
         nblocks (`int`, defaults to 4): number of blocks of each factor, between 1 and ``min(in, out)``. Sizes it does
             not divide are handled by zero-padding the input and truncating the output.
         bias (`bool`, defaults to `True`): whether to add a learnable bias.
-        backend (`str`, defaults to `"auto"`): ``"auto"`` uses the Triton kernel on CUDA tensors when triton is
-            installed and the PyTorch path otherwise; ``"torch"`` or ``"triton"`` force a path.
+        backend (`str`, defaults to `"auto"`): ``"auto"`` runs the path that ``AUTO_BACKENDS`` names for the
+            input's device type, which is the PyTorch path everywhere until ``benchmarks/bench_gpu.py`` measures the
+            Triton kernel faster on a GPU (a one-time log line says which path runs); ``"torch"`` or ``"triton"``
+            force a path.
 
     Parameters ``blkdiag1`` ``(b, q, p)`` and ``blkdiag2`` ``(b, s, q)`` with ``b = nblocks``, ``p = ⌈in/b⌉``,
     ``s = ⌈out/b⌉``, ``q = min(p, s)``. The layer computes ``y = x Wᵀ + bias`` with
@@ -583,16 +596,16 @@ class MonarchLinear(_StructuredLinear):
         return {"blkdiag1": math.sqrt(3.0 / in_block), "blkdiag2": 1.0 / math.sqrt(inner)}
 
     def _use_triton(self, x: torch.Tensor) -> bool:
-        if self.backend == "triton":
-            return True
+        if self.backend != "auto":
+            return self.backend == "triton"
         # The Triton autograd.Function is opaque to torch.compile and torch.func; they get the PyTorch path.
-        return (
-            self.backend == "auto"
-            and x.is_cuda
-            and triton_supported(x)
-            and not torch.compiler.is_compiling()
-            and not torch._C._functorch.is_functorch_wrapped_tensor(x)
-        )
+        if torch.compiler.is_compiling():
+            return False
+        path = AUTO_BACKENDS.get(x.device.type, "torch")
+        if path == "triton" and not triton_supported(x):
+            path = "torch"
+        _log_auto_choice_once(x.device.type, path)
+        return path == "triton" and not torch._C._functorch.is_functorch_wrapped_tensor(x)
 
     def _multiply(self, x: torch.Tensor) -> torch.Tensor:
         w1, w2 = self.blkdiag1, self.blkdiag2
@@ -652,6 +665,24 @@ class BlockdiagLinear(_StructuredLinear):
             if bias is not None:
                 layer.bias.copy_(bias)
         return layer, projection_error(weight, nblocks, "blockdiag", dtype=projection_dtype)
+
+
+def _log_auto_choice_once(device_type: str, path: str) -> None:
+    """Say, once per process and device type, which multiply ``backend="auto"`` runs there (outside torch.compile and
+    torch.func, which always get the PyTorch path)."""
+    if device_type in _auto_choices_logged:
+        return
+    _auto_choices_logged.add(device_type)
+    message = f"MonarchLinear(backend='auto') runs the {_PATH_NAMES[path]} on {device_type} tensors"
+    if device_type == "cuda" and path == "torch":
+        if AUTO_BACKENDS.get(device_type) == "triton":
+            message += " (Triton is not installed)"
+        else:
+            message += (
+                "; the Triton kernel is opt-in (backend='triton' or m2_hf.set_monarch_backend) until "
+                "benchmarks/bench_gpu.py measures it faster on a GPU"
+            )
+    logger.info(message + ".")
 
 
 def set_monarch_backend(model: nn.Module, backend: Backend) -> int:
