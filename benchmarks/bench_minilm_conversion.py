@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 continue
             for nblocks in args.nblocks:
                 model = copy.deepcopy(original)
-                targets = resolve_targets(model_type, linear_layers(model.base_model), [target], {"*": nblocks})
+                targets = resolve_targets(model.base_model, [target], {"*": nblocks})
                 start = time.perf_counter()
                 layers = project_layers(
                     model, targets, "monarch", method, progress=False, calibration=fitting, original=original

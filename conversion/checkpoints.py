@@ -25,6 +25,8 @@ SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "vocab.json", "merges.txt",
     "added_tokens.json", "sentencepiece.bpe.model", "spiece.model", "tokenizer.model",
+    # Processors and chat templates, which pipelines of vision and chat models read beside the tokenizer.
+    "preprocessor_config.json", "processor_config.json", "chat_template.jinja", "chat_template.json",
 )
 REPORT_FILE = "conversion_report.json"
 TOOL = "m2-convert"

@@ -120,9 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_arguments(m2_bert, "folder to write the native m2-hf checkpoint to")
 
     monarch = _subcommand(
-        commands, "monarch", "project the linear layers of a dense BERT, RoBERTa, DistilBERT or GPT-2 checkpoint to "
-        "Monarch (or block-diagonal) layers",
+        commands, "monarch", "project the linear layers of a dense checkpoint of any Transformers architecture (Llama, "
+        "Qwen, T5, ViT, BERT, GPT-2, ...) to Monarch (or block-diagonal) layers",
         "  m2-convert monarch ./bert-base ./bert-base-monarch --targets mlp --nblocks 4\n"
+        "  m2-convert monarch ./llama ./llama-monarch --targets all --dry-run   # lists what each preset selects\n"
         "  m2-convert monarch ./gpt2 ./gpt2-monarch --targets all --nblocks mlp=4 attention=2 --dry-run\n"
         "  m2-convert monarch ./minilm ./minilm-monarch --method calibrated --calibration-file text.txt",
         _monarch,
@@ -131,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "when the Hub is reachable")
     _add_output_arguments(monarch, "folder to write the converted checkpoint to")
     monarch.add_argument("--targets", nargs="+", default=["mlp"], metavar="TARGET",
-                         help="presets mlp, attention, all, or regular expressions matching whole layer names "
-                              "(default: mlp); put them after SOURCE DESTINATION")
+                         help="presets mlp, attention, all (the linear layers of the repeated blocks; embeddings, "
+                              "routers, poolers and heads stay dense), or regular expressions matching whole layer "
+                              "names (default: mlp); put them after SOURCE DESTINATION")
     monarch.add_argument("--nblocks", nargs="+", default=["4"], metavar="N|TARGET=N",
                          help="blocks per layer, for every target or per target (default: 4); nblocks=1 keeps a "
                               "layer's size, larger values shrink it more")

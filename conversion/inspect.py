@@ -9,6 +9,8 @@ import torch
 
 from .checkpoints import local_folder, read_config, read_state_dict
 
+PRESET_LISTING_LIMIT = 12  # layer names shown per preset (the JSON report has them all)
+
 
 def structured_layers(state: dict[str, torch.Tensor]) -> dict[str, dict]:
     """Monarch (`blkdiag1`/`blkdiag2`) and block-diagonal (3-D `weight`) layers, by module name."""
@@ -22,6 +24,26 @@ def structured_layers(state: dict[str, torch.Tensor]) -> dict[str, dict]:
         elif name == "weight" and tensor.dim() == 3:
             layers[module] = {"structure": "blockdiag", "nblocks": tensor.shape[0], "parameters": tensor.numel()}
     return layers
+
+
+def preset_selection(folder: Path, config: dict) -> dict[str, list[str]] | None:
+    """The layers each target preset of `m2-convert monarch` selects in a dense Transformers checkpoint, from its
+    structure alone (built on the meta device, no weights read); None for a folder it would not convert."""
+    import transformers
+    from m2_hf.configuration_monarch_converted import source_model_type
+
+    from .monarch import preset_layers
+
+    if source_model_type(config.get("model_type")) is not None:
+        return None
+    try:
+        model_config = transformers.AutoConfig.from_pretrained(folder)
+        head = getattr(transformers, (config.get("architectures") or ["AutoModel"])[0], transformers.AutoModel)
+        with torch.device("meta"):
+            model = head._from_config(model_config) if hasattr(head, "_from_config") else head.from_config(model_config)
+    except Exception:  # not a Transformers architecture: inspect still reports the tensors
+        return None
+    return preset_layers(model.base_model)
 
 
 def inspect_folder(folder: Path) -> dict:
@@ -40,6 +62,7 @@ def inspect_folder(folder: Path) -> dict:
         "structured_layers": layers,
         "structured_summary": dict(Counter(f"{v['structure']} nblocks={v['nblocks']}" for v in layers.values())),
         "dtypes": dict(Counter(str(t.dtype).replace("torch.", "") for t in state.values())),
+        "presets": preset_selection(folder, config),
     }
 
 
@@ -53,4 +76,7 @@ def format_report(report: dict) -> str:
     ]
     for name, layer in report["structured_layers"].items():
         lines.append(f"  {name:60} {layer['structure']:9} nblocks={layer['nblocks']:<3} params={layer['parameters']:,}")
+    for preset, names in (report.get("presets") or {}).items():
+        shown = ", ".join(names[:PRESET_LISTING_LIMIT]) + (" ..." if len(names) > PRESET_LISTING_LIMIT else "")
+        lines.append(f"preset {preset:9} {len(names)} layers: {shown}")
     return "\n".join(lines)

@@ -1,8 +1,9 @@
 """`m2-convert monarch` and `m2-convert dense`: dense Transformers checkpoints to Monarch-structured ones and back.
 
-`monarch` replaces the targeted linear layers of a BERT, RoBERTa, DistilBERT or GPT-2 checkpoint by `MonarchLinear`
-(or `BlockdiagLinear`) layers, projected from the dense weights; the result is a `monarch_<type>` folder that
-`AutoModel*` loads after `import m2_hf`, or anywhere with `trust_remote_code=True`. `dense` materialises every
+`monarch` replaces the targeted linear layers of a checkpoint of any Transformers architecture (`nn.Linear` or GPT-2's
+`Conv1D`) by `MonarchLinear` (or `BlockdiagLinear`) layers, projected from the dense weights; the result is a
+`monarch_<type>` folder that the original head's `AutoModel*` class loads after `import m2_hf`, or anywhere with
+`trust_remote_code=True`. The target presets are found from the module structure, with no table per architecture. `dense` materialises every
 structured layer exactly and writes the original architecture back (reverse sparsification).
 """
 
@@ -21,13 +22,20 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.pytorch_utils import Conv1D
 
 import transformers
-from m2_hf import CONVERTED_CLASSES, BlockdiagLinear, MonarchLinear, dense_weight_and_bias
-from m2_hf.configuration_monarch_converted import SOURCE_MODEL_TYPES, STRUCTURES
-from m2_hf.modeling_monarch_converted import STRUCTURED_CLASSES
+from m2_hf import BlockdiagLinear, MonarchLinear, dense_weight_and_bias
+from m2_hf.configuration_monarch_converted import (
+    STRUCTURES,
+    converted_config_class,
+    original_transformers_class,
+    source_model_type,
+)
+from m2_hf.modeling_monarch_converted import STRUCTURED_CLASSES, converted_class, original_heads
 
 from .checkpoints import (
     ConversionError,
@@ -45,22 +53,11 @@ from .checkpoints import (
     resolve_source,
 )
 
-# Target presets per original model type: regular expressions that must match a whole module name (relative to the
-# base model). "all" is every linear layer of the transformer blocks; embeddings, norms, poolers and heads stay dense.
-_BERT_LIKE = {
-    "mlp": r"encoder\.layer\.\d+\.(intermediate|output)\.dense",
-    "attention": r"encoder\.layer\.\d+\.attention\.(self\.(query|key|value)|output\.dense)",
-}
-TARGET_PRESETS: dict[str, dict[str, str]] = {
-    "bert": _BERT_LIKE,
-    "roberta": _BERT_LIKE,
-    "distilbert": {
-        "mlp": r"transformer\.layer\.\d+\.ffn\.lin[12]",
-        "attention": r"transformer\.layer\.\d+\.attention\.(q|k|v|out)_lin",
-    },
-    "gpt2": {"mlp": r"h\.\d+\.mlp\.c_(fc|proj)", "attention": r"h\.\d+\.attn\.c_(attn|proj)"},
-}
-_CONVERTED_TYPES = {source: converted for converted, source in SOURCE_MODEL_TYPES.items()}
+PRESETS = ("mlp", "attention", "all")
+# A module (by attribute or class name) of attention: self-, cross- or fused-QKV attention of any architecture.
+_ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
+# A mixture-of-experts router (`gate`, `shared_expert_gate`, `router`), which must stay exact: it picks the experts.
+_ROUTER = re.compile(r"(?:^|_)(?:gate|router)$|router", re.IGNORECASE)
 # Config entries written by Transformers or by a previous tool, not part of the architecture.
 _BOOKKEEPING_KEYS = ("model_type", "architectures", "transformers_version", "auto_map", "_name_or_path")
 
@@ -75,30 +72,55 @@ def linear_layers(base_model: nn.Module) -> dict[str, nn.Module]:
     return {name: module for name, module in base_model.named_modules() if isinstance(module, (nn.Linear, Conv1D))}
 
 
-def _preset_patterns(model_type: str) -> dict[str, str]:
-    presets = dict(TARGET_PRESETS[model_type])
-    presets["all"] = "|".join(f"(?:{pattern})" for pattern in presets.values())
-    return presets
+def block_role(name: str, modules: dict[str, nn.Module]) -> Optional[str]:
+    """``"attention"`` or ``"mlp"`` for a linear layer of a repeated block (an element of a ``ModuleList``: a
+    transformer layer of an encoder, a decoder or a vision tower), None for any other layer: embeddings' projections,
+    poolers, heads and routers stay dense unless a regular expression names them. A layer is attention's when a
+    module between the block and the layer is, by attribute or class name; every other layer of the block is the
+    MLP's (gated or not, fused or not)."""
+    parts = name.split(".")
+    block = next((index for index, part in enumerate(parts) if part.isdigit()), None)
+    if block is None:
+        return None
+    inner = parts[block + 1:]
+    ancestors = [modules[".".join(parts[:depth])] for depth in range(block + 2, len(parts))]
+    if any(_ROUTER.search(part) for part in inner) or any("Router" in type(m).__name__ for m in ancestors):
+        return None
+    if any(_ATTENTION.search(part) for part in inner) or any(_ATTENTION.search(type(m).__name__) for m in ancestors):
+        return "attention"
+    return "mlp"
 
 
-def resolve_targets(
-    model_type: str, layers: dict[str, nn.Module], targets: list[str], nblocks: dict[str, int]
-) -> dict[str, int]:
+def preset_layers(base_model: nn.Module) -> dict[str, list[str]]:
+    """The linear layers each preset selects, in module order."""
+    modules = dict(base_model.named_modules())
+    roles = {name: block_role(name, modules) for name in linear_layers(base_model)}
+    selected = {preset: [name for name, role in roles.items() if role == preset] for preset in ("mlp", "attention")}
+    selected["all"] = [name for name, role in roles.items() if role is not None]
+    return selected
+
+
+def resolve_targets(base_model: nn.Module, targets: list[str], nblocks: dict[str, int]) -> dict[str, int]:
     """``{layer name: nblocks}`` for the target presets or regular expressions in ``targets``; ``nblocks`` maps a
     target (as written) or ``"*"`` (every target) to its number of blocks."""
-    presets = _preset_patterns(model_type)
+    layers = linear_layers(base_model)
+    if not layers:
+        raise ConversionError(f"{type(base_model).__name__} has no linear layers (nn.Linear or Conv1D) to convert.")
+    presets = preset_layers(base_model)
     unknown = [name for name in nblocks if name != "*" and name not in targets]
     if unknown:
         raise ConversionError(f"--nblocks names {unknown}, which are not among the targets {targets}.")
     resolved: dict[str, int] = {}
     for target in targets:
-        pattern = presets.get(target, target)
-        try:
-            compiled = re.compile(pattern)
-        except re.error as error:
-            raise ConversionError(f"Target {target!r} is neither a preset ({', '.join(presets)}) nor a valid "
-                                  f"regular expression: {error}.") from error
-        matched = [name for name in layers if compiled.fullmatch(name)]
+        if target in presets:
+            matched = presets[target]
+        else:
+            try:
+                compiled = re.compile(target)
+            except re.error as error:
+                raise ConversionError(f"Target {target!r} is neither a preset ({', '.join(presets)}) nor a valid "
+                                      f"regular expression: {error}.") from error
+            matched = [name for name in layers if compiled.fullmatch(name)]
         if not matched:
             raise ConversionError(
                 f"Target {target!r} matches no linear layer. Presets: {', '.join(presets)}; a regular expression must "
@@ -114,7 +136,8 @@ def resolve_targets(
                 f"nblocks={blocks} does not fit {name} ({in_features} -> {out_features}): it must be between 1 and "
                 f"{min(in_features, out_features)}."
             )
-    return dict(sorted(resolved.items(), key=lambda item: list(layers).index(item[0])))
+    order = list(layers)
+    return dict(sorted(resolved.items(), key=lambda item: order.index(item[0])))
 
 
 def _shape(layer: nn.Module) -> tuple[int, int]:
@@ -123,8 +146,8 @@ def _shape(layer: nn.Module) -> tuple[int, int]:
 
 
 def _supported_classes(model_type: str) -> list[str]:
-    return sorted(name for name, cls in CONVERTED_CLASSES.items()
-                  if SOURCE_MODEL_TYPES[cls.config_class.model_type] == model_type)
+    """The heads that the Auto classes map ``model_type`` to."""
+    return sorted({cls.__name__ for cls in original_heads(CONFIG_MAPPING[model_type]).values()})
 
 
 def _expected_tensor_names(class_name: str, config) -> set[str]:
@@ -164,18 +187,31 @@ def _load_report_problem(source: Path, class_name: str, info: dict) -> Optional[
             "random ones. Fix `architectures` in config.json, or complete the checkpoint.")
 
 
+def _check_transformers_model_type(model_type, source: Path) -> None:
+    """Refuse a model type that Transformers cannot build, or whose code is not Transformers' own (which the converted
+    folder's remote code could not find)."""
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise ConversionError(
+            f"Transformers {transformers.__version__} does not know the model type {model_type!r} in "
+            f"{source / 'config.json'}, so it cannot build the model to convert; fix `model_type`, or upgrade "
+            "Transformers if the architecture is newer."
+        )
+    if not CONFIG_MAPPING[model_type].__module__.startswith("transformers."):
+        raise ConversionError(
+            f"{model_type!r} ({source / 'config.json'}) is not a Transformers architecture but custom code "
+            f"({CONFIG_MAPPING[model_type].__module__}); m2-convert monarch converts architectures that Transformers "
+            "ships."
+        )
+
+
 def load_source(source: Path) -> tuple[nn.Module, str]:
     """The source model (float weights as stored) and its model type; refuses what cannot be converted faithfully:
     unknown architectures, weights that do not fit the head, non-finite weights."""
     config = read_config(source)
     model_type = config.get("model_type")
-    if model_type in SOURCE_MODEL_TYPES:
+    if source_model_type(model_type) is not None:
         raise ConversionError(f"{source} is already a {model_type} checkpoint; `m2-convert dense` converts it back.")
-    if model_type not in TARGET_PRESETS:
-        raise ConversionError(
-            f"Unsupported architecture {model_type!r} in {source / 'config.json'}; m2-convert monarch supports "
-            f"{', '.join(TARGET_PRESETS)}."
-        )
+    _check_transformers_model_type(model_type, source)
     tensor_names = check_weight_files(source)
     architectures = config.get("architectures")
     if architectures:
@@ -183,13 +219,13 @@ def load_source(source: Path) -> tuple[nn.Module, str]:
     else:
         values = {k: v for k, v in config.items() if k not in _BOOKKEEPING_KEYS}
         class_name = infer_head(source, values, model_type, tensor_names)
-    if class_name not in CONVERTED_CLASSES or not hasattr(transformers, class_name):
-        raise ConversionError(f"{class_name} (in {source / 'config.json'}) has no Monarch counterpart; supported "
+    original_class = getattr(transformers, class_name, None) if isinstance(class_name, str) else None
+    if not (isinstance(original_class, type) and issubclass(original_class, PreTrainedModel)):
+        raise ConversionError(f"{class_name!r} (in {source / 'config.json'}) is not a Transformers model class; "
                               f"{model_type} classes: {', '.join(_supported_classes(model_type))}.")
-    original_class = getattr(transformers, class_name)
     try:
         model, info = original_class.from_pretrained(source, dtype="auto", output_loading_info=True)
-    except (OSError, ValueError, RuntimeError, TypeError) as error:
+    except (OSError, ValueError, RuntimeError, TypeError, AttributeError, KeyError) as error:
         message = " ".join(str(error).split())
         raise ConversionError(f"Transformers could not load {source} as {class_name}: {message[:500]}") from error
     problem = _load_report_problem(source, class_name, info)
@@ -518,7 +554,7 @@ class MonarchSettings:
 def converted_config(model: nn.Module, layers: dict[str, int], structure: str):
     """The `monarch_<type>` config: the original config's fields plus the structured layers."""
     values = {k: v for k, v in model.config.to_dict().items() if k not in _BOOKKEEPING_KEYS}
-    config_class = CONVERTED_CLASSES[type(model).__name__].config_class
+    config_class = converted_config_class(type(model.config))
     return config_class(**values, monarch_layers=dict(layers), monarch_structure=structure)
 
 
@@ -526,7 +562,7 @@ def _as_converted_model(model: nn.Module, layers: dict[str, int], structure: str
     # The structured layers are already in place: only the class (for saving the code and the auto_map) and the
     # config change, without copying any weight.
     model.config = converted_config(model, layers, structure)
-    model.__class__ = CONVERTED_CLASSES[type(model).__name__]
+    model.__class__ = converted_class(type(model))
     return model
 
 
@@ -535,7 +571,7 @@ def _model_card(report: dict, model: nn.Module):
 
     from model_cards import render_model_card
 
-    base_type = SOURCE_MODEL_TYPES[model.config.model_type]
+    base_type = source_model_type(model.config.model_type)
     data = ModelCardData(
         library_name="transformers", tags=["monarch", "structured-matrices", "m2-hf", "custom_code", base_type],
         base_model=report["source"],
@@ -601,7 +637,8 @@ def convert_to_monarch(
         calibration, evaluation = _text_batches(source.path, settings)
         model, model_type = load_source(source.path)
         base = model.base_model
-        targets = resolve_targets(model_type, linear_layers(base), settings.targets, settings.nblocks)
+        targets = resolve_targets(base, settings.targets, settings.nblocks)
+        presets = preset_layers(base) if dry_run else None
         reference = reference_outputs(model, evaluation) if evaluation is not None else None
         parameters_before, flops_before = sum(p.numel() for p in model.parameters()), linear_flops_per_token(base)
         # The calibrated method compares each layer's inputs with those of the untouched original.
@@ -634,7 +671,7 @@ def convert_to_monarch(
         model = _as_converted_model(model, targets, settings.structure)
         report["architecture_after"] = type(model).__name__
         if dry_run:
-            return {**report, "destination_problem": destination_problem}
+            return {**report, "presets": presets, "destination_problem": destination_problem}
         model.save_pretrained(output.staging)
         report["tokenizer_files"] = copy_tokenizer_files(source.path, output.staging)
         report["sentence_transformers_files"] = copy_sentence_transformers_files(source.path, output.staging)
@@ -665,19 +702,19 @@ def _load_converted(source: Path) -> nn.Module:
     """A `monarch_<type>` folder as its converted class, refusing weights that do not fit its `monarch_layers`."""
     config = read_config(source)
     model_type = config.get("model_type")
-    if model_type not in SOURCE_MODEL_TYPES:
+    if source_model_type(model_type) is None:
         raise ConversionError(
-            f"{source} is a {model_type!r} checkpoint, not a Monarch-converted one "
-            f"({', '.join(SOURCE_MODEL_TYPES)}); there is nothing to densify."
+            f"{source} is a {model_type!r} checkpoint, not a Monarch-converted one (monarch_<type>); there is nothing "
+            "to densify."
         )
     name = (config.get("architectures") or [None])[0]
-    converted_class = next((c for c in CONVERTED_CLASSES.values() if c.__name__ == name), None)
-    if converted_class is None:
+    original = original_transformers_class(name, PreTrainedModel) if isinstance(name, str) else None
+    if original is None:
         raise ConversionError(f"{source}'s architecture {name!r} (in config.json) is not a Monarch-converted class of "
                               "m2-hf; restore the config.json that m2-convert monarch wrote.")
     check_weight_files(source)
     try:
-        model, info = converted_class.from_pretrained(source, dtype="auto", output_loading_info=True)
+        model, info = converted_class(original).from_pretrained(source, dtype="auto", output_loading_info=True)
     except (OSError, ValueError, RuntimeError, TypeError, AttributeError) as error:
         message = " ".join(str(error).split())[:500]
         raise ConversionError(f"{source}'s config.json does not fit its weights ({type(error).__name__}: {message}); "

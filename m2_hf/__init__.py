@@ -4,7 +4,6 @@ Importing the package registers the M2 models with the Auto classes (and their c
 folders load with `trust_remote_code=True` where m2-hf is not installed).
 """
 
-import transformers
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -12,9 +11,6 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageClassification,
     AutoModelForMaskedLM,
-    AutoModelForMultipleChoice,
-    AutoModelForNextSentencePrediction,
-    AutoModelForPreTraining,
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
@@ -22,7 +18,6 @@ from transformers import (
     BertTokenizer,
     GPT2Tokenizer,
 )
-from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
 
 # Imported from their modules: the top-level name of the torchvision one warns where torchvision is missing.
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
@@ -31,13 +26,6 @@ from transformers.models.vit.image_processing_vit import ViTImageProcessor
 from .configuration_m2_bert import M2BertConfig
 from .configuration_m2_gpt import M2GPTConfig
 from .configuration_m2_vit import M2ViTConfig
-from .configuration_monarch_converted import (
-    SOURCE_MODEL_TYPES,
-    MonarchBertConfig,
-    MonarchDistilBertConfig,
-    MonarchGPT2Config,
-    MonarchRobertaConfig,
-)
 from .lm_loss import fused_linear_cross_entropy
 from .modeling_m2_bert import (
     M2BertForMaskedLM,
@@ -56,7 +44,13 @@ from .modeling_m2_gpt import (
     M2GPTPreTrainedModel,
 )
 from .modeling_m2_vit import M2ViTForImageClassification, M2ViTModel, M2ViTPreTrainedModel
-from .modeling_monarch_converted import CONVERTED_CLASSES, structure_linear_layers
+from .modeling_monarch_converted import (
+    CONVERTED_CLASSES,
+    converted_class,
+    converted_family,
+    resolve_converted_model_types,
+    structure_linear_layers,
+)
 from .monarch import (
     BlockdiagLinear,
     MonarchLinear,
@@ -139,35 +133,21 @@ _register(
     image_processors={"torchvision": ViTImageProcessor, "pil": ViTImageProcessorPil},
 )
 
-_CONVERTED_AUTO_CLASSES = (
-    AutoModel,
-    AutoModelForPreTraining,
-    AutoModelForCausalLM,
-    AutoModelForMaskedLM,
-    AutoModelForNextSentencePrediction,
-    AutoModelForSequenceClassification,
-    AutoModelForMultipleChoice,
-    AutoModelForTokenClassification,
-    AutoModelForQuestionAnswering,
-)
+# Converted folders (`monarch_<type>`, any architecture) resolve through the Auto classes on demand.
+resolve_converted_model_types()
 
 
-def _register_converted(config_class) -> None:
-    """Each Auto class maps a converted model type to the counterpart of the class it maps the original type to."""
-    source = SOURCE_MODEL_TYPES[config_class.model_type]
-    heads = {}
-    for auto_class in _CONVERTED_AUTO_CLASSES:
-        original = auto_class._model_mapping._model_mapping.get(source)
-        if original in CONVERTED_CLASSES:
-            heads[auto_class] = CONVERTED_CLASSES[original]
-    tokenizer = TOKENIZER_MAPPING_NAMES.get(source)
-    tokenizer = tokenizer if isinstance(tokenizer, str) else next((name for name in tokenizer or () if name), None)
-    _register(config_class, config_class.model_type, heads, getattr(transformers, tokenizer, None))
+def __getattr__(name: str):
+    # `m2_hf.MonarchLlamaForCausalLM`, `m2_hf.MonarchBertConfig`, ...: the converted counterpart of a Transformers
+    # class, made (and its family registered) on first use.
+    from . import configuration_monarch_converted, modeling_monarch_converted
 
+    if name.endswith("Config"):
+        config_class = getattr(configuration_monarch_converted, name)
+        converted_family(config_class.original_config_class)
+        return config_class
+    return getattr(modeling_monarch_converted, name)
 
-for _config_class in (MonarchBertConfig, MonarchRobertaConfig, MonarchDistilBertConfig, MonarchGPT2Config):
-    _register_converted(_config_class)
-globals().update({cls.__name__: cls for cls in CONVERTED_CLASSES.values()})
 
 __all__ = [
     "BlockdiagLinear",
@@ -175,7 +155,8 @@ __all__ = [
     "MonarchDistilBertConfig",
     "MonarchGPT2Config",
     "MonarchRobertaConfig",
-    *(cls.__name__ for cls in CONVERTED_CLASSES.values()),
+    "converted_class",
+    "converted_family",
     "structure_linear_layers",
     "M2BertConfig",
     "M2BertForMaskedLM",

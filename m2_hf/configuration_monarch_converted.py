@@ -1,15 +1,19 @@
 """Configurations of Transformers models whose linear layers were replaced by Monarch or block-diagonal layers (what
 `m2-convert monarch` writes).
 
-Each extends the original architecture's config with two fields, so that a converted folder records exactly which
-layers are structured; everything else reads as the original config.
+Every original config class `XConfig` (model type `x`) has a converted counterpart `MonarchXConfig` (model type
+`monarch_x`), made on first use: the original config's fields plus two that record exactly which layers are
+structured. No architecture is listed here, so an architecture that Transformers adds tomorrow converts as well.
 """
 
 from __future__ import annotations
 
-from transformers import BertConfig, DistilBertConfig, GPT2Config, PreTrainedConfig, RobertaConfig
+import transformers
+from transformers import PreTrainedConfig
 
 STRUCTURES = ("monarch", "blockdiag")
+CONVERTED_PREFIX = "Monarch"
+CONVERTED_MODEL_TYPE_PREFIX = "monarch_"
 
 _FIELDS_DOC = r"""
     Args:
@@ -46,28 +50,48 @@ class MonarchFieldsMixin(PreTrainedConfig):
         super().__post_init__(**kwargs)
 
 
-class MonarchBertConfig(MonarchFieldsMixin, BertConfig):
-    __doc__ = "[`BertConfig`] with Monarch-structured linear layers." + _FIELDS_DOC
-    model_type = "monarch_bert"
+_CONVERTED_CONFIGS: dict[type, type] = {}
 
 
-class MonarchRobertaConfig(MonarchFieldsMixin, RobertaConfig):
-    __doc__ = "[`RobertaConfig`] with Monarch-structured linear layers." + _FIELDS_DOC
-    model_type = "monarch_roberta"
+def converted_config_class(original: type) -> type:
+    """``Monarch<original>``: ``original`` (a Transformers config class) with the two fields, model type
+    ``monarch_<original model type>``; one class per original, made on first use."""
+    if original not in _CONVERTED_CONFIGS:
+        if not (isinstance(original, type) and issubclass(original, PreTrainedConfig)) or not original.model_type:
+            raise TypeError(f"{original!r} is not a Transformers config class with a model type.")
+        if issubclass(original, MonarchFieldsMixin):
+            raise TypeError(f"{original.__name__} is already a Monarch-converted config.")
+        _CONVERTED_CONFIGS[original] = type(
+            f"{CONVERTED_PREFIX}{original.__name__}",
+            (MonarchFieldsMixin, original),
+            {
+                "__module__": __name__,
+                "__doc__": f"[`{original.__name__}`] with Monarch-structured linear layers." + _FIELDS_DOC,
+                "model_type": CONVERTED_MODEL_TYPE_PREFIX + original.model_type,
+                "original_config_class": original,
+            },
+        )
+    return _CONVERTED_CONFIGS[original]
 
 
-class MonarchDistilBertConfig(MonarchFieldsMixin, DistilBertConfig):
-    __doc__ = "[`DistilBertConfig`] with Monarch-structured linear layers." + _FIELDS_DOC
-    model_type = "monarch_distilbert"
+def source_model_type(converted_model_type: str) -> str | None:
+    """The original model type of a ``monarch_<type>`` model type, or None for any other."""
+    if not isinstance(converted_model_type, str) or not converted_model_type.startswith(CONVERTED_MODEL_TYPE_PREFIX):
+        return None
+    return converted_model_type[len(CONVERTED_MODEL_TYPE_PREFIX):]
 
 
-class MonarchGPT2Config(MonarchFieldsMixin, GPT2Config):
-    __doc__ = "[`GPT2Config`] with Monarch-structured linear layers." + _FIELDS_DOC
-    model_type = "monarch_gpt2"
+def original_transformers_class(converted_name: str, base: type) -> type | None:
+    """The Transformers class (a subclass of ``base``) that ``Monarch<Name>`` converts, or None."""
+    if not converted_name.startswith(CONVERTED_PREFIX):
+        return None
+    original = getattr(transformers, converted_name[len(CONVERTED_PREFIX):], None)
+    return original if isinstance(original, type) and issubclass(original, base) else None
 
 
-# The original model type of each converted one: the table that `m2-convert` and the model classes read.
-SOURCE_MODEL_TYPES = {
-    config_class.model_type: config_class.__mro__[2].model_type
-    for config_class in (MonarchBertConfig, MonarchRobertaConfig, MonarchDistilBertConfig, MonarchGPT2Config)
-}
+def __getattr__(name: str):
+    # `MonarchLlamaConfig` and friends, which an `auto_map` names (also where this file runs as remote code).
+    original = original_transformers_class(name, PreTrainedConfig)
+    if original is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return converted_config_class(original)

@@ -1,50 +1,29 @@
 """Transformers models with Monarch or block-diagonal linear layers: what `m2-convert monarch` writes.
 
-Each class is the original Transformers class (`BertForMaskedLM`, `GPT2LMHeadModel`, ...) with the linear layers that
-its config's `monarch_layers` names replaced by `MonarchLinear` (or `BlockdiagLinear`); everything else, from the
-forward pass to tying, generation and saving, is the original class's. Supporting another architecture takes a config
-class (`configuration_monarch_converted.py`) and one entry in `_ORIGINAL_CLASSES` below.
+Every Transformers model class `X` has a converted counterpart `MonarchX`, made on first use: the original class with
+the linear layers that its config's `monarch_layers` names replaced by `MonarchLinear` (or `BlockdiagLinear`);
+everything else, from the forward pass to tying, generation with the model's own cache and saving, is the original
+class's. A converted family (the config and every head that an Auto class maps the original model type to) is
+registered with those Auto classes when it is made, and its folders name every head in their `auto_map`, so they load
+through the Auto class of the original head, here and as remote code. No architecture is listed here.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
+import transformers
 from torch import nn
-from transformers import (
-    BertForMaskedLM,
-    BertForMultipleChoice,
-    BertForNextSentencePrediction,
-    BertForPreTraining,
-    BertForQuestionAnswering,
-    BertForSequenceClassification,
-    BertForTokenClassification,
-    BertLMHeadModel,
-    BertModel,
-    DistilBertForMaskedLM,
-    DistilBertForMultipleChoice,
-    DistilBertForQuestionAnswering,
-    DistilBertForSequenceClassification,
-    DistilBertForTokenClassification,
-    DistilBertModel,
-    GPT2ForQuestionAnswering,
-    GPT2ForSequenceClassification,
-    GPT2ForTokenClassification,
-    GPT2LMHeadModel,
-    GPT2Model,
-    RobertaForCausalLM,
-    RobertaForMaskedLM,
-    RobertaForMultipleChoice,
-    RobertaForQuestionAnswering,
-    RobertaForSequenceClassification,
-    RobertaForTokenClassification,
-    RobertaModel,
-)
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
+from transformers.models.auto import modeling_auto
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
 
 from .configuration_monarch_converted import (
-    MonarchBertConfig,
-    MonarchDistilBertConfig,
-    MonarchGPT2Config,
-    MonarchRobertaConfig,
+    converted_config_class,
+    original_transformers_class,
+    source_model_type,
 )
 from .model_utils import ShipsAllHeadsMixin, init_structured_layer
 from .monarch import BlockdiagLinear, MonarchLinear, dense_weight_and_bias
@@ -79,7 +58,7 @@ class MonarchConvertedMixin(ShipsAllHeadsMixin):
         if self.base_model is not self:
             # Transformers initialises the weights that a checkpoint lacks with each sub-model's own `_init_weights`:
             # as the original class, a head's base model would leave its structured layers as uninitialised memory.
-            self.base_model.__class__ = CONVERTED_CLASSES[type(self.base_model).__name__]
+            self.base_model.__class__ = converted_class(type(self.base_model))
         self.post_init()
 
     @torch.no_grad()
@@ -95,54 +74,166 @@ class MonarchConvertedMixin(ShipsAllHeadsMixin):
                 raise
 
 
-# Original classes per converted config; each gets a `Monarch<Original>` counterpart in this module. Every class listed
-# must be one that an Auto class maps the original model type to (the package registers each under that Auto class).
-_ORIGINAL_CLASSES = {
-    MonarchBertConfig: (
-        BertModel, BertForPreTraining, BertLMHeadModel, BertForMaskedLM, BertForNextSentencePrediction,
-        BertForSequenceClassification, BertForMultipleChoice, BertForTokenClassification, BertForQuestionAnswering,
-    ),
-    MonarchRobertaConfig: (
-        RobertaModel, RobertaForCausalLM, RobertaForMaskedLM, RobertaForSequenceClassification,
-        RobertaForMultipleChoice, RobertaForTokenClassification, RobertaForQuestionAnswering,
-    ),
-    MonarchDistilBertConfig: (
-        DistilBertModel, DistilBertForMaskedLM, DistilBertForSequenceClassification, DistilBertForMultipleChoice,
-        DistilBertForTokenClassification, DistilBertForQuestionAnswering,
-    ),
-    MonarchGPT2Config: (
-        GPT2Model, GPT2LMHeadModel, GPT2ForSequenceClassification, GPT2ForTokenClassification, GPT2ForQuestionAnswering,
-    ),
-}
+def auto_model_classes() -> list[type]:
+    """Every `AutoModel*` class of the installed Transformers, so that a head added tomorrow is found too."""
+    classes = (getattr(modeling_auto, name) for name in dir(modeling_auto) if name.startswith("AutoModel"))
+    return [cls for cls in classes if isinstance(cls, type) and hasattr(cls, "_model_mapping")]
 
 
-# Trainer leaves the division by the gradient-accumulation steps to the loss of any forward that takes `**kwargs`,
-# expecting it to divide by `num_items_in_batch`. Of the original classes only these causal LMs' losses do; the others
-# (plain mean cross-entropy and friends) would report and train on a loss `gradient_accumulation_steps` times too large.
-_LOSSES_DIVIDED_BY_NUM_ITEMS = (BertLMHeadModel, RobertaForCausalLM, GPT2LMHeadModel)
+def original_heads(original_config_class: type) -> dict[str, type]:
+    """``{Auto class name: original class}`` for every Auto class that maps ``original_config_class`` to a model of
+    its own (an Auto class may map a config to another family's model, which then belongs to that family)."""
+    heads = {}
+    for auto_class in auto_model_classes():
+        if original_config_class in auto_class._model_mapping:
+            head = auto_class._model_mapping[original_config_class]
+            head = head[0] if isinstance(head, (tuple, list)) else head
+            if getattr(head, "config_class", None) is original_config_class:
+                heads[auto_class.__name__] = head
+    return heads
 
 
-def _converted_class(original: type, config_class: type) -> type:
-    return type(
-        f"Monarch{original.__name__}",
-        (MonarchConvertedMixin, original),
-        {
+_CONVERTED_CLASSES: dict[type, type] = {}
+_FAMILIES: dict[type, dict[str, type]] = {}
+
+
+def _shipped_name(cls: type) -> str:
+    return f"{cls.__module__.rpartition('.')[2]}.{cls.__name__}"
+
+
+def _divides_loss_by_num_items(original: type) -> bool:
+    """Whether ``original``'s loss divides by Trainer's `num_items_in_batch`: Trainer leaves the division by the
+    gradient-accumulation steps to the loss of any forward that takes `**kwargs`, which only the losses computed with
+    `self.loss_function` do; plain mean cross-entropies would train on a loss `gradient_accumulation_steps` times too
+    large."""
+    forward = inspect.unwrap(original.forward)
+    return "loss_function" in getattr(forward, "__code__", None).co_names if hasattr(forward, "__code__") else False
+
+
+def _class_for(original: type) -> type:
+    if original not in _CONVERTED_CLASSES:
+        if not (isinstance(original, type) and issubclass(original, PreTrainedModel)) or original.config_class is None:
+            raise TypeError(f"{original!r} is not a Transformers model class with a config class.")
+        if issubclass(original, MonarchConvertedMixin):
+            raise TypeError(f"{original.__name__} is already a Monarch-converted class.")
+        attributes = {
             "__module__": __name__,
             "__doc__": f"[`{original.__name__}`] with the linear layers named by `config.monarch_layers` structured.",
-            "config_class": config_class,
+            "config_class": converted_config_class(original.config_class),
             "original_class": original,
-            "accepts_loss_kwargs": original in _LOSSES_DIVIDED_BY_NUM_ITEMS,
-        },
-    )
+        }
+        if not hasattr(original, "accepts_loss_kwargs"):
+            attributes["accepts_loss_kwargs"] = _divides_loss_by_num_items(original)
+        _CONVERTED_CLASSES[original] = type(f"Monarch{original.__name__}", (MonarchConvertedMixin, original), attributes)
+        _share_checkpoint_conversions(original.__name__, _CONVERTED_CLASSES[original].__name__)
+    return _CONVERTED_CLASSES[original]
 
 
-CONVERTED_CLASSES: dict[str, type] = {}
-for _config_class, _originals in _ORIGINAL_CLASSES.items():
-    for _original in _originals:
-        CONVERTED_CLASSES[_original.__name__] = globals()[f"Monarch{_original.__name__}"] = _converted_class(
-            _original, _config_class
+def _share_checkpoint_conversions(original_name: str, converted_name: str) -> None:
+    """Give a converted model type or class the tensor renamings that Transformers applies to the original one when it
+    loads and saves checkpoints (the names of older checkpoints, kept on disk): Transformers skips them for classes
+    outside its package unless they are registered, and a converted folder's tensors are named as the original's."""
+    try:
+        from transformers.conversion_mapping import (
+            get_checkpoint_conversion_mapping,
+            register_checkpoint_conversion_mapping,
         )
+    except ImportError:  # a Transformers without checkpoint renamings
+        return
+    mapping = get_checkpoint_conversion_mapping(original_name)
+    if mapping is not None:
+        register_checkpoint_conversion_mapping(converted_name, mapping, overwrite=True)
 
-__all__ = ["CONVERTED_CLASSES", "MonarchConvertedMixin", "structure_linear_layers", *(
-    f"Monarch{name}" for name in CONVERTED_CLASSES
-)]
+
+def _register_family(config_class: type, heads: dict[str, type]) -> None:
+    """Register a converted family with the Auto classes (and its tokenizer), and mark each class for shipping."""
+    _share_checkpoint_conversions(config_class.original_config_class.model_type, config_class.model_type)
+    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    config_class.register_for_auto_class()
+    for auto_name, model_class in heads.items():
+        getattr(modeling_auto, auto_name).register(config_class, model_class, exist_ok=True)
+        if model_class._auto_class is None:
+            model_class.register_for_auto_class(auto_name)
+    tokenizer = TOKENIZER_MAPPING_NAMES.get(config_class.original_config_class.model_type)
+    tokenizer = tokenizer if isinstance(tokenizer, str) else next((name for name in tokenizer or () if name), None)
+    tokenizer_class = getattr(transformers, tokenizer, None) if tokenizer else None
+    if tokenizer_class is not None:
+        AutoTokenizer.register(config_class, fast_tokenizer_class=tokenizer_class, exist_ok=True)
+
+
+def converted_family(original_config_class: type) -> dict[str, type]:
+    """``{Auto class name: converted head}`` of an original config class; made and registered on first use. Every
+    class of the family ships an `auto_map` that names all its heads."""
+    config_class = converted_config_class(original_config_class)
+    if config_class not in _FAMILIES:
+        heads = {name: _class_for(head) for name, head in original_heads(original_config_class).items()}
+        _FAMILIES[config_class] = heads
+        auto_map = {"AutoConfig": _shipped_name(config_class)} | {
+            name: _shipped_name(head) for name, head in heads.items()
+        }
+        for head in heads.values():
+            head.shipped_auto_map = auto_map
+        _register_family(config_class, heads)
+    return _FAMILIES[config_class]
+
+
+def converted_class(original: type) -> type:
+    """``Monarch<original>`` for a Transformers model class; made on first use, one per original class."""
+    converted = _class_for(original)
+    heads = converted_family(original.config_class)
+    if heads and not converted.shipped_auto_map:  # a head no Auto class maps to, as GPT-2's double heads
+        converted.shipped_auto_map = next(iter(heads.values())).shipped_auto_map
+    return converted
+
+
+class _ConvertedClassesByName(dict):
+    """``{original class name: converted class}``, filled on first access of each name."""
+
+    def __missing__(self, name: str) -> type:
+        original = getattr(transformers, name, None)
+        if not (isinstance(original, type) and issubclass(original, PreTrainedModel)):
+            raise KeyError(name)
+        self[name] = converted_class(original)
+        return self[name]
+
+
+CONVERTED_CLASSES = _ConvertedClassesByName()
+
+
+class _ModelTypesWithConverted(dict):
+    """What `CONFIG_MAPPING` keeps of registered model types, completed on demand with ``monarch_<type>`` for every
+    model type Transformers knows, so that `AutoConfig` (and then each Auto model class) finds a converted folder
+    of any architecture without registering hundreds of families up front."""
+
+    def __contains__(self, model_type) -> bool:
+        return super().__contains__(model_type) or self._add_converted(model_type)
+
+    def __missing__(self, model_type):
+        if self._add_converted(model_type):
+            return self[model_type]
+        raise KeyError(model_type)
+
+    def _add_converted(self, model_type) -> bool:
+        source = source_model_type(model_type)
+        if source is None or source not in CONFIG_MAPPING._mapping:
+            return False
+        converted_family(CONFIG_MAPPING[source])
+        return super().__contains__(model_type)
+
+
+def resolve_converted_model_types() -> None:
+    """Let `AutoConfig` resolve every ``monarch_<type>`` model type (called by the package's ``__init__``)."""
+    if not isinstance(CONFIG_MAPPING._extra_content, _ModelTypesWithConverted):
+        CONFIG_MAPPING._extra_content = _ModelTypesWithConverted(CONFIG_MAPPING._extra_content)
+
+
+def __getattr__(name: str):
+    # `MonarchLlamaForCausalLM` and friends, which an `auto_map` names (also where this file runs as remote code).
+    original = original_transformers_class(name, PreTrainedModel)
+    if original is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return converted_class(original)
+
+
+__all__ = ["CONVERTED_CLASSES", "MonarchConvertedMixin", "converted_class", "converted_family",
+           "structure_linear_layers"]

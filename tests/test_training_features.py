@@ -90,7 +90,7 @@ def monarch_converted(original_class, config) -> Callable[[], nn.Module]:
 
     def build() -> nn.Module:
         dense = original_class(config)
-        layers = resolve_targets(config.model_type, linear_layers(dense.base_model), ["mlp"], {"*": 4})
+        layers = resolve_targets(dense.base_model, ["mlp"], {"*": 4})
         return seeded(CONVERTED_CLASSES[original_class.__name__], converted_config(dense, layers, "monarch"))
 
     return build

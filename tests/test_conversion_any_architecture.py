@@ -1,0 +1,385 @@
+"""`m2-convert monarch` on any Transformers architecture: a tiny random checkpoint of each (decoders, encoders,
+encoder-decoders, a vision transformer) saved with `save_pretrained`, converted once per module, and checked as a
+Transformers model: presets, loading through the original head's Auto class, nblocks=1 equality, generation with the
+model's own cache against the unconverted class, exact dense round trip, tying; for a few, remote code without m2-hf,
+pipelines, a Trainer step and saving."""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+import m2_hf
+from conversion.cli import main
+from conversion.monarch import MonarchSettings, convert_to_monarch, preset_layers
+from m2_hf import BlockdiagLinear, MonarchLinear
+from remote_code import run_without_m2_hf
+
+WORDS = "the quick brown fox jumps over a lazy dog monarch matrices mix tokens and images well".split()
+
+
+@dataclass
+class Architecture:
+    config: str
+    head: str
+    auto: str
+    settings: dict
+    kind: str  # decoder | seq2seq | encoder | vision
+    attention: int  # linear layers the `attention` preset selects (2 blocks; encoder and decoder for seq2seq)
+    mlp: int
+    extras: dict = field(default_factory=dict)
+
+
+_DECODER = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64)  # grouped-query: k/v are 32 -> 16
+ARCHITECTURES = {
+    "llama": Architecture("LlamaConfig", "LlamaForCausalLM", "AutoModelForCausalLM", _DECODER, "decoder", 8, 6),
+    "mistral": Architecture("MistralConfig", "MistralForCausalLM", "AutoModelForCausalLM", _DECODER, "decoder", 8, 6),
+    "qwen2": Architecture("Qwen2Config", "Qwen2ForCausalLM", "AutoModelForCausalLM", _DECODER, "decoder", 8, 6),
+    "qwen3": Architecture("Qwen3Config", "Qwen3ForCausalLM", "AutoModelForCausalLM", {**_DECODER, "head_dim": 8},
+                          "decoder", 8, 6),
+    "gemma": Architecture("GemmaConfig", "GemmaForCausalLM", "AutoModelForCausalLM", {**_DECODER, "head_dim": 8},
+                          "decoder", 8, 6),
+    "phi3": Architecture("Phi3Config", "Phi3ForCausalLM", "AutoModelForCausalLM", {**_DECODER, "pad_token_id": 0},
+                         "decoder", 4, 4),  # fused qkv_proj and gate_up_proj
+    "opt": Architecture("OPTConfig", "OPTForCausalLM", "AutoModelForCausalLM",
+                        dict(vocab_size=96, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                             word_embed_proj_dim=32, max_position_embeddings=64), "decoder", 8, 4),
+    "gpt_neox": Architecture("GPTNeoXConfig", "GPTNeoXForCausalLM", "AutoModelForCausalLM",
+                             dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, max_position_embeddings=64), "decoder", 4, 4),
+    "falcon": Architecture("FalconConfig", "FalconForCausalLM", "AutoModelForCausalLM",
+                           dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
+                           "decoder", 4, 4),  # multi-query: fused query_key_value is 32 -> 48
+    "gpt2": Architecture("GPT2Config", "GPT2LMHeadModel", "AutoModelForCausalLM",
+                         dict(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64), "decoder", 4, 4),
+    "t5": Architecture("T5Config", "T5ForConditionalGeneration", "AutoModelForSeq2SeqLM",
+                       dict(vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                            decoder_start_token_id=0), "seq2seq", 24, 8),  # with the decoder's cross-attention
+    "bart": Architecture("BartConfig", "BartForConditionalGeneration", "AutoModelForSeq2SeqLM",
+                         dict(vocab_size=96, d_model=32, encoder_layers=2, decoder_layers=2,
+                              encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                              decoder_ffn_dim=64, max_position_embeddings=64), "seq2seq", 24, 8),
+    "bert": Architecture("BertConfig", "BertForMaskedLM", "AutoModelForMaskedLM",
+                         dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=64, max_position_embeddings=64), "encoder", 8, 4),
+    "roberta": Architecture("RobertaConfig", "RobertaForSequenceClassification", "AutoModelForSequenceClassification",
+                            dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=64, max_position_embeddings=64, pad_token_id=1, num_labels=3),
+                            "encoder", 8, 4),
+    "distilbert": Architecture("DistilBertConfig", "DistilBertForMaskedLM", "AutoModelForMaskedLM",
+                               dict(vocab_size=96, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                    max_position_embeddings=64), "encoder", 8, 4),
+    "vit": Architecture("ViTConfig", "ViTForImageClassification", "AutoModelForImageClassification",
+                        dict(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             intermediate_size=64, num_labels=3), "vision", 8, 4),
+}
+SUBSET = ["llama", "t5", "vit"]  # remote code, Trainer and saving
+NBLOCKS = 2
+
+
+def write_tokenizer(folder: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {token: index for index, token in enumerate(["<pad>", "<s>", "</s>", "<unk>", *WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                                     eos_token="</s>", unk_token="<unk>")
+    tokenizer.save_pretrained(folder)
+
+
+def model_inputs(kind: str, batch: int = 2) -> dict:
+    generator = torch.Generator().manual_seed(1)
+    if kind == "vision":
+        return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=generator)}
+    ids = torch.randint(4, 90, (batch, 7), generator=generator)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if kind == "seq2seq":
+        inputs["decoder_input_ids"] = torch.randint(4, 90, (batch, 5), generator=generator)
+    return inputs
+
+
+def logits(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@dataclass
+class Converted:
+    name: str
+    architecture: Architecture
+    source: Path
+    monarch: Path  # --targets all --nblocks 2, by the CLI
+    exact: Path  # --targets all --nblocks 1
+    dense: Path  # `m2-convert dense` of `monarch`
+    original: torch.nn.Module
+    report: dict
+
+
+@pytest.fixture(scope="module", params=list(ARCHITECTURES))
+def converted(request, tmp_path_factory) -> Converted:
+    name, architecture = request.param, ARCHITECTURES[request.param]
+    folder = tmp_path_factory.mktemp(name)
+    torch.manual_seed(0)
+    config = getattr(transformers, architecture.config)(**architecture.settings)
+    original = getattr(transformers, architecture.head)(config).eval()
+    source = folder / "source"
+    original.save_pretrained(source)
+    if architecture.kind == "vision":
+        transformers.ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(source)
+    else:
+        write_tokenizer(source)
+    assert main(["monarch", str(source), str(folder / "monarch"), "--targets", "all", "--nblocks", str(NBLOCKS)]) == 0
+    report = json.loads((folder / "monarch" / "conversion_report.json").read_text())
+    convert_to_monarch(source, folder / "exact", MonarchSettings(targets=["all"], nblocks={"*": 1}), progress=False)
+    assert main(["dense", str(folder / "monarch"), str(folder / "dense")]) == 0
+    return Converted(name, architecture, source, folder / "monarch", folder / "exact", folder / "dense", original,
+                     report)
+
+
+def load(converted: Converted, folder: Path, auto: str = None):
+    return getattr(transformers, auto or converted.architecture.auto).from_pretrained(folder).eval()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Every architecture
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_presets_select_the_blocks_layers_and_leave_the_rest_dense(converted):
+    presets = preset_layers(converted.original.base_model)
+    assert len(presets["attention"]) == converted.architecture.attention
+    assert len(presets["mlp"]) == converted.architecture.mlp
+    assert presets["all"] == [n for n in presets["all"] if n in presets["attention"] or n in presets["mlp"]]
+    assert set(presets["all"]) == set(presets["attention"]) | set(presets["mlp"])
+    assert not set(presets["attention"]) & set(presets["mlp"])
+    # Heads, poolers, embeddings' projections and the T5 lm_head (inside its base model) stay out of every preset.
+    assert not [n for n in presets["all"] if not any(part.isdigit() for part in n.split("."))]
+    assert [layer["name"] for layer in converted.report["layers"]] == presets["all"]
+
+
+def test_converted_folder_loads_through_the_original_heads_auto_class(converted):
+    config = json.loads((converted.monarch / "config.json").read_text())
+    source_type = json.loads((converted.source / "config.json").read_text())["model_type"]
+    assert config["model_type"] == f"monarch_{source_type}"
+    assert config["architectures"] == [f"Monarch{converted.architecture.head}"]
+    assert config["auto_map"][converted.architecture.auto] == f"modeling_monarch_converted.Monarch{converted.architecture.head}"
+    model = load(converted, converted.monarch)
+    assert type(model).__name__ == f"Monarch{converted.architecture.head}"
+    assert isinstance(model, getattr(transformers, converted.architecture.head))
+    structured = [m for m in model.modules() if isinstance(m, (MonarchLinear, BlockdiagLinear))]
+    assert len(structured) == len(config["monarch_layers"]) == converted.architecture.attention + converted.architecture.mlp
+    inputs = model_inputs(converted.architecture.kind)
+    assert logits(model, inputs).shape == logits(converted.original, inputs).shape
+    bare = transformers.AutoModel.from_pretrained(converted.monarch)
+    assert type(bare).__name__ == f"Monarch{type(converted.original.base_model).__name__}" or bare.base_model is bare
+
+
+def test_nblocks_1_equals_the_original(converted):
+    inputs = model_inputs(converted.architecture.kind)
+    torch.testing.assert_close(logits(load(converted, converted.exact), inputs), logits(converted.original, inputs),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_dense_round_trip_is_the_original_type_and_exact(converted):
+    model = load(converted, converted.monarch)
+    dense_config = json.loads((converted.dense / "config.json").read_text())
+    source_config = json.loads((converted.source / "config.json").read_text())
+    assert dense_config == source_config
+    assert not list(converted.dense.glob("*.py"))
+    dense = load(converted, converted.dense)
+    assert type(dense) is getattr(transformers, converted.architecture.head)
+    dense_state = dense.base_model.state_dict()
+    for name in model.config.monarch_layers:
+        structured = model.base_model.get_submodule(name)
+        weight = dense_state[f"{name}.weight"]
+        weight = weight.t() if converted.name == "gpt2" else weight  # Conv1D stores it transposed
+        assert torch.equal(weight, structured.dense_weight()), name
+    structured_names = tuple(f"{name}." for name in model.config.monarch_layers)
+    for key, value in model.base_model.state_dict().items():
+        if not key.startswith(structured_names):
+            assert torch.equal(dense_state[key], value), key
+    inputs = model_inputs(converted.architecture.kind)
+    torch.testing.assert_close(logits(dense, inputs), logits(model, inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_tying_is_that_of_the_original(converted):
+    model = load(converted, converted.monarch)
+    output = converted.original.get_output_embeddings()
+    if output is None:  # vision and classification heads have nothing to tie
+        assert model.get_output_embeddings() is None
+        return
+    tied = output.weight is converted.original.get_input_embeddings().weight
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
+    assert tied == bool(getattr(converted.original.config, "tie_word_embeddings", False))
+
+
+def test_generate_with_the_models_cache_equals_the_unconverted_forward(converted):
+    if converted.architecture.kind not in ("decoder", "seq2seq"):
+        return
+    model, dense = load(converted, converted.monarch), load(converted, converted.dense)
+    prompt = model_inputs("decoder", batch=1)["input_ids"]
+    steps = 6
+    generated = model.generate(prompt, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, use_cache=True,
+                               return_dict_in_generate=True, output_logits=True)
+    assert generated.get("cache", generated.get("past_key_values")) is not None  # the model's own cache was used
+    if converted.architecture.kind == "seq2seq":
+        sequence, start = torch.tensor([[model.generation_config.decoder_start_token_id]]), 1
+    else:
+        sequence, start = prompt, prompt.shape[1]
+    for step in range(steps):  # greedy decoding with the dense original class and no cache
+        with torch.no_grad():
+            if converted.architecture.kind == "seq2seq":
+                step_logits = dense(input_ids=prompt, decoder_input_ids=sequence, use_cache=False).logits[:, -1]
+            else:
+                step_logits = dense(input_ids=sequence, use_cache=False).logits[:, -1]
+        torch.testing.assert_close(generated.logits[step], step_logits, rtol=1e-4, atol=1e-4)
+        sequence = torch.cat([sequence, step_logits.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generated.sequences[:, -steps:], sequence[:, start:])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A few architectures: remote code, pipelines, Trainer, saving
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_trust_remote_code_without_m2_hf(converted, tmp_path):
+    if converted.name not in SUBSET:
+        return
+    model = load(converted, converted.monarch)
+    inputs = model_inputs(converted.architecture.kind)
+    torch.save({"inputs": inputs, "logits": logits(model, inputs)}, tmp_path / "expected.pt")
+    run_without_m2_hf(
+        f"""
+        import torch, transformers
+        data = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
+        auto = getattr(transformers, {converted.architecture.auto!r})
+        model = auto.from_pretrained({str(converted.monarch)!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        assert type(model).__name__ == {f"Monarch{converted.architecture.head}"!r}
+        with torch.no_grad():
+            torch.testing.assert_close(model(**data["inputs"]).logits, data["logits"])
+        if {converted.architecture.kind!r} != "vision":
+            ids = data["inputs"]["input_ids"][:1]
+            assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[-1] >= 3
+        model.save_pretrained({str(tmp_path / "saved")!r})
+        again = auto.from_pretrained({str(tmp_path / "saved")!r}, trust_remote_code=True).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(again(**data["inputs"]).logits, data["logits"])
+        transformers.AutoModel.from_pretrained({str(converted.monarch)!r}, trust_remote_code=True)
+        """,
+        tmp_path,
+    )
+
+
+def test_pipeline_gives_what_the_dense_round_trip_gives(converted):
+    if converted.name == "llama":
+        task, argument, options = "text-generation", "the quick brown fox", {"max_new_tokens": 5, "do_sample": False}
+    elif converted.name == "vit":
+        from PIL import Image
+
+        generator = torch.Generator().manual_seed(0)
+        pixels = (torch.rand(16, 16, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        task, argument, options = "image-classification", Image.fromarray(pixels), {}
+    else:
+        return
+    structured = transformers.pipeline(task, model=str(converted.monarch))
+    assert type(structured.model).__name__ == f"Monarch{converted.architecture.head}"
+    expected = transformers.pipeline(task, model=str(converted.dense))(argument, **options)
+    assert structured(argument, **options) == expected
+
+
+def test_a_trainer_step_and_save_pretrained(converted, tmp_path):
+    if converted.name not in SUBSET:
+        return
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    model = load(converted, converted.monarch).train()
+    inputs = model_inputs(converted.architecture.kind, batch=4)
+    columns = {key: value.tolist() for key, value in inputs.items() if key != "attention_mask"}
+    if converted.architecture.kind == "vision":
+        columns["labels"] = [0, 1, 2, 0]
+    elif converted.architecture.kind == "seq2seq":
+        columns = {"input_ids": columns["input_ids"], "labels": columns.pop("decoder_input_ids")}
+    else:
+        columns["labels"] = columns["input_ids"]
+    layer = next(m for m in model.modules() if isinstance(m, MonarchLinear))
+    before = layer.blkdiag1.detach().clone()
+    args = TrainingArguments(output_dir=str(tmp_path / "train"), per_device_train_batch_size=4, max_steps=2,
+                             learning_rate=1e-2, report_to="none", use_cpu=True, save_strategy="no",
+                             logging_steps=1)
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_dict(columns))
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert not torch.equal(layer.blkdiag1.detach(), before)  # the structured factors train
+    trainer.save_model(tmp_path / "fine-tuned")
+    reloaded = load(converted, tmp_path / "fine-tuned")
+    assert type(reloaded) is type(model)
+    model.eval()
+    evaluation = model_inputs(converted.architecture.kind)
+    torch.testing.assert_close(logits(reloaded, evaluation), logits(model, evaluation))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Folders of the format before any architecture was supported, and what cannot be converted
+# --------------------------------------------------------------------------------------------------------------------
+
+# Written by m2-convert monarch before this change (config.json and weights of a `monarch_bert` and a `monarch_gpt2`
+# folder, with the outputs that code gave): such folders keep loading, with the same outputs.
+LEGACY_FOLDERS = Path(__file__).parent / "fixtures" / "monarch_folders_v1"
+
+
+@pytest.mark.parametrize("name,auto,head", [("bert", "AutoModelForMaskedLM", "MonarchBertForMaskedLM"),
+                                            ("gpt2", "AutoModelForCausalLM", "MonarchGPT2LMHeadModel")])
+def test_folders_written_before_keep_loading_with_the_same_outputs(name, auto, head, tmp_path):
+    folder = LEGACY_FOLDERS / name
+    expected = load_file(folder / "expected_outputs.safetensors")
+    model = getattr(transformers, auto).from_pretrained(folder).eval()
+    assert type(model).__name__ == head
+    assert sum(isinstance(m, MonarchLinear) for m in model.modules()) == len(model.config.monarch_layers) > 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(expected["input_ids"]).logits, expected["logits"])
+    assert main(["dense", str(folder), str(tmp_path / "dense")]) == 0
+    assert json.loads((tmp_path / "dense" / "config.json").read_text())["model_type"] == name
+
+
+def test_models_that_cannot_be_converted_are_refused_clearly(tmp_path, capsys):
+    resnet = transformers.ResNetModel(transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1]))
+    resnet.save_pretrained(tmp_path / "resnet")
+    assert main(["monarch", str(tmp_path / "resnet"), str(tmp_path / "out")]) == 2
+    assert "no linear layers" in capsys.readouterr().err
+
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    (unknown / "config.json").write_text(json.dumps({"model_type": "not_an_architecture"}))
+    assert main(["monarch", str(unknown), str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert "does not know the model type 'not_an_architecture'" in error and error.startswith("m2-convert: error:")
+    assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_and_inspect_list_what_each_preset_selects(tmp_path, capsys):
+    torch.manual_seed(0)
+    config = transformers.Qwen2MoeConfig(**_DECODER, moe_intermediate_size=16, shared_expert_intermediate_size=32,
+                                         num_experts=4, num_experts_per_tok=2)
+    transformers.Qwen2MoeForCausalLM(config).save_pretrained(tmp_path / "moe")
+    capsys.readouterr()
+    assert main(["monarch", str(tmp_path / "moe"), str(tmp_path / "out"), "--dry-run"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    presets = report["presets"]
+    assert "layers.0.mlp.shared_expert.gate_proj" in presets["mlp"]
+    assert "layers.0.self_attn.k_proj" in presets["attention"]
+    assert not [name for name in presets["all"] if "gate" in name.split(".")[-1].replace("gate_proj", "")]  # routers
+    assert not (tmp_path / "out").exists()
+    assert main(["inspect", str(tmp_path / "moe")]) == 0
+    text = capsys.readouterr().out
+    for preset, layers in presets.items():
+        assert f"preset {preset:9} {len(layers)} layers" in text
+    assert "layers.1.self_attn.v_proj" in text and "layers.0.mlp.shared_expert_gate" not in text
