@@ -28,7 +28,15 @@ from .configuration_monarch_converted import (
 from .model_utils import ShipsAllHeadsMixin, init_structured_layer
 from .monarch import BlockdiagLinear, MonarchLinear, dense_weight_and_bias
 
-STRUCTURED_CLASSES = {"monarch": MonarchLinear, "blockdiag": BlockdiagLinear}
+class ConvertedMonarchLinear(MonarchLinear):
+    """The `MonarchLinear` of converted models. Transformers model code that reads a linear layer's `weight` for its
+    dtype does so behind `isinstance(layer.weight, torch.Tensor)`, as layers may be quantized (T5's feed-forward); a
+    Monarch layer has two factors instead, and says so by a `weight` of None."""
+
+    weight = None
+
+
+STRUCTURED_CLASSES = {"monarch": ConvertedMonarchLinear, "blockdiag": BlockdiagLinear}
 
 
 def structure_linear_layers(root: nn.Module, layers: dict[str, int], structure: str) -> None:

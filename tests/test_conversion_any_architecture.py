@@ -224,23 +224,16 @@ def test_generate_with_the_models_cache_equals_the_unconverted_forward(converted
         return
     model, dense = load(converted, converted.monarch), load(converted, converted.dense)
     prompt = model_inputs("decoder", batch=1)["input_ids"]
-    steps = 6
-    generated = model.generate(prompt, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, use_cache=True,
-                               return_dict_in_generate=True, output_logits=True)
-    assert generated.get("cache", generated.get("past_key_values")) is not None  # the model's own cache was used
-    if converted.architecture.kind == "seq2seq":
-        sequence, start = torch.tensor([[model.generation_config.decoder_start_token_id]]), 1
-    else:
-        sequence, start = prompt, prompt.shape[1]
-    for step in range(steps):  # greedy decoding with the dense original class and no cache
-        with torch.no_grad():
-            if converted.architecture.kind == "seq2seq":
-                step_logits = dense(input_ids=prompt, decoder_input_ids=sequence, use_cache=False).logits[:, -1]
-            else:
-                step_logits = dense(input_ids=sequence, use_cache=False).logits[:, -1]
-        torch.testing.assert_close(generated.logits[step], step_logits, rtol=1e-4, atol=1e-4)
-        sequence = torch.cat([sequence, step_logits.argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(generated.sequences[:, -steps:], sequence[:, start:])
+    options = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, return_dict_in_generate=True,
+                   output_logits=True)
+    cached = model.generate(prompt, use_cache=True, **options)
+    assert cached.get("cache", cached.get("past_key_values")) is not None  # the model's own cache was used
+    # The unconverted class on the same (densified) weights, a whole forward per token.
+    expected = dense.generate(prompt, use_cache=False, **options)
+    assert torch.equal(cached.sequences, expected.sequences)
+    assert len(cached.logits) == len(expected.logits) == 6
+    for step_logits, expected_logits in zip(cached.logits, expected.logits):
+        torch.testing.assert_close(step_logits, expected_logits, rtol=1e-4, atol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------------------------------
