@@ -334,10 +334,10 @@ def test_bad_inputs_name_the_problem_and_write_nothing(tmp_path, capsys):
     assert "calibration-file" in run_failing(["monarch", str(source), out, "--method", "calibrated"], capsys)
     assert "never modifies its source" in run_failing(["monarch", str(source), str(source)], capsys)
 
-    unsupported = tmp_path / "t5"
-    unsupported.mkdir()
-    (unsupported / "config.json").write_text(json.dumps({"model_type": "t5"}))
-    assert "Unsupported architecture 't5'" in run_failing(["monarch", str(unsupported), out], capsys)
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    (unknown / "config.json").write_text(json.dumps({"model_type": "not_an_architecture"}))
+    assert "does not know the model type 'not_an_architecture'" in run_failing(["monarch", str(unknown), out], capsys)
 
     broken = tmp_path / "nan"
     shutil.copytree(source, broken)
