@@ -5,6 +5,7 @@ model's own cache against the unconverted class, exact dense round trip, tying; 
 pipelines, a Trainer step and saving."""
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -376,3 +377,18 @@ def test_dry_run_and_inspect_list_what_each_preset_selects(tmp_path, capsys):
     for preset, layers in presets.items():
         assert f"preset {preset:9} {len(layers)} layers" in text
     assert "layers.1.self_attn.v_proj" in text and "layers.0.mlp.shared_expert_gate" not in text
+
+
+def test_the_readme_decoder_example_runs_as_written(tmp_path):
+    from test_readme import ROOT, run_block
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("### Worked example: a decoder LM", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```(python|bash)\n(.*?)```", section, flags=re.DOTALL)
+    assert [language for language, _ in blocks] == ["python", "bash", "python"]
+    outputs = [run_block(language, code, tmp_path) for language, code in blocks]
+    assert "preset mlp       6 layers" in outputs[1] and "preset attention 8 layers" in outputs[1]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert {layer["nblocks"] for layer in report["layers"] if ".mlp." in layer["name"]} == {4}
+    assert "MonarchLlamaForCausalLM ConvertedMonarchLinear(in_features=256, out_features=64, nblocks=2" in outputs[2]
+    assert "LlamaForCausalLM True" in outputs[2]
