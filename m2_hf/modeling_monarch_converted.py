@@ -35,6 +35,9 @@ class ConvertedMonarchLinear(MonarchLinear):
 
     weight = None
 
+    def _get_name(self) -> str:
+        return MonarchLinear.__name__  # printed as the layer it is
+
 
 STRUCTURED_CLASSES = {"monarch": ConvertedMonarchLinear, "blockdiag": BlockdiagLinear}
 

@@ -390,5 +390,5 @@ def test_the_readme_decoder_example_runs_as_written(tmp_path):
     assert "preset mlp       6 layers" in outputs[1] and "preset attention 8 layers" in outputs[1]
     report = json.loads((tmp_path / "report.json").read_text())
     assert {layer["nblocks"] for layer in report["layers"] if ".mlp." in layer["name"]} == {4}
-    assert "MonarchLlamaForCausalLM ConvertedMonarchLinear(in_features=256, out_features=64, nblocks=2" in outputs[2]
+    assert "MonarchLlamaForCausalLM MonarchLinear(in_features=256, out_features=64, nblocks=2" in outputs[2]
     assert "LlamaForCausalLM True" in outputs[2]
