@@ -122,9 +122,15 @@ class Converted:
     report: dict
 
 
-@pytest.fixture(scope="module", params=list(ARCHITECTURES))
-def converted(request, tmp_path_factory) -> Converted:
-    name, architecture = request.param, ARCHITECTURES[request.param]
+_BUILT: dict[str, Converted] = {}
+
+
+def build(name: str, tmp_path_factory) -> Converted:
+    """The tiny source of an architecture, converted by the CLI (nblocks 2) and the API (nblocks 1), and back to
+    dense by the CLI; once per test session."""
+    if name in _BUILT:
+        return _BUILT[name]
+    architecture = ARCHITECTURES[name]
     folder = tmp_path_factory.mktemp(name)
     torch.manual_seed(0)
     config = getattr(transformers, architecture.config)(**architecture.settings)
@@ -139,8 +145,19 @@ def converted(request, tmp_path_factory) -> Converted:
     report = json.loads((folder / "monarch" / "conversion_report.json").read_text())
     convert_to_monarch(source, folder / "exact", MonarchSettings(targets=["all"], nblocks={"*": 1}), progress=False)
     assert main(["dense", str(folder / "monarch"), str(folder / "dense")]) == 0
-    return Converted(name, architecture, source, folder / "monarch", folder / "exact", folder / "dense", original,
-                     report)
+    _BUILT[name] = Converted(name, architecture, source, folder / "monarch", folder / "exact", folder / "dense",
+                             original, report)
+    return _BUILT[name]
+
+
+@pytest.fixture(scope="module", params=list(ARCHITECTURES))
+def converted(request, tmp_path_factory) -> Converted:
+    return build(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def subset(tmp_path_factory) -> list[Converted]:
+    return [build(name, tmp_path_factory) for name in SUBSET]
 
 
 def load(converted: Converted, folder: Path, auto: str = None):
@@ -220,9 +237,9 @@ def test_tying_is_that_of_the_original(converted):
     assert tied == bool(getattr(converted.original.config, "tie_word_embeddings", False))
 
 
-def test_generate_with_the_models_cache_equals_the_unconverted_forward(converted):
-    if converted.architecture.kind not in ("decoder", "seq2seq"):
-        return
+@pytest.mark.parametrize("name", [name for name, a in ARCHITECTURES.items() if a.kind in ("decoder", "seq2seq")])
+def test_generate_with_the_models_cache_equals_the_unconverted_forward(name, tmp_path_factory):
+    converted = build(name, tmp_path_factory)
     model, dense = load(converted, converted.monarch), load(converted, converted.dense)
     prompt = model_inputs("decoder", batch=1)["input_ids"]
     options = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, return_dict_in_generate=True,
@@ -242,36 +259,41 @@ def test_generate_with_the_models_cache_equals_the_unconverted_forward(converted
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def test_trust_remote_code_without_m2_hf(converted, tmp_path):
-    if converted.name not in SUBSET:
-        return
-    model = load(converted, converted.monarch)
-    inputs = model_inputs(converted.architecture.kind)
-    torch.save({"inputs": inputs, "logits": logits(model, inputs)}, tmp_path / "expected.pt")
+def test_trust_remote_code_without_m2_hf(subset, tmp_path):
+    cases = []
+    for index, converted in enumerate(subset):  # one fresh interpreter for all: each start costs seconds
+        model = load(converted, converted.monarch)
+        inputs = model_inputs(converted.architecture.kind)
+        torch.save({"inputs": inputs, "logits": logits(model, inputs)}, tmp_path / f"expected{index}.pt")
+        cases.append((str(converted.monarch), converted.architecture.auto, f"Monarch{converted.architecture.head}",
+                      converted.architecture.kind != "vision", str(tmp_path / f"expected{index}.pt")))
     run_without_m2_hf(
         f"""
         import torch, transformers
-        data = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
-        auto = getattr(transformers, {converted.architecture.auto!r})
-        model = auto.from_pretrained({str(converted.monarch)!r}, trust_remote_code=True).eval()
-        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-        assert type(model).__name__ == {f"Monarch{converted.architecture.head}"!r}
-        with torch.no_grad():
-            torch.testing.assert_close(model(**data["inputs"]).logits, data["logits"])
-        if {converted.architecture.kind!r} != "vision":
-            ids = data["inputs"]["input_ids"][:1]
-            assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[-1] >= 3
-        model.save_pretrained({str(tmp_path / "saved")!r})
-        again = auto.from_pretrained({str(tmp_path / "saved")!r}, trust_remote_code=True).eval()
-        with torch.no_grad():
-            torch.testing.assert_close(again(**data["inputs"]).logits, data["logits"])
-        transformers.AutoModel.from_pretrained({str(converted.monarch)!r}, trust_remote_code=True)
+        for index, (folder, auto_name, class_name, generates, expected) in enumerate({cases!r}):
+            data = torch.load(expected, weights_only=True)
+            auto = getattr(transformers, auto_name)
+            model = auto.from_pretrained(folder, trust_remote_code=True).eval()
+            assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+            assert type(model).__name__ == class_name, type(model).__name__
+            with torch.no_grad():
+                torch.testing.assert_close(model(**data["inputs"]).logits, data["logits"])
+            if generates:
+                ids = data["inputs"]["input_ids"][:1]
+                assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[-1] >= 3
+            model.save_pretrained(f"saved{{index}}")
+            again = auto.from_pretrained(f"saved{{index}}", trust_remote_code=True).eval()
+            with torch.no_grad():
+                torch.testing.assert_close(again(**data["inputs"]).logits, data["logits"])
+            transformers.AutoModel.from_pretrained(folder, trust_remote_code=True)
         """,
         tmp_path,
     )
 
 
-def test_pipeline_gives_what_the_dense_round_trip_gives(converted):
+@pytest.mark.parametrize("name", ["llama", "vit"])
+def test_pipeline_gives_what_the_dense_round_trip_gives(name, subset):
+    converted = subset[SUBSET.index(name)]
     if converted.name == "llama":
         task, argument, options = "text-generation", "the quick brown fox", {"max_new_tokens": 5, "do_sample": False}
     elif converted.name == "vit":
@@ -280,17 +302,15 @@ def test_pipeline_gives_what_the_dense_round_trip_gives(converted):
         generator = torch.Generator().manual_seed(0)
         pixels = (torch.rand(16, 16, 3, generator=generator) * 255).to(torch.uint8).numpy()
         task, argument, options = "image-classification", Image.fromarray(pixels), {}
-    else:
-        return
     structured = transformers.pipeline(task, model=str(converted.monarch))
     assert type(structured.model).__name__ == f"Monarch{converted.architecture.head}"
     expected = transformers.pipeline(task, model=str(converted.dense))(argument, **options)
     assert structured(argument, **options) == expected
 
 
-def test_a_trainer_step_and_save_pretrained(converted, tmp_path):
-    if converted.name not in SUBSET:
-        return
+@pytest.mark.parametrize("name", SUBSET)
+def test_a_trainer_step_and_save_pretrained(name, subset, tmp_path):
+    converted = subset[SUBSET.index(name)]
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
 
