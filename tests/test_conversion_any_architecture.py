@@ -187,6 +187,7 @@ def test_converted_folder_loads_through_the_original_heads_auto_class(converted)
     assert config["model_type"] == f"monarch_{source_type}"
     assert config["architectures"] == [f"Monarch{converted.architecture.head}"]
     assert config["auto_map"][converted.architecture.auto] == f"modeling_monarch_converted.Monarch{converted.architecture.head}"
+    assert {"AutoConfig", "AutoModel", converted.architecture.auto} < set(config["auto_map"])  # every head, not one
     model = load(converted, converted.monarch)
     assert type(model).__name__ == f"Monarch{converted.architecture.head}"
     assert isinstance(model, getattr(transformers, converted.architecture.head))
