@@ -53,7 +53,7 @@ def default_model_dir() -> Path:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    original, model_type = load_source(args.model_dir)
+    original, _ = load_source(args.model_dir)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     evaluation = calibration_data(tokenizer, stdlib_sentences("evaluation", args.evaluation_samples))
     fitting = calibration_data(tokenizer, stdlib_sentences("calibration", args.calibration_samples))

@@ -142,11 +142,14 @@ def __getattr__(name: str):
     # class, made (and its family registered) on first use.
     from . import configuration_monarch_converted, modeling_monarch_converted
 
-    if name.endswith("Config"):
-        config_class = getattr(configuration_monarch_converted, name)
-        converted_family(config_class.original_config_class)
-        return config_class
-    return getattr(modeling_monarch_converted, name)
+    try:
+        if name.endswith("Config"):
+            config_class = getattr(configuration_monarch_converted, name)
+            converted_family(config_class.original_config_class)
+            return config_class
+        return getattr(modeling_monarch_converted, name)
+    except AttributeError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
 
 
 __all__ = [

@@ -6,6 +6,7 @@ pipelines, a Trainer step and saving."""
 
 import json
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -413,3 +414,14 @@ def test_the_readme_decoder_example_runs_as_written(tmp_path):
     assert {layer["nblocks"] for layer in report["layers"] if ".mlp." in layer["name"]} == {4}
     assert "MonarchLlamaForCausalLM MonarchLinear(in_features=256, out_features=64, nblocks=2" in outputs[2]
     assert "LlamaForCausalLM True" in outputs[2]
+
+
+def test_a_config_without_architectures_gets_the_head_its_weights_fit(tmp_path_factory, tmp_path, capsys):
+    source = tmp_path / "no-architectures"
+    shutil.copytree(build("qwen3", tmp_path_factory).source, source)
+    config = json.loads((source / "config.json").read_text())
+    del config["architectures"]
+    (source / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert main(["monarch", str(source), str(tmp_path / "out"), "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["architecture"] == "Qwen3ForCausalLM"
