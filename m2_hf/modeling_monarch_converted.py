@@ -117,8 +117,8 @@ def _divides_loss_by_num_items(original: type) -> bool:
     gradient-accumulation steps to the loss of any forward that takes `**kwargs`, which only the losses computed with
     `self.loss_function` do; plain mean cross-entropies would train on a loss `gradient_accumulation_steps` times too
     large."""
-    forward = inspect.unwrap(original.forward)
-    return "loss_function" in getattr(forward, "__code__", None).co_names if hasattr(forward, "__code__") else False
+    code = getattr(inspect.unwrap(original.forward), "__code__", None)
+    return code is not None and "loss_function" in code.co_names
 
 
 def _class_for(original: type) -> type:
