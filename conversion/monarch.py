@@ -3,8 +3,9 @@
 `monarch` replaces the targeted linear layers of a checkpoint of any Transformers architecture (`nn.Linear` or GPT-2's
 `Conv1D`) by `MonarchLinear` (or `BlockdiagLinear`) layers, projected from the dense weights; the result is a
 `monarch_<type>` folder that the original head's `AutoModel*` class loads after `import m2_hf`, or anywhere with
-`trust_remote_code=True`. The target presets are found from the module structure, with no table per architecture. `dense` materialises every
-structured layer exactly and writes the original architecture back (reverse sparsification).
+`trust_remote_code=True`. The target presets are found from the module structure, with no table per architecture.
+`dense` materialises every structured layer exactly and writes the original architecture back (reverse
+sparsification).
 """
 
 from __future__ import annotations

@@ -135,8 +135,9 @@ def _class_for(original: type) -> type:
         }
         if not hasattr(original, "accepts_loss_kwargs"):
             attributes["accepts_loss_kwargs"] = _divides_loss_by_num_items(original)
-        _CONVERTED_CLASSES[original] = type(f"Monarch{original.__name__}", (MonarchConvertedMixin, original), attributes)
-        _share_checkpoint_conversions(original.__name__, _CONVERTED_CLASSES[original].__name__)
+        converted = type(f"Monarch{original.__name__}", (MonarchConvertedMixin, original), attributes)
+        _share_checkpoint_conversions(original.__name__, converted.__name__)
+        _CONVERTED_CLASSES[original] = converted
     return _CONVERTED_CLASSES[original]
 
 
