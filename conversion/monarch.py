@@ -385,6 +385,8 @@ def format_report(report: dict) -> str:
     ]
     for key, value in report.get("calibration", {}).items():
         lines.append(f"{key:16} {value:.4f}" if isinstance(value, float) else f"{key:16} {value}")
+    for preset, names in (report.get("presets") or {}).items():  # --dry-run: what each preset would select
+        lines.append(f"preset {preset:9} {len(names)} layers")
     if "destination" in report:
         lines.append(f"written to       {report['destination']}")
     return "\n".join(lines)

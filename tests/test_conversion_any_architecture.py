@@ -391,8 +391,9 @@ def test_dry_run_and_inspect_list_what_each_preset_selects(tmp_path, capsys):
     transformers.Qwen2MoeForCausalLM(config).save_pretrained(tmp_path / "moe")
     capsys.readouterr()
     assert main(["monarch", str(tmp_path / "moe"), str(tmp_path / "out"), "--dry-run"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    presets = report["presets"]
+    captured = capsys.readouterr()
+    presets = json.loads(captured.out)["presets"]
+    assert f"preset mlp       {len(presets['mlp'])} layers" in captured.err
     assert "layers.0.mlp.shared_expert.gate_proj" in presets["mlp"]
     assert "layers.0.self_attn.k_proj" in presets["attention"]
     assert not [name for name in presets["all"] if "gate" in name.split(".")[-1].replace("gate_proj", "")]  # routers
