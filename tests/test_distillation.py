@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -201,3 +202,24 @@ def test_hidden_state_matching_needs_a_teacher_with_the_same_layers(teacher_and_
                                   args=arguments(tmp_path, max_steps=1), train_dataset=dataset())
     with pytest.raises(ValueError, match="teacher has no layer named"):
         trainer.train()
+
+
+def test_dense_to_sparse_distill_teaches_the_monarch_model_with_the_fine_tuned_dense_one(tmp_path):
+    from test_examples import run_example
+    from test_text_examples import TINY_TRAINING, review_files, write_checkpoint
+
+    checkpoint, data = write_checkpoint("dense", tmp_path), review_files(tmp_path)
+    results = {}
+    for run, options in (("plain", []), ("distill", ["--distill", "--distill_alpha", "1.0", "--distill_hidden_weight",
+                                                       "1.0"])):
+        output = tmp_path / run
+        run_example("dense_to_sparse.py", "--model_name_or_path", str(checkpoint), "--output_dir", str(output),
+                    "--densify", "false", *data, *TINY_TRAINING, *options, cwd=tmp_path)
+        results[run] = {r["model"]: r for r in json.loads((output / "results.json").read_text())}
+    plain, distilled = results["plain"], results["distill"]
+    assert distilled["monarch"]["distillation"] == {"alpha": 1.0, "temperature": 2.0, "hidden_weight": 1.0}
+    assert "distillation" not in plain["monarch"]
+    # The same dense teacher; a student trained on another loss.
+    assert distilled["dense"]["train_loss"] == pytest.approx(plain["dense"]["train_loss"], rel=1e-6)
+    assert distilled["monarch"]["train_loss"] != pytest.approx(plain["monarch"]["train_loss"], rel=1e-3)
+    assert "learned from the fine-tuned dense model as teacher" in (tmp_path / "distill/monarch/README.md").read_text()
