@@ -105,7 +105,7 @@ def main() -> None:
             for _ in range(args.repeats):
                 for operation in samples:
                     samples[operation].append(measure(operation, source, work, args))
-            row = {"model": name, "checkpoint_mb": size_mb}
+            row = {"model": name, "checkpoint_mb": size_mb, "samples": samples}
             for operation, values in samples.items():
                 row[f"{operation}_seconds"] = statistics.median(v["seconds"] for v in values)
                 row[f"{operation}_peak_mb"] = statistics.median(v["peak_increase_mb"] for v in values)

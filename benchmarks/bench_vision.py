@@ -120,6 +120,7 @@ def main() -> None:
             ratio = rate["m2-vit"] / rate["vit"]
             rows.append({"image_size": size, "patches": patches, "batch": batch, "mode": mode,
                          "images_per_s": rate, "ratio": ratio,
+                         "seconds_per_call_samples": {name: r[mode] for name, r in results.items()},
                          "parameters": {name: r["parameters"] for name, r in results.items()}})
             print(f"{size:>5} {patches:>8} {batch:>6} {mode:>9} {rate['m2-vit']:>13.2f} {rate['vit']:>10.2f} "
                   f"{ratio:>6.2f}x", flush=True)

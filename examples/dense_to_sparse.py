@@ -4,7 +4,9 @@
 1. `dense`: the dense checkpoint fine-tuned as it is.
 2. `monarch`: the same checkpoint with its targeted linear layers replaced by their Monarch projections
    (`m2-convert monarch`, `nblocks` 4, the MLPs by default or every linear layer of the encoder), fine-tuned with the
-   same data, settings and budget.
+   same data, settings and budget. With `--distill`, it also learns from the fine-tuned dense model as its teacher
+   (`m2_hf.distillation.DistillationTrainer`: logit distillation, and with `--distill_hidden_weight` the output of
+   each Monarch layer pulled towards the dense layer it replaces).
 3. `monarch-dense` (`--densify`, on by default): the fine-tuned Monarch model materialised back into a plain dense
    checkpoint (`m2-convert dense`, reverse sparsification) and evaluated: same predictions, loads without m2-hf.
 
@@ -41,10 +43,11 @@ from finetune_text_classification import (
     model_card_writer,
     prepare_task,
 )
-from transformers import AutoModelForSequenceClassification, TrainingArguments
+from transformers import AutoModelForSequenceClassification, TrainingArguments, set_seed
 
 from conversion.monarch import MonarchSettings, convert_to_dense, convert_to_monarch
 from m2_hf import BlockdiagLinear, MonarchLinear
+from m2_hf.distillation import DistillationTrainer
 
 
 @dataclass
@@ -59,6 +62,12 @@ class SparsificationArguments:
     )
     calibration_samples: int = field(default=1000, metadata={"help": "Training sentences used by `calibrated`."})
     densify: bool = field(default=True, metadata={"help": "Also evaluate the fine-tuned model made dense again."})
+    distill: bool = field(default=False, metadata={"help": "The Monarch model learns from the fine-tuned dense one."})
+    distill_alpha: float = field(default=0.5, metadata={"help": "Weight of the distillation loss (task loss: 1 - it)."})
+    distill_temperature: float = field(default=2.0, metadata={"help": "Softening of both models' predictions."})
+    distill_hidden_weight: float = field(
+        default=0.0, metadata={"help": "Weight of each Monarch layer's output error against the dense layer's."}
+    )
 
 
 def d2s_default_arguments(output_dir: str = "runs/dense-to-sparse") -> list[str]:
@@ -93,6 +102,14 @@ def convert(source: str, destination: Path, sparse: SparsificationArguments, tas
         settings.calibration_file = calibration_file(task, destination.parent, sparse.calibration_samples)
         settings.calibration_samples = sparse.calibration_samples
     return convert_to_monarch(Path(source), destination, settings, overwrite=True, progress=False)
+
+
+def distillation_options(sparse: SparsificationArguments, teacher) -> dict:
+    """`finetune`'s trainer arguments: plain `Trainer` unless `--distill`."""
+    if not sparse.distill:
+        return {}
+    return dict(trainer_class=DistillationTrainer, teacher_model=teacher, alpha=sparse.distill_alpha,
+                temperature=sparse.distill_temperature, hidden_weight=sparse.distill_hidden_weight)
 
 
 def with_model_summary(result: dict, model) -> dict:
@@ -139,6 +156,7 @@ def main() -> None:
     )
     output = Path(training_args.output_dir)
     task = prepare_task(model_args, data_args)
+    set_seed(training_args.seed)  # the new classification head's initialisation, as `finetune` does for its own
     dense_model = load_classifier(model_args, task.labels, task.task_name)
     dense = finetune(task, model_args, training_args, name="dense", model=dense_model,
                      card_notes="The dense baseline of `examples/dense_to_sparse.py`.")
@@ -152,12 +170,20 @@ def main() -> None:
     notes = (f"Dense-to-sparse: the {sparse.conversion_method} Monarch projection of the linear layers "
              f"({', '.join(sparse.targets)}, nblocks {sparse.nblocks}), then the same fine-tuning as the dense "
              "baseline.")
+    if sparse.distill:
+        notes += (f" It learned from the fine-tuned dense model as teacher (distillation weight {sparse.distill_alpha}, "
+                  f"temperature {sparse.distill_temperature}, layer-output weight {sparse.distill_hidden_weight}).")
+    set_seed(training_args.seed)
     monarch_model = load_classifier(monarch_args, task.labels, task.task_name)
-    monarch = finetune(task, monarch_args, training_args, name="monarch", model=monarch_model, card_notes=notes)
+    monarch = finetune(task, monarch_args, training_args, name="monarch", model=monarch_model, card_notes=notes,
+                       **distillation_options(sparse, dense_model))
     if training_args.process_index == 0:
         results = [with_model_summary(dense, dense_model), with_model_summary(monarch, monarch_model)]
         results[1]["conversion"] = {"method": report["settings"]["method"], "layers": len(report["layers"]),
                                     "seconds": conversion_seconds, "totals": report["totals"]}
+        if sparse.distill:
+            results[1]["distillation"] = {"alpha": sparse.distill_alpha, "temperature": sparse.distill_temperature,
+                                          "hidden_weight": sparse.distill_hidden_weight}
         if sparse.densify:
             results.append(evaluate_densified(task, monarch, output, training_args, monarch_args.base_model_id))
         table = markdown_table(results)

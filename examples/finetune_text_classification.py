@@ -214,11 +214,13 @@ def prepare_task(model_args: ModelArguments, data_args: DataArguments) -> TextTa
                     data_args.task_name)
 
 
-def build_trainer(task: TextTask, model: PreTrainedModel, args: TrainingArguments) -> Trainer:
-    return Trainer(
+def build_trainer(task: TextTask, model: PreTrainedModel, args: TrainingArguments, trainer_class=Trainer,
+                  **trainer_options) -> Trainer:
+    return trainer_class(
         model=model, args=args, train_dataset=task.splits["train"], eval_dataset=task.splits["validation"],
         processing_class=task.tokenizer, data_collator=DataCollatorWithPadding(task.tokenizer),
         compute_metrics=classification_compute_metrics(task.metric_names(), task.labels is None, task.task_name),
+        **trainer_options,
     )
 
 
@@ -236,13 +238,15 @@ def model_card_writer(model: PreTrainedModel, result: dict, task: TextTask, base
 
 
 def finetune(task: TextTask, model_args: ModelArguments, training_args: TrainingArguments,
-             name: Optional[str] = None, model: Optional[PreTrainedModel] = None, card_notes: str = "") -> dict:
+             name: Optional[str] = None, model: Optional[PreTrainedModel] = None, card_notes: str = "",
+             trainer_class=Trainer, **trainer_options) -> dict:
     """Fine-tune `model` (default: loaded from `model_name_or_path`) and write its Hub-ready folder (`output_dir`,
-    or `output_dir/name` when one run trains several models); returns the measured figures."""
+    or `output_dir/name` when one run trains several models); returns the measured figures. `trainer_class` and
+    `trainer_options` choose another trainer (for example `DistillationTrainer` and its teacher)."""
     set_seed(training_args.seed)
     if model is None:
         model = load_classifier(model_args, task.labels, task.task_name)
-    trainer = build_trainer(task, model, training_arguments_for(training_args, name))
+    trainer = build_trainer(task, model, training_arguments_for(training_args, name), trainer_class, **trainer_options)
     result = {"model": name or Path(training_args.output_dir).name, **train_and_evaluate(trainer),
               "metrics": list(task.metric_names()), "train_examples": len(task.splits["train"]),
               "validation_examples": len(task.splits["validation"])}

@@ -1,0 +1,225 @@
+"""Distillation for dense-to-sparse fine-tuning (`m2_hf.distillation`): the loss, and `DistillationTrainer` in
+`Trainer`'s own training loop with a Monarch student converted from its dense teacher."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Trainer, TrainingArguments
+
+from conversion.monarch import MonarchSettings, convert_to_monarch
+from m2_hf.distillation import DistillationTrainer, logit_distillation_loss, structured_layer_names
+
+VOCAB = 120
+
+
+@pytest.fixture(scope="module")
+def teacher_and_student_folders(tmp_path_factory):
+    """A tiny dense BERT classifier and its Monarch conversion (MLPs, nblocks 4)."""
+    root = tmp_path_factory.mktemp("distillation")
+    config = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3,
+    )
+    torch.manual_seed(0)
+    transformers.BertForSequenceClassification(config).save_pretrained(root / "dense")
+    settings = MonarchSettings(targets=["mlp"], nblocks={"*": 4})
+    convert_to_monarch(root / "dense", root / "monarch", settings, overwrite=False, progress=False)
+    return root / "dense", root / "monarch"
+
+
+def load(folder):
+    return AutoModelForSequenceClassification.from_pretrained(folder)
+
+
+def dataset(rows: int = 16, length: int = 12) -> Dataset:
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, VOCAB, (rows, length), generator=generator)
+    mask = torch.ones(rows, length, dtype=torch.long)
+    mask[::2, length // 2:] = 0  # padded rows
+    return Dataset.from_dict({
+        "input_ids": ids.tolist(), "attention_mask": mask.tolist(),
+        "labels": torch.randint(0, 3, (rows,), generator=generator).tolist(),
+    })
+
+
+def arguments(tmp_path, **overrides) -> TrainingArguments:
+    settings = dict(output_dir=str(tmp_path / "run"), use_cpu=True, report_to="none", save_strategy="no",
+                    per_device_train_batch_size=4, learning_rate=1e-3, max_steps=4, seed=0, logging_steps=1,
+                    dataloader_drop_last=True)
+    return TrainingArguments(**{**settings, **overrides})
+
+
+def test_the_loss_is_temperature_scaled_kl_divergence():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(5, 4), torch.randn(5, 4)
+    expected = (F.softmax(teacher / 3, -1) * (F.log_softmax(teacher / 3, -1) - F.log_softmax(student / 3, -1)))
+    assert torch.allclose(logit_distillation_loss(student, teacher, 3.0), expected.sum(-1).mean() * 9, atol=1e-6)
+    assert logit_distillation_loss(teacher, teacher, 3.0).abs() < 1e-6
+
+
+def test_token_level_logits_are_distilled_where_the_mask_keeps_them():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    changed = student.clone()
+    changed[0, 3:, 0] += 5.0  # only padded positions differ
+    assert torch.allclose(logit_distillation_loss(student, teacher, 2.0, mask),
+                          logit_distillation_loss(changed, teacher, 2.0, mask))
+    assert not torch.allclose(logit_distillation_loss(student, teacher, 2.0),
+                              logit_distillation_loss(changed, teacher, 2.0))
+
+
+def test_a_regression_head_matches_outputs():
+    student, teacher = torch.zeros(4, 1), torch.full((4, 1), 2.0)
+    assert logit_distillation_loss(student, teacher, 5.0).item() == pytest.approx(4.0)
+
+
+def test_mismatched_heads_are_refused():
+    with pytest.raises(ValueError, match="same head"):
+        logit_distillation_loss(torch.zeros(2, 3), torch.zeros(2, 4), 1.0)
+
+
+@pytest.mark.parametrize("bad", [dict(alpha=1.5), dict(temperature=0.0), dict(hidden_weight=-1.0)])
+def test_bad_settings_are_refused(teacher_and_student_folders, tmp_path, bad):
+    dense, monarch = teacher_and_student_folders
+    with pytest.raises(ValueError):
+        DistillationTrainer(model=load(monarch), teacher_model=load(dense), args=arguments(tmp_path), **bad)
+
+
+def test_without_distillation_it_trains_exactly_as_trainer(teacher_and_student_folders, tmp_path):
+    dense, monarch = teacher_and_student_folders
+    plain, distilled = load(monarch), load(monarch)
+    Trainer(model=plain, args=arguments(tmp_path), train_dataset=dataset()).train()
+    DistillationTrainer(model=distilled, teacher_model=load(dense), alpha=0.0, args=arguments(tmp_path),
+                        train_dataset=dataset()).train()
+    for (name, a), b in zip(plain.state_dict().items(), distilled.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+@pytest.fixture(scope="module")
+def causal_lm_folders(tmp_path_factory):
+    """A tiny GPT-2 and its Monarch conversion: a causal LM's forward takes loss keywords, so `Trainer` would not
+    divide its loss for gradient accumulation unless told."""
+    root = tmp_path_factory.mktemp("distillation-lm")
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=32,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(root / "dense")
+    settings = MonarchSettings(targets=["mlp"], nblocks={"*": 4})
+    convert_to_monarch(root / "dense", root / "monarch", settings, overwrite=False, progress=False)
+    return root / "dense", root / "monarch"
+
+
+def language_modelling_rows(rows: int = 4) -> Dataset:
+    data = dataset(rows).to_dict()
+    data["labels"] = [[token if keep else -100 for token, keep in zip(ids, mask)]
+                      for ids, mask in zip(data["input_ids"], data["attention_mask"])]
+    return Dataset.from_dict(data)
+
+
+@pytest.mark.parametrize("kind", ["classifier", "causal-lm"])
+def test_gradient_accumulation_takes_the_same_step(kind, request, tmp_path):
+    """The mixed loss is a batch mean: two accumulated half batches must move the weights as one whole batch."""
+    folders = "teacher_and_student_folders" if kind == "classifier" else "causal_lm_folders"
+    dense, monarch = request.getfixturevalue(folders)
+    rows = dataset(rows=4) if kind == "classifier" else language_modelling_rows()
+    auto_class = AutoModelForSequenceClassification if kind == "classifier" else AutoModelForCausalLM
+    whole, halves = auto_class.from_pretrained(monarch), auto_class.from_pretrained(monarch)
+    for model, batch, accumulation in ((whole, 4, 1), (halves, 2, 2)):
+        teacher = auto_class.from_pretrained(dense)
+        args = arguments(tmp_path, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+                         max_steps=1, optim="sgd", learning_rate=0.1, max_grad_norm=0.0)  # clipping would hide a scale
+        DistillationTrainer(model=model, teacher_model=teacher, alpha=0.5, args=args, train_dataset=rows).train()
+    start = type(whole).from_pretrained(monarch).state_dict()
+    for name, value in whole.state_dict().items():
+        moved = value - start[name]
+        assert torch.allclose(moved, halves.state_dict()[name] - start[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_the_student_moves_towards_its_teacher_and_the_teacher_stays(teacher_and_student_folders, tmp_path):
+    dense, monarch = teacher_and_student_folders
+    teacher, student = load(dense), load(monarch)
+    # A teacher whose predictions differ clearly from the student's initial ones.
+    torch.manual_seed(3)
+    with torch.no_grad():
+        teacher.classifier.weight.mul_(20).add_(torch.randn_like(teacher.classifier.weight))
+    before = copy.deepcopy(teacher.state_dict())
+    batch = dataset(rows=8)[:]
+    inputs = {key: torch.tensor(batch[key]) for key in ("input_ids", "attention_mask")}
+
+    def distance() -> float:
+        with torch.no_grad():
+            return logit_distillation_loss(student(**inputs).logits, teacher(**inputs).logits, 1.0).item()
+
+    initial = distance()
+    DistillationTrainer(model=student, teacher_model=teacher, alpha=1.0, temperature=1.0,
+                        args=arguments(tmp_path, max_steps=30), train_dataset=dataset()).train()
+    assert distance() < 0.5 * initial
+    assert all(torch.equal(before[name], value) for name, value in teacher.state_dict().items())
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_hidden_state_matching_pulls_each_monarch_layer_towards_the_dense_one(teacher_and_student_folders, tmp_path):
+    dense, monarch = teacher_and_student_folders
+    teacher, student = load(dense), load(monarch)
+    names = structured_layer_names(student)
+    assert len(names) == 4
+    batch = dataset(rows=8)[:]
+    inputs = {key: torch.tensor(batch[key]) for key in ("input_ids", "attention_mask")}
+
+    def layer_errors() -> list[float]:
+        errors = []
+        for name in names:
+            recorded = {}
+            handles = [model.get_submodule(name).register_forward_hook(
+                lambda m, i, o, key=key: recorded.__setitem__(key, o)) for key, model in
+                (("s", student), ("t", teacher))]
+            with torch.no_grad():
+                student(**inputs), teacher(**inputs)
+            for handle in handles:
+                handle.remove()
+            errors.append(((recorded["s"] - recorded["t"]).pow(2).sum() / recorded["t"].pow(2).sum()).item())
+        return errors
+
+    initial = layer_errors()
+    DistillationTrainer(model=student, teacher_model=teacher, alpha=0.0, hidden_weight=10.0,
+                        args=arguments(tmp_path, max_steps=20), train_dataset=dataset()).train()
+    assert sum(layer_errors()) < 0.7 * sum(initial)
+
+
+def test_hidden_state_matching_needs_a_teacher_with_the_same_layers(teacher_and_student_folders, tmp_path):
+    dense, monarch = teacher_and_student_folders
+    other = transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(
+        vocab_size=VOCAB, dim=32, n_layers=1, n_heads=2, hidden_dim=64, num_labels=3))
+    trainer = DistillationTrainer(model=load(monarch), teacher_model=other, hidden_weight=1.0,
+                                  args=arguments(tmp_path, max_steps=1), train_dataset=dataset())
+    with pytest.raises(ValueError, match="teacher has no layer named"):
+        trainer.train()
+
+
+def test_dense_to_sparse_distill_teaches_the_monarch_model_with_the_fine_tuned_dense_one(tmp_path):
+    from test_examples import run_example
+    from test_text_examples import TINY_TRAINING, review_files, write_checkpoint
+
+    checkpoint, data = write_checkpoint("dense", tmp_path), review_files(tmp_path)
+    results = {}
+    for run, options in (("plain", []), ("distill", ["--distill", "--distill_alpha", "1.0", "--distill_hidden_weight",
+                                                       "1.0"])):
+        output = tmp_path / run
+        run_example("dense_to_sparse.py", "--model_name_or_path", str(checkpoint), "--output_dir", str(output),
+                    "--densify", "false", *data, *TINY_TRAINING, *options, cwd=tmp_path)
+        results[run] = {r["model"]: r for r in json.loads((output / "results.json").read_text())}
+    plain, distilled = results["plain"], results["distill"]
+    assert distilled["monarch"]["distillation"] == {"alpha": 1.0, "temperature": 2.0, "hidden_weight": 1.0}
+    assert "distillation" not in plain["monarch"]
+    # The same dense teacher; a student trained on another loss.
+    assert distilled["dense"]["train_loss"] == pytest.approx(plain["dense"]["train_loss"], rel=1e-6)
+    assert distilled["monarch"]["train_loss"] != pytest.approx(plain["monarch"]["train_loss"], rel=1e-3)
+    assert "learned from the fine-tuned dense model as teacher" in (tmp_path / "distill/monarch/README.md").read_text()
