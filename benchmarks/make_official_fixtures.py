@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import shutil
 from pathlib import Path
@@ -38,7 +37,19 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from official_m2_bert import OfficialModels, add_arguments, import_official, official_config, official_source, quiet
+from official_m2_bert import (
+    OUTPUT_NAME,
+    OfficialModels,
+    add_arguments,
+    build_official,
+    import_official,
+    move_to_trained_scale,
+    official_output,
+    official_output_of_short_input,
+    official_source,
+    quiet,
+    write_released_folder,
+)
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "official_m2_bert"
 
@@ -65,12 +76,6 @@ CASES = {
     # Without the residual long convolution, `out_linear` projects the gated branch alone.
     "mlm_no_residual": ("mlm", False, False),
 }
-OUTPUT_NAME = {"mlm": "logits", "classifier": "logits", "retrieval": "sentence_embedding"}
-ARCHITECTURE = {"mlm": "BertForMaskedLM", "classifier": "BertForSequenceClassification",
-                "retrieval": "BertForSequenceClassification"}
-AUTO_MAP = {"mlm": {"AutoModelForMaskedLM": "bert_layers.BertForMaskedLM"},
-            "classifier": {"AutoModelForSequenceClassification": "bert_layers.BertForSequenceClassification"},
-            "retrieval": {"AutoModelForSequenceClassification": "bert_layers.BertForTextEncoding"}}
 TOLERANCE = 1e-5  # the tests' relative tolerance; every sensitivity must exceed it a hundredfold
 
 
@@ -84,64 +89,6 @@ def fixed_inputs() -> tuple[torch.Tensor, torch.Tensor]:
         ids[row, left] = CLS
         mask[row, left : left + real] = 1
     return ids, mask
-
-
-def build_official(models: OfficialModels, head: str, additions: bool, residual: bool):
-    fields = dict(TINY, hyena_training_additions=additions, residual_long_conv=residual)
-    if head == "mlm":
-        config = official_config(models, **fields)
-        model_class = models.BertForMaskedLM
-    else:
-        # The released retrieval models are classification models with 10 labels whose forward returns the pooled
-        # output as `sentence_embedding` (unnormalised; the official normalisation asserts a width of 768).
-        fields.update(num_labels=10 if head == "retrieval" else 3, gather_sentence_embeddings=head == "retrieval")
-        config = official_config(models, **fields)
-        model_class = models.BertForSequenceClassification
-    with quiet():
-        return model_class(config).eval()
-
-
-def move_to_trained_scale(model: torch.nn.Module, seed: int) -> None:
-    """Add to every parameter a random change of the size training gives it: O(1) relative to its initialisation,
-    and weights of standard deviation 1/sqrt(fan-in), so that no part of the mixer is negligible."""
-    generator = torch.Generator().manual_seed(seed)
-    seen = set()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if id(parameter) in seen:
-                continue
-            seen.add(id(parameter))
-            noise = torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf == "freq":
-                scale = 3.0  # sine frequencies start at hyena_w = 10
-            elif leaf == "z":
-                scale = 0.3  # positional features lie in [-1, 1]
-            elif name.endswith("filter_fn.bias") or name.endswith("filter_fn2.bias"):
-                scale = 1.0  # the D terms start at N(0, 1)
-            elif parameter.dim() == 1:
-                scale = 0.3  # biases (zero at init) and LayerNorm weights (one at init)
-            else:
-                scale = parameter.shape[-1] ** -0.5  # weights: fan-in = last dimension (block-diagonal: per block)
-            parameter.add_(scale * noise)
-
-
-def official_output(model, head: str, ids: torch.Tensor) -> torch.Tensor:
-    with quiet():
-        if head == "mlm":
-            return model(ids).logits
-        output = model(ids)
-    return output["sentence_embedding"] if head == "retrieval" else output.logits
-
-
-def official_output_of_short_input(model, head: str, ids: torch.Tensor) -> torch.Tensor:
-    """The head's output for an input shorter than `max_position_embeddings`. The official classification head
-    asserts full-length inputs, so its backbone and final layer are called as its forward calls them."""
-    if head == "mlm":
-        return official_output(model, head, ids)
-    with quiet():
-        pooled = model.bert(ids, attention_mask=torch.ones_like(ids))[1]
-    return pooled if head == "retrieval" else model.classifier(model.dropout(pooled))
 
 
 def record_layers(model, ids: torch.Tensor, head: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -256,27 +203,13 @@ def build_like(model):
         return type(model)(model.config).eval().double()
 
 
-def released_config(model, head: str) -> dict:
-    config = model.config.to_dict()
-    for key in ("dtype", "torch_dtype", "transformers_version", "_name_or_path", "architectures", "auto_map"):
-        config.pop(key, None)
-    config.update(model_type="m2_bert", architectures=[ARCHITECTURE[head]], torch_dtype="float32",
-                  transformers_version="4.28.1",
-                  auto_map={"AutoConfig": "configuration_bert.BertConfig", "AutoModel": "bert_layers.BertModel",
-                            **AUTO_MAP[head]})
-    return dict(sorted(config.items()))
-
-
 def write_case(models: OfficialModels, name: str, seed: int, ids: torch.Tensor, mask: torch.Tensor) -> dict:
     head, additions, residual = CASES[name]
     torch.manual_seed(seed)
-    model = build_official(models, head, additions, residual)
+    model = build_official(models, head, **TINY, hyena_training_additions=additions, residual_long_conv=residual)
     move_to_trained_scale(model, seed)
     folder = FIXTURES / name
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(released_config(model, head), indent=2) + "\n")
-    # The released files are pickled state dicts of fp32 tensors, the shared sine frequency under all six names.
-    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    write_released_folder(model, head, folder)
 
     model.double()
     with torch.no_grad():

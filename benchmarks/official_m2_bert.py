@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import subprocess
 import sys
 import tarfile
@@ -17,6 +18,8 @@ import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+import torch
 
 OFFICIAL_URL = "https://github.com/HazyResearch/m2"
 # HEAD of HazyResearch/m2 in Dec 2024; the model code has not changed since the initial commit (Jul 2023).
@@ -94,6 +97,90 @@ def official_config(models: OfficialModels, **fields):
     for name, value in head_fields.items():
         setattr(config, name, value)
     return config
+
+
+OUTPUT_NAME = {"mlm": "logits", "classifier": "logits", "retrieval": "sentence_embedding"}
+ARCHITECTURE = {"mlm": "BertForMaskedLM", "classifier": "BertForSequenceClassification",
+                "retrieval": "BertForSequenceClassification"}
+AUTO_MAP = {"mlm": {"AutoModelForMaskedLM": "bert_layers.BertForMaskedLM"},
+            "classifier": {"AutoModelForSequenceClassification": "bert_layers.BertForSequenceClassification"},
+            "retrieval": {"AutoModelForSequenceClassification": "bert_layers.BertForTextEncoding"}}
+
+def build_official(models: OfficialModels, head: str, **fields):
+    """The official model of ``head`` (``"mlm"``, ``"classifier"`` or ``"retrieval"``) for config ``fields``, in eval
+    mode, with its own initialisation (seed it with ``torch.manual_seed``)."""
+    if head == "mlm":
+        model_class = models.BertForMaskedLM
+    else:
+        # The released retrieval models are classification models with 10 labels whose forward returns the pooled
+        # output as `sentence_embedding` (unnormalised here: the official normalisation asserts a width of 768).
+        fields = dict(fields, num_labels=10 if head == "retrieval" else 3, gather_sentence_embeddings=head == "retrieval")
+        model_class = models.BertForSequenceClassification
+    with quiet():
+        return model_class(official_config(models, **fields)).eval()
+
+
+def move_to_trained_scale(model: torch.nn.Module, seed: int) -> None:
+    """Add to every parameter a random change of the size training gives it: O(1) relative to its initialisation,
+    and weights of standard deviation 1/sqrt(fan-in), so that no part of the mixer is negligible."""
+    generator = torch.Generator().manual_seed(seed)
+    seen = set()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if id(parameter) in seen:
+                continue
+            seen.add(id(parameter))
+            noise = torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "freq":
+                scale = 3.0  # sine frequencies start at hyena_w = 10
+            elif leaf == "z":
+                scale = 0.3  # positional features lie in [-1, 1]
+            elif name.endswith("filter_fn.bias") or name.endswith("filter_fn2.bias"):
+                scale = 1.0  # the D terms start at N(0, 1)
+            elif parameter.dim() == 1:
+                scale = 0.3  # biases (zero at init) and LayerNorm weights (one at init)
+            else:
+                scale = parameter.shape[-1] ** -0.5  # weights: fan-in = last dimension (block-diagonal: per block)
+            parameter.add_(scale * noise)
+
+
+def official_output(model, head: str, ids: torch.Tensor) -> torch.Tensor:
+    with quiet():
+        if head == "mlm":
+            return model(ids).logits
+        output = model(ids)
+    return output["sentence_embedding"] if head == "retrieval" else output.logits
+
+
+def official_output_of_short_input(model, head: str, ids: torch.Tensor) -> torch.Tensor:
+    """The head's output for an input shorter than `max_position_embeddings`. The official classification head
+    asserts full-length inputs, so its backbone and final layer are called as its forward calls them."""
+    if head == "mlm":
+        return official_output(model, head, ids)
+    with quiet():
+        pooled = model.bert(ids, attention_mask=torch.ones_like(ids))[1]
+    return pooled if head == "retrieval" else model.classifier(model.dropout(pooled))
+
+
+def released_config(model, head: str) -> dict:
+    config = model.config.to_dict()
+    for key in ("dtype", "torch_dtype", "transformers_version", "_name_or_path", "architectures", "auto_map"):
+        config.pop(key, None)
+    config.update(model_type="m2_bert", architectures=[ARCHITECTURE[head]], torch_dtype="float32",
+                  transformers_version="4.28.1",
+                  auto_map={"AutoConfig": "configuration_bert.BertConfig", "AutoModel": "bert_layers.BertModel",
+                            **AUTO_MAP[head]})
+    return dict(sorted(config.items()))
+
+
+def write_released_folder(model, head: str, folder: Path) -> None:
+    """``config.json`` and ``pytorch_model.bin`` as the released checkpoints have them: a pickled fp32 state dict with
+    the shared sine frequency under all six official names, and the remote-code `auto_map`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(released_config(model, head), indent=2) + "\n")
+    torch.save({k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()},
+               folder / "pytorch_model.bin")
 
 
 def add_arguments(parser) -> None:
