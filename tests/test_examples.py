@@ -40,8 +40,11 @@ def test_pretrain_m2_gpt_trains_both_models_and_writes_loadable_folders(corpus, 
     import m2_hf  # noqa: F401  (registers m2_gpt)
 
     args = ["--output_dir", str(tmp_path / "run"), "--hidden_size", "32", "--num_hidden_layers", "1",
-            "--intermediate_size", "64", "--block_size", "32", "--max_steps", "3", "--per_device_train_batch_size",
-            "4", "--max_eval_samples", "8", "--trained_vocab_size", "300", "--logging_steps", "1"]
+            "--intermediate_size", "64", "--block_size", "32", "--per_device_train_batch_size", "4",
+            "--max_eval_samples", "8", "--trained_vocab_size", "300", "--logging_steps", "1"]
+    # The repetitive corpus is learnt in a few dozen steps; the default corpus only runs end to end.
+    steps = 40 if corpus == "files" else 3
+    args += ["--max_steps", str(steps), "--learning_rate", "1e-2", "--warmup_steps", "0"]
     if corpus == "files":
         sentences = [f"Sentence number {i} says that monarch matrices are structured." for i in range(200)]
         (tmp_path / "train.txt").write_text("\n".join(sentences[:150]) + "\n")
@@ -53,7 +56,10 @@ def test_pretrain_m2_gpt_trains_both_models_and_writes_loadable_folders(corpus, 
     assert "m2-gpt" in output and "gpt2" in output
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert [r["model"] for r in results] == ["m2-gpt", "gpt2"]
-    assert all(r["validation_perplexity"] > 1 and r["train_tokens"] == 3 * 4 * 32 for r in results)
+    assert all(r["train_tokens"] == steps * 4 * 32 for r in results)
+    if corpus == "files":
+        # Learnt: far below the perplexity of a uniform guess over the trained vocabulary of 300 tokens.
+        assert all(1 < r["validation_perplexity"] < 30 for r in results), results
     folder = tmp_path / "run" / "m2-gpt"
     card = (folder / "README.md").read_text()
     assert "model-index" in card and "perplexity" in card and "trust_remote_code=True" in card
@@ -77,8 +83,10 @@ def test_finetune_image_classification_trains_both_models_and_writes_loadable_fo
     import m2_hf  # noqa: F401  (registers m2_vit)
 
     args = ["--output_dir", str(tmp_path / "run"), "--image_size", "16", "--patch_size", "4", "--hidden_size", "32",
-            "--num_hidden_layers", "1", "--num_train_epochs", "1", "--per_device_train_batch_size", "8",
-            "--max_eval_samples", "16", "--logging_steps", "1"]
+            "--num_hidden_layers", "1", "--per_device_train_batch_size", "8", "--max_eval_samples", "16",
+            "--logging_steps", "1", "--warmup_steps", "0"]
+    # Bright against dark images is learnt in a few epochs; the default data only runs end to end.
+    args += ["--num_train_epochs", "6" if data == "image-folder" else "1", "--learning_rate", "3e-3"]
     if data == "image-folder":
         rng = np.random.default_rng(0)
         for split, count in (("train", 12), ("val", 6)):
@@ -98,7 +106,10 @@ def test_finetune_image_classification_trains_both_models_and_writes_loadable_fo
     assert "m2-vit" in output and "vit" in output
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert [r["model"] for r in results] == ["m2-vit", "vit"]
-    assert all(0.0 <= r["validation_accuracy"] <= 1.0 and r["validation_images"] <= 16 for r in results)
+    assert all(r["validation_images"] <= 16 for r in results)
+    if data == "image-folder":
+        # Learnt: two balanced classes of 6 validation images each, so chance is 0.5.
+        assert all(r["validation_images"] == 12 and r["validation_accuracy"] >= 0.9 for r in results), results
     folder = tmp_path / "run" / "m2-vit"
     card = ModelCard.load(folder / "README.md")
     assert card.data.eval_results[0].metric_type == "accuracy"

@@ -30,6 +30,7 @@ from m2_hf import (
     MonarchLinear,
 )
 from m2_hf.m2_mixer import causal_depthwise_conv, fft_long_conv
+import official_fixtures
 from remote_code import run_without_m2_hf
 
 HEADS = {
@@ -275,11 +276,31 @@ def test_padding_does_not_change_real_tokens(side, pool_all):
             torch.testing.assert_close(padded.sentence_embedding[row], alone.sentence_embedding[0], rtol=1e-5, atol=1e-5)
 
 
-def test_all_ones_mask_is_exactly_the_unmasked_model():
-    model = tiny_model()
-    ids = torch.randint(5, 30000, (2, 13))
+@pytest.mark.parametrize("name", official_fixtures.case_names(residual_long_conv=True))
+def test_all_ones_mask_gives_the_official_outputs_of_every_position(name):
+    """With an all-ones mask every position, padding included, is a token, as in the official model (which ignores
+    the mask): the outputs are the official ones for the padded batch."""
+    case = official_fixtures.official_case(name)
+    ids, _ = official_fixtures.official_inputs()
     with torch.no_grad():
-        torch.testing.assert_close(model(ids, attention_mask=torch.ones_like(ids)).logits, model(ids).logits, rtol=0, atol=0)
+        actual = case.output_of(case.load(torch.float64)(ids, attention_mask=torch.ones_like(ids)))
+    official_fixtures.assert_matches(actual, case.output, f"{name} with an all-ones mask")
+
+
+@pytest.mark.parametrize("name", official_fixtures.case_names(residual_long_conv=True))
+def test_padding_mask_gives_the_official_outputs_of_the_unpadded_rows(name):
+    """With the mask, a padded row (on the right or on the left) gives the official outputs of its real tokens alone,
+    which differ from the official outputs of the padded row (the official model lets padding leak)."""
+    case = official_fixtures.official_case(name)
+    ids, mask = official_fixtures.official_inputs()
+    with torch.no_grad():
+        actual = case.output_of(case.load(torch.float64)(ids, attention_mask=mask))
+    for row in official_fixtures.padded_rows():
+        real = mask[row].bool()
+        row_output = actual[row, real] if case.head == "mlm" else actual[row]
+        padded_official = case.output[row, real] if case.head == "mlm" else case.output[row]
+        assert official_fixtures.relative_difference(padded_official, case.row_output(row)) > 1e-2  # a real control
+        official_fixtures.assert_matches(row_output, case.row_output(row), f"{name} row {row} with its mask")
 
 
 def test_without_mask_padding_leaks_as_in_the_official_model():

@@ -70,12 +70,38 @@ def test_architecture_shares_the_m2_mixer_and_structured_mlp():
     assert isinstance(dense.gated_layers, torch.nn.Linear)
 
 
-def test_every_patch_reaches_every_output():
+def patch_influence(model, position: int = 0) -> torch.Tensor:
+    """``[4, 4]``: how much each 8x8 patch of a 32x32 image moves output ``position`` (the sum of |gradient| of a fixed
+    random projection of that output over the patch's pixels), in float64.
+
+    A projection, because the output is a LayerNorm's, whose sum has no gradient; float64, because at the
+    initialisation the far patches' influence is only about 1e-9 of the patch's own, far above float64 rounding
+    (about 1e-23 here: the FFT convolutions leak it to positions they cannot reach) but not above float32's."""
+    model = model.double()
+    pixels = images(batch=1).double().requires_grad_()
+    output = model(pixels).last_hidden_state[0, position]
+    projection = torch.randn(output.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    (output * projection).sum().backward()
+    return pixels.grad[0].abs().sum(0).unfold(0, 8, 8).unfold(1, 8, 8).sum((-1, -2))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_every_patch_reaches_every_output(seed):
+    influence = patch_influence(tiny_model(M2ViTModel, seed=seed))
+    assert (influence > 1e-13 * influence.max()).all(), influence  # bidirectional: the first patch sees the last one
+
+
+def test_patch_influence_detects_patches_an_output_cannot_see():
+    """The control: without the reverse filters the mixer is causal, so the first output sees the first patch only
+    (the short convolution, the MLP and the norms are causal or token-wise), and the check above would fail."""
     model = tiny_model(M2ViTModel)
-    pixels = images(batch=1).requires_grad_()
-    model(pixels).last_hidden_state[0, 0].sum().backward()
-    per_patch = pixels.grad[0].abs().sum(0).unfold(0, 8, 8).unfold(1, 8, 8).sum((-1, -2))
-    assert (per_patch > 0).all()  # bidirectional: the first patch sees the last one
+    with torch.no_grad():
+        for layer in model.layers:
+            for filters in (layer.mixer.filter_fn, getattr(layer.mixer, "filter_fn2", None)):
+                if filters is not None:
+                    filters.implicit_filter_rev[-1].weight.zero_()
+    influence = patch_influence(model).flatten()
+    assert (influence[1:] < 1e-13 * influence[0]).all(), influence
 
 
 def test_default_size_is_about_half_of_vit_base():
