@@ -14,6 +14,7 @@ from transformers import AutoModel, AutoModelForSequenceClassification, AutoToke
 
 from conversion.cli import main
 from m2_hf import M2BertForSequenceClassification, M2BertForTextEncoding, MonarchLinear
+import official_fixtures
 from remote_code import run_without_m2_hf
 from test_m2_bert import tiny_model, write_released_folder
 
@@ -188,3 +189,29 @@ def test_monarch_conversion_keeps_the_sentence_transformers_pipeline(minilm_embe
         encoder = SentenceTransformer({str(tmp_path / 'monarch')!r}, trust_remote_code=True)
         torch.testing.assert_close(encoder.encode({TEXTS!r}, convert_to_tensor=True), expected, rtol=0, atol=1e-5)
     """, tmp_path)
+
+
+@pytest.mark.parametrize("case_name", official_fixtures.case_names("retrieval"))
+def test_a_converted_official_retrieval_checkpoint_embeds_as_the_official_code(case_name, tmp_path, capsys):
+    """`m2-convert m2-bert` of a released-layout retrieval checkpoint (trained-scale weights), run through
+    sentence-transformers' own modules, gives the `sentence_embedding` that HazyResearch/m2 computed for it."""
+    released = tmp_path / "released"
+    shutil.copytree(official_fixtures.FIXTURES / case_name, released, ignore=shutil.ignore_patterns("expected.*"))
+    write_tokenizer(released)
+    assert main(["m2-bert", str(released), str(tmp_path / "native")]) == 0
+    capsys.readouterr()
+    encoder = sentence_transformers.SentenceTransformer(str(tmp_path / "native"), trust_remote_code=True)
+    encoder.to(torch.float64)  # the official outputs were computed in float64 (see tests/official_fixtures.py)
+    case = official_fixtures.official_case(case_name)
+    ids, mask = official_fixtures.official_inputs()
+
+    def embed(input_ids, attention_mask):
+        with torch.no_grad():
+            return encoder({"input_ids": input_ids, "attention_mask": attention_mask})["sentence_embedding"]
+
+    official_fixtures.assert_matches(embed(ids, torch.ones_like(mask)), case.output, "every position a token")
+    for row in official_fixtures.padded_rows():  # padded, and with its padding removed: the row's own embedding
+        expected, kept = case.row_output(row).reshape(1, -1), mask[row].bool()
+        official_fixtures.assert_matches(embed(ids[row:row + 1], mask[row:row + 1]), expected, f"padded row {row}")
+        official_fixtures.assert_matches(embed(ids[row:row + 1, kept], mask[row:row + 1, kept]), expected,
+                                         f"row {row} without its padding")
