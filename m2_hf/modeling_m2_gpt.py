@@ -277,9 +277,11 @@ class M2GPTForCausalLM(M2GPTPreTrainedModel, GenerationMixin):
 
 
     def _fuses_loss(self, labels: Optional[torch.Tensor], logits_to_keep: int) -> bool:
-        """Whether this forward computes the loss without logits (see `M2GPTConfig.fused_training_loss`)."""
+        """Whether this forward computes the loss without logits (see `M2GPTConfig.fused_training_loss`). Not in a
+        captured graph: the fused loss selects the labelled positions, a data-dependent size."""
         return (
             self.training
+            and not is_traced()
             and labels is not None
             and self.config.fused_training_loss
             and not logits_to_keep
