@@ -534,6 +534,13 @@ class ConvolutionState:
         self._projections, self._inputs, self._stored, self.length = None, None, 0, 0
 
 
+def _gated_sum(convolved: list[torch.Tensor], x2: torch.Tensor) -> torch.Tensor:
+    """The mixer's signal before its output projection: the gated branch ``long_conv(v * x1) * x2``, plus the residual
+    long convolution of the input when there is one."""
+    y = convolved[0] * x2
+    return y + convolved[1] if len(convolved) > 1 else y
+
+
 class M2SequenceMixer(nn.Module):
     """The M2 sequence mixer (``MonarchMixerSequenceMixing``): input projection, causal depthwise short convolution,
     gated long convolution, optional residual long convolution of the mixer input, output projection.
@@ -572,10 +579,17 @@ class M2SequenceMixer(nn.Module):
         mask = None if mask is None else mask[:, None, :]
         z = _zero_padding(self.in_linear(u).transpose(1, 2), mask)
         x1, x2, v = self.short_filter(z)[..., :length].split(hidden, dim=1)
-        y = self._long_convolution(self.filter_fn, _zero_padding(v * x1, mask)) * x2
-        if hasattr(self, "filter_fn2"):
-            y = y + self._long_convolution(self.filter_fn2, _zero_padding(u.transpose(1, 2), mask))
+        inputs = self._long_conv_inputs(v, x1, u.transpose(1, 2), mask)
+        y = _gated_sum([self._long_convolution(f, x) for f, x in zip(self.long_conv_filters(), inputs)], x2)
         return self.out_linear(y.transpose(1, 2))
+
+    def _long_conv_inputs(self, v, x1, u, mask) -> list[torch.Tensor]:
+        """What the long convolutions read: the gated value ``v * x1`` and, with the residual long convolution, the
+        mixer's (normalised) input ``u``; zero at padded positions."""
+        inputs = [_zero_padding(v * x1, mask)]
+        if hasattr(self, "filter_fn2"):
+            inputs.append(_zero_padding(u, mask))
+        return inputs
 
     def long_conv_filters(self) -> list[HyenaFilter]:
         return [self.filter_fn] + ([self.filter_fn2] if hasattr(self, "filter_fn2") else [])
@@ -618,10 +632,7 @@ class M2SequenceMixer(nn.Module):
         taps = SHORT_FILTER_TAPS
         convolved = self._short_convolution(torch.cat([state.short_conv_inputs(z), z], dim=-1))
         x1, x2, v = convolved[..., taps - 1 :].chunk(3)
-        inputs = [_zero_padding(v * x1, new_mask)]
-        if hasattr(self, "filter_fn2"):
-            inputs.append(_zero_padding(u.permute(2, 0, 1), new_mask))
-        state.append(z, torch.cat(inputs))
+        state.append(z, torch.cat(self._long_conv_inputs(v, x1, u.permute(2, 0, 1), new_mask)))
         outputs = []
         for f, x in zip(self.long_conv_filters(), state.long_conv_inputs().split(hidden)):  # x: [H, total, B]
             if new == 1:
@@ -632,10 +643,7 @@ class M2SequenceMixer(nn.Module):
             else:
                 y = fft_conv(x.permute(0, 2, 1), f.spectrum(total), f.bias)[..., -new:]
             outputs.append(y)
-        y = outputs[0] * x2
-        if len(outputs) > 1:
-            y = y + outputs[1]
-        return self.out_linear(y.permute(1, 2, 0))
+        return self.out_linear(_gated_sum(outputs, x2).permute(1, 2, 0))
 
 
 class M2GatedMLP(nn.Module):
