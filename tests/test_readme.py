@@ -68,7 +68,9 @@ def test_the_export_example_runs_as_written(tmp_path):
     from test_sentence_transformers import write_released_retrieval_folder
 
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    convert = re.findall(r"```bash\n(m2-convert m2-bert .*?)```", text, flags=re.DOTALL)[0]
+    retrieval = text.split("### Sentence embeddings and retrieval (sentence-transformers)", 1)[1]
+    convert = re.findall(r"```bash\n(.*?)```", retrieval, flags=re.DOTALL)[0]
+    assert "m2-convert m2-bert m2-bert-80M-2k-retrieval m2-bert-retrieval" in convert
     section = text.split("### Export: ONNX, `torch.export`, `torch.compile`", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```(python|bash)\n(.*?)```", section, flags=re.DOTALL)
     assert [language for language, _ in blocks] == ["bash", "python"]
