@@ -324,3 +324,15 @@ def test_model_classes_take_no_workspace():
 
     for forward in (M2BertLayer.forward, M2BertEncoder.forward):
         assert "workspace" not in inspect.signature(forward).parameters
+
+
+def test_m2_convert_onnx_writes_nothing_when_onnxruntime_disagrees(tmp_path, monkeypatch, capsys):
+    import conversion.onnx_export as onnx_export
+
+    build("M2BertForMaskedLM").save_pretrained(tmp_path / "model")
+    monkeypatch.setattr(onnx_export, "export_model_to_onnx", lambda model, path: path.write_bytes(b"onnx") and {})
+    monkeypatch.setattr(onnx_export, "check_in_onnxruntime", lambda *args: [
+        {"batch": 3, "length": 21, "output": "logits", "max_relative_difference": 3e-3}])
+    assert main(["onnx", str(tmp_path / "model"), str(tmp_path / "onnx")]) == 2
+    assert "differs from PyTorch in onnxruntime by 3.00e-03" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]
