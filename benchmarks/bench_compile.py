@@ -102,7 +102,8 @@ def main() -> None:
     parser.add_argument("--layers", type=positive_int, default=2, help="layers per model (default 2)")
     parser.add_argument("--hidden", type=positive_int, default=256, help="hidden size (default 256)")
     parser.add_argument("--rounds", type=positive_int, default=5, help="timed eager/compiled pairs (default 5)")
-    parser.add_argument("--output", type=Path, help="JSON file (default benchmarks/results/bench_compile_cpu_DATE.json)")
+    parser.add_argument("--output", type=Path,
+                        help="JSON file (default benchmarks/results/bench_compile_cpu_DATE.json)")
     args = parser.parse_args()
     date = datetime.date.today().isoformat()
     meta = {"date": date, "command": "python " + " ".join(sys.argv), "torch": torch.__version__,

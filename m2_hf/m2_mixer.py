@@ -743,7 +743,8 @@ def _mix_channels_in_place(
     hidden = tokens.shape[1]
     weight = mixer.in_linear.weight.view(3, hidden, hidden)[:, channels].reshape(-1, hidden)
     bias = mixer.in_linear.bias.view(3, hidden, 1)[:, channels].reshape(-1, 1)
-    z = torch.addmm(bias, weight, tokens.t(), out=_gemm_output(workspace, "projected", (weight.shape[0], len(tokens)), tokens))
+    scratch = _gemm_output(workspace, "projected", (weight.shape[0], len(tokens)), tokens)
+    z = torch.addmm(bias, weight, tokens.t(), out=scratch)
     z = _zero_padding(z.view(z.shape[0], batch, -1), mask, inplace=True)
     taps = mixer.short_filter.weight.shape[-1]
     conv_weight = mixer.short_filter.weight.view(3, hidden, 1, taps)[:, channels].reshape(-1, 1, taps)

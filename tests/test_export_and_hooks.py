@@ -181,8 +181,9 @@ def record(seen: dict, key: str, value) -> None:
 
 def modules_with_parameters(model: nn.Module) -> dict[str, nn.Module]:
     """Every module that holds parameters, itself or below it, except containers (which are never called)."""
+    containers = (nn.ModuleList, nn.ModuleDict)
     return {name: module for name, module in model.named_modules()
-            if name and any(True for _ in module.parameters()) and not isinstance(module, (nn.ModuleList, nn.ModuleDict))}
+            if name and any(True for _ in module.parameters()) and not isinstance(module, containers)}
 
 
 @pytest.mark.parametrize("name", ["M2BertForMaskedLM", "M2GPTForCausalLM", "M2ViTForImageClassification"])
