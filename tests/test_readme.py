@@ -54,7 +54,8 @@ def test_the_sentence_transformers_example_runs_as_written(tmp_path):
     from test_sentence_transformers import write_released_retrieval_folder
 
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = text.split("### Sentence embeddings and retrieval (sentence-transformers)", 1)[1].split("\n## ", 1)[0]
+    section = text.split("### Sentence embeddings and retrieval (sentence-transformers)", 1)[1]
+    section = re.split(r"\n##+ ", section, maxsplit=1)[0]  # up to the next heading
     blocks = re.findall(r"```(python|bash)\n(.*?)```", section, flags=re.DOTALL)
     assert [language for language, _ in blocks] == ["bash", "python"]
     write_released_retrieval_folder(tmp_path / "m2-bert-80M-2k-retrieval")  # a tiny model in the released layout
@@ -71,7 +72,7 @@ def test_the_export_example_runs_as_written(tmp_path):
     retrieval = text.split("### Sentence embeddings and retrieval (sentence-transformers)", 1)[1]
     convert = re.findall(r"```bash\n(.*?)```", retrieval, flags=re.DOTALL)[0]
     assert "m2-convert m2-bert m2-bert-80M-2k-retrieval m2-bert-retrieval" in convert
-    section = text.split("### Export: ONNX, `torch.export`, `torch.compile`", 1)[1].split("\n## ", 1)[0]
+    section = re.split(r"\n##+ ", text.split("### Export: ONNX, `torch.export`, `torch.compile`", 1)[1], maxsplit=1)[0]
     blocks = re.findall(r"```(python|bash)\n(.*?)```", section, flags=re.DOTALL)
     assert [language for language, _ in blocks] == ["bash", "python"]
     write_released_retrieval_folder(tmp_path / "m2-bert-80M-2k-retrieval")
