@@ -77,6 +77,12 @@ def _dense(args: argparse.Namespace) -> dict:
     return convert_to_dense(args.source, args.destination, overwrite=args.overwrite, dry_run=args.dry_run)
 
 
+def _onnx(args: argparse.Namespace) -> dict:
+    from .onnx_export import export_onnx
+
+    return export_onnx(args.source, args.destination, overwrite=args.overwrite, dry_run=args.dry_run)
+
+
 def _inspect(args: argparse.Namespace) -> dict:
     from .inspect import format_report, inspect_folder
 
@@ -159,6 +165,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dense.add_argument("source", type=Path, help="a folder written by `m2-convert monarch` (or fine-tuned from one)")
     _add_output_arguments(dense, "folder to write the plain Transformers checkpoint to")
+
+    onnx = _subcommand(
+        commands, "onnx", "export a saved M2-BERT, M2-GPT or M2-ViT folder (any head) to ONNX, with a dynamic batch "
+        "size and sequence length, checked in onnxruntime against PyTorch (needs the onnx extra: "
+        'pip install "m2-hf[onnx]")',
+        "  m2-convert onnx ./m2-bert-80M-hf ./m2-bert-80M-onnx\n"
+        "  m2-convert onnx ./my-m2-vit ./my-m2-vit-onnx --overwrite", _onnx,
+    )
+    onnx.add_argument("source", type=Path, help="a folder saved from an m2-hf model (save_pretrained or m2-convert "
+                      "m2-bert)")
+    _add_output_arguments(onnx, "folder to write model.onnx, the config and the tokenizer files to")
 
     inspect = _subcommand(
         commands, "inspect", "show what a checkpoint folder holds: architecture, remote code, structured layers, "

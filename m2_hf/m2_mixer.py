@@ -9,6 +9,12 @@ Everything takes an optional `mask` (`[B, L]`, 1 for real tokens). Padded positi
 convolution, so they contribute nothing, and because the convolutions are shift-invariant the outputs at real tokens
 equal those of the unpadded sequence, for left and right padding alike. Without a mask (or with an all-ones mask)
 the computation is exactly the official one.
+
+Each module's ``reference_forward`` is the official algorithm step by step, calling every submodule (so forward hooks,
+PEFT wrappers and quantisers see every layer); it is what training, tracing (``torch.compile``, ``torch.export``, ONNX)
+and any hooked module run. The CPU inference path (``mixer_cpu_inference``, ``mlp_cpu_inference``: chunked, in place,
+in a `Workspace` of scratch tensors) computes the same, faster, and is taken only where no one can tell the difference
+(`takes_inference_fast_path`). Incremental decoding (`M2SequenceMixer.step`) is a third, explicit entry point.
 """
 
 from __future__ import annotations
@@ -31,6 +37,11 @@ __all__ = [
     "M2PreNormBlock",
     "M2SequenceMixer",
     "Workspace",
+    "has_forward_hooks",
+    "is_traced",
+    "mixer_cpu_inference",
+    "mlp_cpu_inference",
+    "takes_inference_fast_path",
     "causal_depthwise_conv",
     "fft_conv",
     "fft_long_conv",
@@ -57,7 +68,8 @@ def kernel_spectrum(k_forward: torch.Tensor, k_reverse: Optional[torch.Tensor]) 
 
 
 def _per_channel(values: torch.Tensor, ndim: int) -> torch.Tensor:
-    """View ``[C, ...]`` values so that they broadcast over channel-major ``[C, *batch, L]`` activations."""
+    """View ``[C, ...]`` values so that they broadcast over activations whose last ``ndim`` dimensions are
+    ``[C, *batch, L]`` (channel-major: ``ndim`` = the activations' ``dim()``; batch-major ``[B, C, L]``: 2)."""
     return values.view(values.shape[0], *([1] * (ndim - values.dim())), *values.shape[1:])
 
 
@@ -118,9 +130,11 @@ def fft_conv(
     d: torch.Tensor,
     inplace: bool = False,
     padded: Optional[torch.Tensor] = None,
+    channel_dim: int = 0,
 ) -> torch.Tensor:
-    """Long convolution of channel-major ``x`` ``[C, *batch, L]`` with a kernel given by its :func:`kernel_spectrum`
-    (``[C, L + 1]``), plus ``d x`` (``d``: ``[C]``).
+    """Long convolution of ``x`` with a kernel given by its :func:`kernel_spectrum` (``[C, L + 1]``), plus ``d x``
+    (``d``: ``[C]``). ``x`` is channel-major ``[C, *batch, L]``, or has its channels at ``channel_dim`` (``[B, C, L]``:
+    1).
 
     The zero padding to ``2L`` removes circular wrap-around; the result is cast back to ``x``'s dtype. ``inplace``
     (only where autograd does not record) updates the intermediate spectra instead of allocating new ones; ``padded``
@@ -128,12 +142,30 @@ def fft_conv(
     """
     length = x.shape[-1]
     x_c = x.to(_fft_dtype(x.dtype))
-    spectrum, d = _per_channel(spectrum, x.dim()), _per_channel(d.to(x_c.dtype), x.dim())
-    frequencies = torch.fft.rfft(x_c if padded is None else padded, n=2 * length)
+    ndim = x.dim() - channel_dim
+    spectrum, d = _per_channel(spectrum, ndim), _per_channel(d.to(x_c.dtype), ndim)
+    # Padded by hand and transformed at their own size: ONNX's DFT mis-sizes transforms given a dynamic `n`.
+    frequencies = torch.fft.rfft(F.pad(x_c, (0, length)) if padded is None else padded)
     frequencies = frequencies.mul_(spectrum) if inplace else frequencies * spectrum
-    y = torch.fft.irfft(frequencies, n=2 * length, norm="forward")[..., :length]
+    if torch.onnx.is_in_onnx_export():
+        y = _inverse_rfft_by_forward_transforms(frequencies, length)
+    else:
+        y = torch.fft.irfft(frequencies, norm="forward")[..., :length]  # 2L points from the L + 1 of a real signal
     y = y.addcmul_(x_c, d) if inplace else y + x_c * d
     return y.to(x.dtype)
+
+
+def _inverse_rfft_by_forward_transforms(spectrum: torch.Tensor, length: int) -> torch.Tensor:
+    """The first ``length`` points of ``irfft(spectrum, norm="forward")`` (``spectrum``: the ``L + 1`` one-sided bins
+    of ``2L`` real points), computed with forward real FFTs: onnxruntime plans the ONNX exporter's inverse DFT with the
+    one-sided size and fails at run time.
+
+    For the full Hermitian spectrum ``Y``, ``y = Re(fft(conj(Y))) = Re(rfft(Re Y)) - Im(rfft(-Im Y))``."""
+    real, imaginary = torch.view_as_real(spectrum).unbind(-1)
+    mirrored = lambda part: part[..., 1:-1].flip(-1)  # noqa: E731 (bins L+1 .. 2L-1 of Y are those of 1 .. L-1)
+    even = torch.view_as_real(torch.fft.rfft(torch.cat([real, mirrored(real)], dim=-1)))
+    odd = torch.view_as_real(torch.fft.rfft(torch.cat([-imaginary, mirrored(imaginary)], dim=-1)))
+    return (even[..., 0] - odd[..., 1])[..., :length]
 
 
 def fft_long_conv(
@@ -351,6 +383,35 @@ def records_autograd(module: nn.Module, x: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
 
 
+def is_traced() -> bool:
+    """Whether this forward is being captured as a graph (``torch.compile``, ``torch.export``, the ONNX exporter,
+    TorchScript tracing): such code must not branch on tensor values nor keep tensors between calls."""
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return torch.compiler.is_compiling() or exporting() or torch.jit.is_tracing()
+
+
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether a forward hook or pre-hook is registered on ``module``, on any module below it, or globally."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
+def takes_inference_fast_path(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``module`` may run its CPU inference path instead of its ``reference_forward``: only where no one can
+    tell the difference. The input is on CPU, autograd records nothing (the fast path updates tensors in place), no
+    graph is being captured, and no forward hook or pre-hook is registered on the module or below it (the fast path
+    reads some layers' weights instead of calling them)."""
+    return (
+        x.device.type == "cpu"
+        and not records_autograd(module, x)
+        and not is_traced()
+        and not has_forward_hooks(module)
+    )
+
+
 # Working-set size of one chunk of the mixer and the MLP on CPU. Chunks this small stay in cache, and their buffers are
 # reused by the allocator instead of being freshly mapped (and page-faulted) for every op, which cost about a third of
 # the time of an unchunked M2-BERT layer at 16k tokens. Accelerators keep whole tensors: there, fewer and larger
@@ -473,13 +534,19 @@ class ConvolutionState:
         self._projections, self._inputs, self._stored, self.length = None, None, 0, 0
 
 
+def _gated_sum(convolved: list[torch.Tensor], x2: torch.Tensor) -> torch.Tensor:
+    """The mixer's signal before its output projection: the gated branch ``long_conv(v * x1) * x2``, plus the residual
+    long convolution of the input when there is one."""
+    y = convolved[0] * x2
+    return y + convolved[1] if len(convolved) > 1 else y
+
+
 class M2SequenceMixer(nn.Module):
     """The M2 sequence mixer (``MonarchMixerSequenceMixing``): input projection, causal depthwise short convolution,
     gated long convolution, optional residual long convolution of the mixer input, output projection.
 
-    Between the two projections every operation is per channel, so the mixer runs over chunks of channels, channel-major
-    (``[channels, B, L]``): the FFTs run over contiguous rows, the gates and the short convolution need no layout change,
-    and a chunk's buffers stay small.
+    ``forward`` runs :meth:`reference_forward`, or, where nothing observable changes, :func:`mixer_cpu_inference`;
+    :meth:`step` continues a sequence for incremental decoding.
     """
 
     def __init__(self, config) -> None:
@@ -496,38 +563,57 @@ class M2SequenceMixer(nn.Module):
         if config.residual_long_conv:
             self.filter_fn2 = HyenaFilter(config, hidden, config.bidirectional)
 
-    def forward(
-        self, u: torch.Tensor, mask: Optional[torch.Tensor] = None, workspace: Optional[Workspace] = None
-    ) -> torch.Tensor:
-        return self.out_linear(self.mix(u, mask, workspace)).view(u.shape)
+    def forward(self, u: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``u``: ``[B, L, hidden]``; ``mask``: ``[B, L]``, 1 for real tokens (None: all real)."""
+        if takes_inference_fast_path(self, u) and self._fast_path_reads_its_layers():
+            return mixer_cpu_inference(self, u, mask)
+        return self.reference_forward(u, mask)
 
-    def mix(
-        self, u: torch.Tensor, mask: Optional[torch.Tensor] = None, workspace: Optional[Workspace] = None
-    ) -> torch.Tensor:
-        """Everything before the output projection: ``[B * L, hidden]`` (a transposed view of channel-major data).
-
-        The output projection is token-wise, so a caller can apply it chunk by chunk (as ``M2BertLayer`` does). Where
-        autograd does not record, the result lives in ``workspace`` (if given) until its next use.
-        """
-        batch, length, hidden = u.shape
+    def reference_forward(self, u: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The official algorithm, step by step, batch-major ``[B, channels, L]`` between the projections. Padded
+        positions are zeroed before each convolution: the short one (else real tokens after left padding would read
+        pad positions) and the long ones (the short convolution's bias and tail make pad positions non-zero)."""
+        length, hidden = u.shape[1], u.shape[2]
         if hasattr(self, "layernorm"):
             u = self.layernorm(u)
-        tokens = u.reshape(batch * length, hidden)
-        # A wrapped input projection (PEFT's LoRA layer, a quantised linear) must run as a module: its `.weight` is the
-        # base layer's alone. Its output, computed once, is then sliced per chunk instead of its weight.
-        projected = None if type(self.in_linear) is nn.Linear else self.in_linear(tokens).t()
-        filters = [self.filter_fn] + ([self.filter_fn2] if hasattr(self, "filter_fn2") else [])
-        spectra = [(f.spectrum(length), f.bias) for f in filters]
-        # An FFT of a channel over the batch holds 2 x B x 2L floats (real input and complex half spectrum).
-        chunks = _chunks(hidden, 4 * batch * length * u.element_size(), 8, u.device)
-        if records_autograd(self, u):
-            mixed = torch.cat([self._mix_channels(tokens, c, batch, spectra, mask, projected=projected) for c in chunks])
+        mask = None if mask is None else mask[:, None, :]
+        z = _zero_padding(self.in_linear(u).transpose(1, 2), mask)
+        x1, x2, v = self.short_filter(z)[..., :length].split(hidden, dim=1)
+        inputs = self._long_conv_inputs(v, x1, u.transpose(1, 2), mask)
+        y = _gated_sum([self._long_convolution(f, x) for f, x in zip(self.long_conv_filters(), inputs)], x2)
+        return self.out_linear(y.transpose(1, 2))
+
+    def _long_conv_inputs(self, v, x1, u, mask) -> list[torch.Tensor]:
+        """What the long convolutions read: the gated value ``v * x1`` and, with the residual long convolution, the
+        mixer's (normalised) input ``u``; zero at padded positions."""
+        inputs = [_zero_padding(v * x1, mask)]
+        if hasattr(self, "filter_fn2"):
+            inputs.append(_zero_padding(u, mask))
+        return inputs
+
+    def long_conv_filters(self) -> list[HyenaFilter]:
+        return [self.filter_fn] + ([self.filter_fn2] if hasattr(self, "filter_fn2") else [])
+
+    def _long_convolution(self, filter_fn: HyenaFilter, x: torch.Tensor) -> torch.Tensor:
+        """``filter_fn``'s convolution (with its D term) of batch-major ``x`` ``[B, hidden, L]``."""
+        length = x.shape[-1]
+        if is_traced() or has_forward_hooks(filter_fn):
+            # Called as a module, so that its hooks fire; a traced graph computes it rather than reading a cache.
+            spectrum = kernel_spectrum(*filter_fn(length))
         else:
-            workspace = Workspace() if workspace is None else workspace
-            mixed = None
-            for channels in chunks:
-                mixed = self._mix_channels(tokens, channels, batch, spectra, mask, projected, mixed, workspace)
-        return mixed.view(hidden, batch * length).t()
+            spectrum = filter_fn.spectrum(length)  # the same spectrum, reused between inference calls
+        return fft_conv(x, spectrum, filter_fn.bias, channel_dim=1)
+
+    def _fast_path_reads_its_layers(self) -> bool:
+        """The CPU inference path slices the input projection's and the short filter's weights per chunk of channels:
+        it must not run when they are wrapped or replaced (a PEFT layer, a quantised linear)."""
+        return type(self.in_linear) is nn.Linear and type(self.short_filter) is nn.Conv1d
+
+    def _short_convolution(self, z: torch.Tensor) -> torch.Tensor:
+        """The short filter of channel-major ``z`` ``[3H, B, n]``, causal (the first ``n`` outputs)."""
+        if type(self.short_filter) is nn.Conv1d and not has_forward_hooks(self.short_filter):
+            return causal_depthwise_conv(z, self.short_filter.weight, self.short_filter.bias)
+        return self.short_filter(z.permute(1, 0, 2))[..., : z.shape[-1]].permute(1, 0, 2)
 
     def step(self, u: torch.Tensor, mask: Optional[torch.Tensor], state: ConvolutionState) -> torch.Tensor:
         """Output ``[B, n, hidden]`` of a causal mixer for ``n`` new tokens ``u`` that continue the tokens ``state``
@@ -543,18 +629,12 @@ class M2SequenceMixer(nn.Module):
         if hasattr(self, "layernorm"):
             u = self.layernorm(u)
         z = _zero_padding(self.in_linear(u).permute(2, 0, 1), new_mask)  # [3H, B, n]
-        taps = self.short_filter.weight.shape[-1]
-        extended = torch.cat([state.short_conv_inputs(z), z], dim=-1)
-        convolved = causal_depthwise_conv(extended, self.short_filter.weight, self.short_filter.bias)
+        taps = SHORT_FILTER_TAPS
+        convolved = self._short_convolution(torch.cat([state.short_conv_inputs(z), z], dim=-1))
         x1, x2, v = convolved[..., taps - 1 :].chunk(3)
-        inputs = [_zero_padding(v * x1, new_mask)]
-        filters = [self.filter_fn]
-        if hasattr(self, "filter_fn2"):
-            inputs.append(_zero_padding(u.permute(2, 0, 1), new_mask))
-            filters.append(self.filter_fn2)
-        state.append(z, torch.cat(inputs))
+        state.append(z, torch.cat(self._long_conv_inputs(v, x1, u.permute(2, 0, 1), new_mask)))
         outputs = []
-        for f, x in zip(filters, state.long_conv_inputs().split(hidden)):  # x: [H, total, B]
+        for f, x in zip(self.long_conv_filters(), state.long_conv_inputs().split(hidden)):  # x: [H, total, B]
             if new == 1:
                 # y[t] = Σ_s k[t - s] x[s] + D x[t]: per channel, the newest `total` reversed taps times the inputs.
                 taps_reversed = f.reversed_kernel(f.pos_emb.z.shape[1])[:, -total:].to(x.dtype)
@@ -563,64 +643,7 @@ class M2SequenceMixer(nn.Module):
             else:
                 y = fft_conv(x.permute(0, 2, 1), f.spectrum(total), f.bias)[..., -new:]
             outputs.append(y)
-        y = outputs[0] * x2
-        if len(outputs) > 1:
-            y = y + outputs[1]
-        return self.out_linear(y.permute(1, 2, 0))
-
-    def _mix_channels(
-        self,
-        tokens,
-        channels: slice,
-        batch: int,
-        spectra,
-        mask,
-        projected: Optional[torch.Tensor] = None,
-        mixed: Optional[torch.Tensor] = None,
-        workspace: Optional[Workspace] = None,
-    ) -> torch.Tensor:
-        """The mixer for one chunk of channels, from the input projection to the gated long convolutions: channel-major
-        ``[c, B, L]``. ``projected`` (``[3H, B * L]``) is the input projection's output, when it was computed by
-        calling the layer.
-
-        Without ``workspace``, the computation is out of place (autograd records it). With it, intermediate results are
-        updated in place in its tensors and the chunk is written into ``mixed`` (all channels, taken from the workspace
-        by the first chunk), which is returned."""
-        hidden = tokens.shape[1]
-        if projected is None:
-            weight = self.in_linear.weight.view(3, hidden, hidden)[:, channels].reshape(-1, hidden)
-            bias = self.in_linear.bias.view(3, hidden, 1)[:, channels].reshape(-1, 1)
-            out = _gemm_output(workspace, "projected", (weight.shape[0], tokens.shape[0]), tokens)
-            z = torch.addmm(bias, weight, tokens.t(), out=out)
-        else:
-            z = projected.reshape(3, hidden, -1)[:, channels].reshape(-1, projected.shape[-1])
-        inplace = workspace is not None
-        # Padding is zeroed before each convolution: the short one (else real tokens after left padding would read
-        # pad positions) and the long ones (the short convolution's bias and tail make pad positions non-zero).
-        z = _zero_padding(z.view(z.shape[0], batch, -1), mask, inplace)
-        taps = self.short_filter.weight.shape[-1]
-        conv_weight = self.short_filter.weight.view(3, hidden, 1, taps)[:, channels].reshape(-1, 1, taps)
-        conv_bias = self.short_filter.bias.view(3, hidden)[:, channels].reshape(-1)
-        convolved = causal_depthwise_conv(z, conv_weight, conv_bias, out=_scratch(workspace, "convolved", z.shape, z))
-        x1, x2, v = convolved.chunk(3, dim=0)
-        if not inplace:
-            y = fft_conv(_zero_padding(v * x1, mask), spectra[0][0][channels], spectra[0][1][channels]) * x2
-            if len(spectra) > 1:
-                residual = _zero_padding(tokens[:, channels].t().view(v.shape), mask)
-                y = y + fft_conv(residual, spectra[1][0][channels], spectra[1][1][channels])
-            return y
-        # Inputs go straight into a zero-padded FFT buffer and results straight into `mixed`.
-        if mixed is None:
-            mixed = workspace.tensor("mixed", (hidden, *v.shape[1:]), v)
-        padded, gated = zero_padded_buffer(v, workspace)
-        _zero_padding(torch.mul(v, x1, out=gated), mask, inplace=True)
-        y = fft_conv(gated, spectra[0][0][channels], spectra[0][1][channels], inplace=True, padded=padded)
-        torch.mul(y, x2, out=mixed[channels])
-        if len(spectra) > 1:
-            _zero_padding(gated.copy_(tokens[:, channels].t().view(v.shape)), mask, inplace=True)
-            residual = fft_conv(gated, spectra[1][0][channels], spectra[1][1][channels], inplace=True, padded=padded)
-            mixed[channels].add_(residual)
-        return mixed
+        return self.out_linear(_gated_sum(outputs, x2).permute(1, 2, 0))
 
 
 class M2GatedMLP(nn.Module):
@@ -628,6 +651,7 @@ class M2GatedMLP(nn.Module):
     (the gate is the first half), or ``LN(wo(dropout(GELU(W x))) + x)`` when ``use_glu_mlp=False``.
 
     With ``post_norm=False`` (pre-LayerNorm blocks, whose residual is outside) it is ``wo(dropout(GELU(g) * v))``.
+    ``forward`` runs :meth:`reference_forward`, or, where nothing observable changes, :func:`mlp_cpu_inference`.
     """
 
     def __init__(self, config, post_norm: bool = True) -> None:
@@ -644,69 +668,27 @@ class M2GatedMLP(nn.Module):
         if post_norm:
             self.layernorm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
 
-    def forward(
-        self, x: torch.Tensor, projection: Optional[nn.Module] = None, workspace: Optional[Workspace] = None
-    ) -> torch.Tensor:
-        """``x``: ``[..., hidden]``. With ``projection``, the MLP (and its residual) reads ``projection(x)``, computed
-        chunk by chunk: this fuses a preceding token-wise layer without materialising its whole output. Where autograd
-        does not record, the chunks' intermediate results live in ``workspace`` (a new one if not given)."""
-        tokens = x.reshape(-1, x.shape[-1])
-        # Token-wise: run over chunks of tokens whose widest activation (the gated layer's output) stays small.
-        chunks = _chunks(tokens.shape[0], self.gated_layers.out_features * x.element_size(), 64, x.device)
-        if records_autograd(self, x) or (projection is not None and records_autograd(projection, x)):
-            out = [self._mlp_tokens(_project(projection, tokens[rows], None)) for rows in chunks]
-            out = torch.cat(out) if len(out) > 1 else out[0]
-        else:
-            workspace = Workspace() if workspace is None else workspace
-            out = None
-            for rows in chunks:
-                y = self._mlp_tokens(_project(projection, tokens[rows], workspace), workspace)
-                if out is None:
-                    out = y.new_empty(tokens.shape[0], y.shape[-1])
-                out[rows] = y
-        return out.view(*x.shape[:-1], out.shape[-1])
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``[..., hidden]``."""
+        if takes_inference_fast_path(self, x):
+            return mlp_cpu_inference(self, x)
+        return self.reference_forward(x)
 
-    def _mlp_tokens(self, x: torch.Tensor, workspace: Optional[Workspace] = None) -> torch.Tensor:
-        """The MLP of a chunk of tokens ``[N, hidden]``; in place, in ``workspace``'s tensors, if given."""
-        inplace = workspace is not None
-        hidden = _linear(self.gated_layers, x, workspace, "gated")
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.gated_layers(x)
         if self.use_glu:
             gate, value = hidden.chunk(2, dim=-1)
-            hidden = self.act(gate).mul_(value) if inplace else self.act(gate) * value
+            hidden = self.act(gate) * value
         else:
             hidden = self.act(hidden)
-        out = _linear(self.wo, self.dropout(hidden), workspace, "mlp_output")
-        if not hasattr(self, "layernorm"):
-            return out
-        return self.layernorm(out.add_(x) if inplace else out + x)
-
-
-def _linear(layer: nn.Module, x: torch.Tensor, workspace: Optional[Workspace], name: str) -> torch.Tensor:
-    """``layer(x)`` for 2-D ``x``. With a workspace, a plain dense or block-diagonal layer writes into its tensor
-    ``name``; any other layer (a PEFT wrapper, a Monarch layer, a padded block-diagonal one) is called as it is."""
-    dense = type(layer) is nn.Linear
-    blockdiag = type(layer) is BlockdiagLinear and layer.in_features_padded == layer.in_features
-    blockdiag = blockdiag and layer.out_features_padded == layer.out_features
-    out = _gemm_output(workspace, name, (x.shape[0], layer.out_features), x) if dense or blockdiag else None
-    if out is None:
-        return layer(x)
-    if dense:
-        if layer.bias is None:
-            return torch.mm(x, layer.weight.t(), out=out)
-        return torch.addmm(layer.bias, x, layer.weight.t(), out=out)
-    out = blockdiag_multiply(x, layer.weight, out=out)
-    return out if layer.bias is None else out.add_(layer.bias)
-
-
-def _project(projection: Optional[nn.Module], x: torch.Tensor, workspace: Optional[Workspace]) -> torch.Tensor:
-    return x if projection is None else _linear(projection, x, workspace, "mlp_input")
+        out = self.wo(self.dropout(hidden))
+        return self.layernorm(out + x) if hasattr(self, "layernorm") else out
 
 
 class M2PreNormBlock(GradientCheckpointingLayer):
     """The pre-LayerNorm residual block of M2-GPT and M2-ViT: ``h + mixer(LN(h))``, then ``h + mlp(LN(h))``, with
     dropout on the residual branches. Given a causal mixer's ``cache`` (`ConvolutionState`), the mixer continues the
-    sequence that the state holds (`M2SequenceMixer.step`) instead of mixing the inputs alone. A `Workspace` shared by
-    the blocks of a model lets them reuse one set of scratch tensors in inference."""
+    sequence that the state holds (`M2SequenceMixer.step`) instead of mixing the inputs alone."""
 
     def __init__(self, config) -> None:
         super().__init__()
@@ -721,13 +703,102 @@ class M2PreNormBlock(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         mask: Optional[torch.Tensor] = None,
         cache: Optional[ConvolutionState] = None,
-        workspace: Optional[Workspace] = None,
         **kwargs,
     ) -> torch.Tensor:
         normed = self.input_layernorm(hidden_states)
         if cache is None:
-            mixed = self.mixer(normed, mask, workspace)
+            mixed = self.mixer(normed, mask)
         else:
             mixed = self.mixer.step(normed, mask, cache)
         hidden_states = hidden_states + self.dropout(mixed)
-        return hidden_states + self.dropout(self.mlp(self.post_mixer_layernorm(hidden_states), workspace=workspace))
+        return hidden_states + self.dropout(self.mlp(self.post_mixer_layernorm(hidden_states)))
+
+
+# The CPU inference path. Between the projections every operation of the mixer is per channel, so the mixer runs over
+# chunks of channels, channel-major (`[channels, B, L]`): the FFTs run over contiguous rows, the gates and the short
+# convolution need no layout change, and a chunk's buffers stay small. The MLP is token-wise and runs over chunks of
+# tokens. Intermediate results are updated in place in the tensors of a `Workspace` shared by the chunks of a call.
+
+
+def mixer_cpu_inference(mixer: M2SequenceMixer, u: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """What ``mixer.reference_forward(u, mask)`` computes, without autograd, on CPU, chunk by chunk and in place."""
+    batch, length, hidden = u.shape
+    if hasattr(mixer, "layernorm"):
+        u = mixer.layernorm(u)
+    tokens = u.reshape(batch * length, hidden)
+    spectra = [(f.spectrum(length), f.bias) for f in mixer.long_conv_filters()]
+    workspace = Workspace()
+    mixed = workspace.tensor("mixed", (hidden, batch, length), u)
+    # An FFT of a channel over the batch holds 2 x B x 2L floats (real input and complex half spectrum).
+    for channels in _chunks(hidden, 4 * batch * length * u.element_size(), 8, u.device):
+        _mix_channels_in_place(mixer, tokens, channels, batch, spectra, mask, mixed[channels], workspace)
+    return mixer.out_linear(mixed.view(hidden, batch * length).t()).view(batch, length, hidden)
+
+
+def _mix_channels_in_place(
+    mixer: M2SequenceMixer, tokens, channels: slice, batch: int, spectra, mask, out, workspace: Workspace
+) -> None:
+    """The mixer for one chunk of channels, from the input projection to the gated long convolutions, written into
+    ``out`` (channel-major ``[c, B, L]``)."""
+    hidden = tokens.shape[1]
+    weight = mixer.in_linear.weight.view(3, hidden, hidden)[:, channels].reshape(-1, hidden)
+    bias = mixer.in_linear.bias.view(3, hidden, 1)[:, channels].reshape(-1, 1)
+    scratch = _gemm_output(workspace, "projected", (weight.shape[0], len(tokens)), tokens)
+    z = torch.addmm(bias, weight, tokens.t(), out=scratch)
+    z = _zero_padding(z.view(z.shape[0], batch, -1), mask, inplace=True)
+    taps = mixer.short_filter.weight.shape[-1]
+    conv_weight = mixer.short_filter.weight.view(3, hidden, 1, taps)[:, channels].reshape(-1, 1, taps)
+    conv_bias = mixer.short_filter.bias.view(3, hidden)[:, channels].reshape(-1)
+    convolved = causal_depthwise_conv(z, conv_weight, conv_bias, out=_scratch(workspace, "convolved", z.shape, z))
+    x1, x2, v = convolved.chunk(3, dim=0)
+    # Inputs go straight into a zero-padded FFT buffer and results straight into `out`.
+    padded, gated = zero_padded_buffer(v, workspace)
+    _zero_padding(torch.mul(v, x1, out=gated), mask, inplace=True)
+    y = fft_conv(gated, spectra[0][0][channels], spectra[0][1][channels], inplace=True, padded=padded)
+    torch.mul(y, x2, out=out)
+    if len(spectra) > 1:
+        _zero_padding(gated.copy_(tokens[:, channels].t().view(v.shape)), mask, inplace=True)
+        out.add_(fft_conv(gated, spectra[1][0][channels], spectra[1][1][channels], inplace=True, padded=padded))
+
+
+def mlp_cpu_inference(mlp: M2GatedMLP, x: torch.Tensor) -> torch.Tensor:
+    """What ``mlp.reference_forward(x)`` computes, without autograd, on CPU, over chunks of tokens whose widest
+    activation (the gated layer's output) stays small."""
+    tokens = x.reshape(-1, x.shape[-1])
+    workspace = Workspace()
+    out = None
+    for rows in _chunks(tokens.shape[0], mlp.gated_layers.out_features * x.element_size(), 64, x.device):
+        y = _mlp_tokens_in_place(mlp, tokens[rows], workspace)
+        if out is None:
+            out = y.new_empty(tokens.shape[0], y.shape[-1])
+        out[rows] = y
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _mlp_tokens_in_place(mlp: M2GatedMLP, x: torch.Tensor, workspace: Workspace) -> torch.Tensor:
+    """The MLP of a chunk of tokens ``[N, hidden]``, in ``workspace``'s tensors."""
+    hidden = _linear(mlp.gated_layers, x, workspace, "gated")
+    if mlp.use_glu:
+        gate, value = hidden.chunk(2, dim=-1)
+        hidden = mlp.act(gate).mul_(value)
+    else:
+        hidden = mlp.act(hidden)
+    out = _linear(mlp.wo, mlp.dropout(hidden), workspace, "mlp_output")
+    return mlp.layernorm(out.add_(x)) if hasattr(mlp, "layernorm") else out
+
+
+def _linear(layer: nn.Module, x: torch.Tensor, workspace: Workspace, name: str) -> torch.Tensor:
+    """``layer(x)`` for 2-D ``x``. A plain dense or block-diagonal layer writes into the workspace tensor ``name``; any
+    other layer (a PEFT wrapper, a Monarch layer, a padded block-diagonal one) is called as it is."""
+    dense = type(layer) is nn.Linear
+    blockdiag = type(layer) is BlockdiagLinear and layer.in_features_padded == layer.in_features
+    blockdiag = blockdiag and layer.out_features_padded == layer.out_features
+    out = _gemm_output(workspace, name, (x.shape[0], layer.out_features), x) if dense or blockdiag else None
+    if out is None:
+        return layer(x)
+    if dense:
+        if layer.bias is None:
+            return torch.mm(x, layer.weight.t(), out=out)
+        return torch.addmm(layer.bias, x, layer.weight.t(), out=out)
+    out = blockdiag_multiply(x, layer.weight, out=out)
+    return out if layer.bias is None else out.add_(layer.bias)

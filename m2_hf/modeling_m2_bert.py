@@ -31,7 +31,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_m2_bert import M2BertConfig
-from .m2_mixer import M2GatedMLP, M2SequenceMixer, Workspace, init_mixer_module
+from .m2_mixer import M2GatedMLP, M2SequenceMixer, init_mixer_module, is_traced
 from .model_utils import ShipsAllHeadsMixin, init_structured_layer, write_sentence_transformers_files
 
 __all__ = [
@@ -125,16 +125,8 @@ class M2BertLayer(GradientCheckpointingLayer):
         self.attention = M2SequenceMixer(config)
         self.mlp = M2GatedMLP(config)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        mask: Optional[torch.Tensor] = None,
-        workspace: Optional[Workspace] = None,
-        **kwargs,
-    ) -> torch.Tensor:
-        # mlp(attention(h)), with the mixer's token-wise output projection applied inside the MLP's token chunks.
-        mixed = self.attention.mix(hidden_states, mask, workspace)
-        return self.mlp(mixed, projection=self.attention.out_linear, workspace=workspace).view(hidden_states.shape)
+    def forward(self, hidden_states: torch.Tensor, mask: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+        return self.mlp(self.attention(hidden_states, mask))
 
 
 class M2BertEncoder(nn.Module):
@@ -143,10 +135,8 @@ class M2BertEncoder(nn.Module):
         self.layer = nn.ModuleList([M2BertLayer(config) for _ in range(config.num_hidden_layers)])
 
     def forward(self, hidden_states: torch.Tensor, mask: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
-        # In inference, the layers share their scratch tensors instead of allocating their own.
-        workspace = Workspace()
         for layer in self.layer:
-            hidden_states = layer(hidden_states, mask, workspace=workspace, **kwargs)
+            hidden_states = layer(hidden_states, mask, **kwargs)
         return hidden_states
 
 
@@ -250,6 +240,10 @@ class M2BertPreTrainedModel(ShipsAllHeadsMixin, PreTrainedModel):
                 f"`attention_mask` must have the shape of the input {tuple(input_shape)}, got "
                 f"{tuple(attention_mask.shape)}."
             )
+        # A traced graph applies the mask whatever it holds: multiplying by ones changes nothing, and a branch on its
+        # values would be a host sync and a graph break. Eager code skips the multiplications.
+        if is_traced():
+            return attention_mask
         return None if bool(attention_mask.all()) else attention_mask
 
 

@@ -29,7 +29,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_m2_gpt import M2GPTConfig
 from .lm_loss import fused_linear_cross_entropy
-from .m2_mixer import ConvolutionState, M2PreNormBlock, Workspace, init_mixer_module
+from .m2_mixer import ConvolutionState, M2PreNormBlock, init_mixer_module, is_traced
 from .model_utils import ShipsAllHeadsMixin, init_structured_layer
 
 __all__ = [
@@ -150,6 +150,8 @@ class M2GPTPreTrainedModel(ShipsAllHeadsMixin, PreTrainedModel):
                 f"`attention_mask` must be 2-D (batch, {length}): one entry per token, the cached ones included; got "
                 f"shape {tuple(attention_mask.shape)}."
             )
+        if is_traced():  # no branch on the mask's values in a graph (see M2BertPreTrainedModel._real_token_mask)
+            return attention_mask
         return None if bool(attention_mask.all()) else attention_mask
 
 
@@ -205,10 +207,9 @@ class M2GPTModel(M2GPTPreTrainedModel):
         _check_length(past + inputs_embeds.shape[1], self.config)
         mask = self._real_token_mask(attention_mask, past + inputs_embeds.shape[1])
         hidden_states = self.dropout(inputs_embeds)
-        workspace = Workspace()
         for index, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache.layers[index]
-            hidden_states = layer(hidden_states, mask, cache=layer_cache, workspace=workspace, **kwargs)
+            hidden_states = layer(hidden_states, mask, cache=layer_cache, **kwargs)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
 
 
@@ -276,9 +277,11 @@ class M2GPTForCausalLM(M2GPTPreTrainedModel, GenerationMixin):
 
 
     def _fuses_loss(self, labels: Optional[torch.Tensor], logits_to_keep: int) -> bool:
-        """Whether this forward computes the loss without logits (see `M2GPTConfig.fused_training_loss`)."""
+        """Whether this forward computes the loss without logits (see `M2GPTConfig.fused_training_loss`). Not in a
+        captured graph: the fused loss selects the labelled positions, a data-dependent size."""
         return (
             self.training
+            and not is_traced()
             and labels is not None
             and self.config.fused_training_loss
             and not logits_to_keep

@@ -21,7 +21,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_m2_vit import M2ViTConfig, _pair
-from .m2_mixer import M2PreNormBlock, Workspace, init_mixer_module
+from .m2_mixer import M2PreNormBlock, init_mixer_module
 from .model_utils import ShipsAllHeadsMixin, init_structured_layer
 
 __all__ = ["M2ViTForImageClassification", "M2ViTModel", "M2ViTPreTrainedModel"]
@@ -121,9 +121,8 @@ class M2ViTModel(M2ViTPreTrainedModel):
         if pixel_values is None:
             raise ValueError("Pass `pixel_values` (batch, channels, height, width).")
         hidden_states = self.embeddings(pixel_values)
-        workspace = Workspace()
         for layer in self.layers:
-            hidden_states = layer(hidden_states, workspace=workspace, **kwargs)
+            hidden_states = layer(hidden_states, **kwargs)
         hidden_states = self.layernorm(hidden_states)
         if self.config.pooling == "cls":
             pooled = hidden_states[:, 0]

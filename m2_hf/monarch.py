@@ -238,7 +238,9 @@ def blockdiag_multiply(x: torch.Tensor, weight: torch.Tensor, out: Optional[torc
     into ``out`` if given (only where autograd does not record)."""
     n = x.shape[0]
     b, s, p = weight.shape
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    records = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    # A captured graph (torch.compile, torch.export) takes the batched form too: one op instead of a loop of `out=`.
+    if records or (out is None and torch.compiler.is_compiling()):
         if out is not None:
             raise ValueError("blockdiag_multiply cannot write into `out` while autograd records the product.")
         product = torch.bmm(x.reshape(n, b, p).transpose(0, 1), weight.transpose(1, 2))
@@ -251,7 +253,7 @@ def blockdiag_multiply(x: torch.Tensor, weight: torch.Tensor, out: Optional[torc
     if x.stride(-1) != 1:
         x = x.contiguous()
     if out is None:
-        out = x.new_empty(n, b * s, dtype=torch.result_type(x, weight))
+        out = x.new_empty(n, b * s, dtype=torch.promote_types(x.dtype, weight.dtype))
     for block in range(b):
         torch.mm(x[:, block * p : (block + 1) * p], weight[block].t(), out=out[:, block * s : (block + 1) * s])
     return out

@@ -22,6 +22,7 @@ from transformers import AutoModelForMaskedLM, BertForMaskedLM
 import conversion.monarch
 from conversion.checkpoints import REPORT_FILE, OutputFolder
 from conversion.cli import build_parser, main
+from conversion.m2_bert import convert_m2_bert
 from conversion.monarch import MonarchSettings, convert_to_monarch
 from m2_hf import M2BertModel
 from test_conversion_monarch import SENTENCES, write_source, write_tokenizer
@@ -37,6 +38,7 @@ class Library:
     bert: Path  # a dense BertModel with tokenizer files
     released: Path  # a released-layout M2-BERT (masked LM)
     converted: Path  # `m2-convert monarch` output of `bert`
+    converted_m2: Path  # `m2-convert m2-bert` output of `released`
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,8 @@ def library(tmp_path_factory) -> Library:
     released = root / "released"
     write_released_folder(tiny_model(), released)
     convert_to_monarch(bert, root / "converted", progress=False)
-    return Library(bert, released, root / "converted")
+    convert_m2_bert(released, root / "converted_m2")
+    return Library(bert, released, root / "converted", root / "converted_m2")
 
 
 def tree_snapshot(root: Path) -> dict[str, tuple]:
@@ -363,7 +366,30 @@ def unknown_option(case):
         "unrecognized arguments: --blocks 4"
 
 
+def onnx_missing_source(case):
+    return ["onnx", str(case.sandbox / "nothing"), str(case.sandbox / "out")], "nothing does not exist"
+
+
+def onnx_of_a_folder_that_is_not_m2(case):
+    return ["onnx", str(case.copy("bert")), str(case.sandbox / "out")], "is not an M2 checkpoint folder"
+
+
+def onnx_existing_destination_without_overwrite(case):
+    source = case.copy("converted_m2")
+    (case.sandbox / "out").mkdir()
+    (case.sandbox / "out" / "mine.txt").write_text("keep me")
+    return ["onnx", str(source), str(case.sandbox / "out")], "--overwrite"
+
+
+def onnx_unknown_architecture(case):
+    source = case.copy("converted_m2")
+    _rewrite_json(source / "config.json", lambda config: config.update(architectures=["M2BertForPoetry"]))
+    return ["onnx", str(source), str(case.sandbox / "out")], "names the architecture 'M2BertForPoetry'"
+
+
 CASES = [
+    onnx_missing_source, onnx_of_a_folder_that_is_not_m2, onnx_existing_destination_without_overwrite,
+    onnx_unknown_architecture,
     overwrite_destination_containing_source, overwrite_current_folder, overwrite_parent_of_current_folder,
     overwrite_home_folder, overwrite_root_folder, overwrite_a_folder_the_tool_did_not_write,
     overwrite_an_output_with_a_user_file_added, existing_output_without_overwrite, destination_inside_source,
@@ -550,7 +576,7 @@ def test_push_hint_names_the_installed_cli(library, tmp_path, capsys, monkeypatc
 def test_every_argument_has_help_and_every_subcommand_an_example():
     parser = build_parser()
     subcommands = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices
-    assert set(subcommands) == {"m2-bert", "monarch", "dense", "inspect"}
+    assert set(subcommands) == {"m2-bert", "monarch", "dense", "onnx", "inspect"}
     for name, subparser in subcommands.items():
         assert f"m2-convert {name} " in subparser.epilog
         for action in subparser._actions:

@@ -54,10 +54,30 @@ def test_the_sentence_transformers_example_runs_as_written(tmp_path):
     from test_sentence_transformers import write_released_retrieval_folder
 
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = text.split("### Sentence embeddings and retrieval (sentence-transformers)", 1)[1].split("\n## ", 1)[0]
+    section = text.split("### Sentence embeddings and retrieval (sentence-transformers)", 1)[1]
+    section = re.split(r"\n##+ ", section, maxsplit=1)[0]  # up to the next heading
     blocks = re.findall(r"```(python|bash)\n(.*?)```", section, flags=re.DOTALL)
     assert [language for language, _ in blocks] == ["bash", "python"]
     write_released_retrieval_folder(tmp_path / "m2-bert-80M-2k-retrieval")  # a tiny model in the released layout
     outputs = [run_block(language, code, tmp_path) for language, code in blocks]
     assert '"architecture": "M2BertForTextEncoding"' in outputs[0]
     assert "What is a Monarch matrix? -> [(" in outputs[1] and "toy_cosine_ndcg@10" in outputs[1]
+
+
+def test_the_export_example_runs_as_written(tmp_path):
+    """The Export section, on the folder that the sentence-transformers section's conversion writes."""
+    from test_sentence_transformers import write_released_retrieval_folder
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    retrieval = text.split("### Sentence embeddings and retrieval (sentence-transformers)", 1)[1]
+    convert = re.findall(r"```bash\n(.*?)```", retrieval, flags=re.DOTALL)[0]
+    assert "m2-convert m2-bert m2-bert-80M-2k-retrieval m2-bert-retrieval" in convert
+    section = re.split(r"\n##+ ", text.split("### Export: ONNX, `torch.export`, `torch.compile`", 1)[1], maxsplit=1)[0]
+    blocks = re.findall(r"```(python|bash)\n(.*?)```", section, flags=re.DOTALL)
+    assert [language for language, _ in blocks] == ["bash", "python"]
+    write_released_retrieval_folder(tmp_path / "m2-bert-80M-2k-retrieval")
+    run_block("bash", convert, tmp_path)
+    outputs = [run_block(language, code, tmp_path) for language, code in blocks]
+    assert '"architecture": "M2BertForTextEncoding"' in outputs[0] and '"onnxruntime_check"' in outputs[0]
+    for line in ("onnxruntime: True", "torch.export: True", "torch.compile: True"):
+        assert line in outputs[1], outputs[1]

@@ -484,8 +484,9 @@ def test_lora_on_the_mixer_input_projection_reaches_every_mixer_path(case_name, 
 
 @pytest.mark.parametrize("case_name", ["m2_bert_masked_lm", "m2_gpt_causal_lm", "m2_vit_image_classification"])
 def test_inference_keeps_every_layers_hidden_states(case_name, monkeypatch):
-    """In inference the layers of a model share one `Workspace` of scratch tensors; what a layer returns must stay
-    its own. Every recorded hidden state equals the one computed with autograd, over many small chunks."""
+    """In inference the mixers and MLPs compute in `Workspace` scratch tensors (the CPU fast path); what a layer
+    returns must stay its own. Every recorded hidden state equals the one computed with autograd, over many small
+    chunks."""
     import m2_hf.m2_mixer as mixer_module
 
     case = CASES[case_name]
