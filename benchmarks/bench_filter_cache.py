@@ -79,13 +79,13 @@ def read_reply(worker: subprocess.Popen) -> dict:
     return json.loads(line)
 
 
-def time_side_by_side(trees: dict, args) -> dict:
+def time_side_by_side(trees: dict, args, result: dict, save) -> None:
     workers = {}
     for name in CONFIGURATIONS:
         log(f"building and warming up {name}")
         workers[name] = start_worker(name, trees, args)
-        workers[name].m2_hf = read_reply(workers[name])["m2_hf"]  # one at a time: warm-ups do not overlap
-    samples = {name: {length: [] for length in args.lengths} for name in CONFIGURATIONS}
+        result.setdefault("m2_hf_files", {})[name] = read_reply(workers[name])["m2_hf"]  # warm-ups do not overlap
+    samples = result["samples_s"]
     names = list(CONFIGURATIONS)
     for round_index in range(args.repeats):
         order = names[round_index % len(names):] + names[: round_index % len(names)]
@@ -94,11 +94,11 @@ def time_side_by_side(trees: dict, args) -> dict:
                 workers[name].stdin.write(f"time {length}\n")
                 workers[name].stdin.flush()
                 samples[name][length].append(read_reply(workers[name])["seconds"])
+        save()
         log(f"round {round_index + 1}/{args.repeats} done (load {load_average()})")
     for worker in workers.values():
         worker.stdin.close()
         worker.wait()
-    return {"samples_s": samples, "m2_hf_files": {name: w.m2_hf for name, w in workers.items()}}
 
 
 def probe_memory(tree: str, model: str, length: int, batch: int, args) -> dict:
@@ -129,37 +129,44 @@ def main() -> int:
     if not args.baseline:
         parser.error("--baseline PATH is required")
     trees = {"baseline": str(Path(args.baseline).resolve()), "this": str(HERE.parent)}
-    started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    memory = {}
+    result = {
+        "metadata": {
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "cpu": cpu_model(),
+            "cores": available_cores(), "trees": trees, "command": " ".join(sys.argv), "tokens": args.tokens,
+            "lengths": args.lengths, "quick": args.quick,
+        },
+        "memory": {},
+        "samples_s": {name: {length: [] for length in args.lengths} for name in CONFIGURATIONS},
+    }
+    def save() -> None:  # after every measurement, so that an interrupted run keeps what it measured
+        write_result(args.json, result)
+
     for length in args.lengths:
-        batch = max(1, args.tokens // length)
         for _ in range(args.memory_repeats):
             for tree in ("baseline", "this"):
                 log(f"memory probe: M2 ({tree}) at {length}")
-                memory.setdefault(f"m2_{tree}@{length}", []).append(probe_memory(trees[tree], "m2", length, batch, args))
+                probe = probe_memory(trees[tree], "m2", length, max(1, args.tokens // length), args)
+                result["memory"].setdefault(f"m2_{tree}@{length}", []).append(probe)
+                save()
+    time_side_by_side(trees, args, result, save)
+    for length in args.lengths:
         log(f"memory probe: BERT at {length}")
-        memory[f"bert@{length}"] = [probe_memory(trees["this"], "bert", length, batch, args)]
-    timing = time_side_by_side(trees, args)
-    result = {
-        "metadata": {
-            "date": started, "cpu": cpu_model(), "cores": available_cores(), "trees": trees,
-            "command": " ".join(sys.argv), "tokens": args.tokens, "lengths": args.lengths, "quick": args.quick,
-            "load_average_1m_at_end": load_average(),
-        },
-        "memory": memory,
-        **timing,
-    }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    log(f"wrote {args.json}")
+        result["memory"][f"bert@{length}"] = [probe_memory(trees["this"], "bert", length, max(1, args.tokens // length), args)]
+        save()
     print_summary(result, args.lengths)
     return 0
+
+
+def write_result(path: Path, result: dict) -> None:
+    result["metadata"]["load_average_1m_at_last_write"] = load_average()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def print_summary(result: dict, lengths: list[int]) -> None:
     samples = result["samples_s"]
     for length in lengths:
-        peaks = {key.split("@")[0]: [m.get("peak_increase_mb") for m in probes]
+        peaks = {key.split("@")[0]: [round(m.get("peak_increase_mb") or 0) for m in probes]
                  for key, probes in result["memory"].items() if key.endswith(f"@{length}")}
         print(f"length {length}: peak MB {json.dumps(peaks)}")
         base = statistics.median(samples["baseline"][length])

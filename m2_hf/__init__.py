@@ -38,6 +38,7 @@ from .configuration_monarch_converted import (
     MonarchGPT2Config,
     MonarchRobertaConfig,
 )
+from .filter_cache import FilterCache
 from .lm_loss import fused_linear_cross_entropy
 from .modeling_m2_bert import (
     M2BertForMaskedLM,
@@ -171,6 +172,7 @@ globals().update({cls.__name__: cls for cls in CONVERTED_CLASSES.values()})
 
 __all__ = [
     "BlockdiagLinear",
+    "FilterCache",
     "MonarchBertConfig",
     "MonarchDistilBertConfig",
     "MonarchGPT2Config",

@@ -14,7 +14,7 @@ import torch
 from m2_hf import M2BertConfig, M2BertForMaskedLM, M2BertModel, M2GPTConfig, M2GPTForCausalLM, M2ViTConfig
 from m2_hf import M2ViTForImageClassification
 from m2_hf import m2_mixer
-from m2_hf.filter_cache import FilterCache
+from m2_hf import FilterCache
 from m2_hf.m2_mixer import HyenaFilter, kernel_spectrum
 
 LENGTH = 16
