@@ -78,7 +78,7 @@ class M2BertConfig(PreTrainedConfig):
             Kept for config compatibility; the official filter never applies it.
         hyena_training_additions (`bool`, defaults to `False`):
             LayerNorm at the mixer input (the 80M GLUE checkpoint uses it).
-        filter_cache_bytes (`int` or `None`, defaults to 268435456, 256 MiB):
+        filter_cache_bytes (`int` or `None`, defaults to 167772160, 160 MiB):
             Budget of the model's cache of filter spectra for inference (`model.filter_cache`; free it with
             `model.clear_filter_cache()`). A spectrum that does not fit is computed for each forward instead, which
             costs time at long lengths (one filter's spectrum is `hidden_size x (length + 1)` complex values: 100 MB
