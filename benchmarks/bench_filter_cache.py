@@ -81,12 +81,12 @@ def read_reply(worker: subprocess.Popen) -> dict:
 
 def time_side_by_side(trees: dict, args, result: dict, save) -> None:
     workers = {}
-    for name in CONFIGURATIONS:
+    for name in args.configurations:
         log(f"building and warming up {name}")
         workers[name] = start_worker(name, trees, args)
         result.setdefault("m2_hf_files", {})[name] = read_reply(workers[name])["m2_hf"]  # warm-ups do not overlap
     samples = result["samples_s"]
-    names = list(CONFIGURATIONS)
+    names = list(args.configurations)
     for round_index in range(args.repeats):
         order = names[round_index % len(names):] + names[: round_index % len(names)]
         for length in args.lengths:
@@ -117,6 +117,9 @@ def main() -> int:
     parser.add_argument("--tokens", type=positive_int, default=16384, help="tokens per call (default: %(default)s)")
     parser.add_argument("--repeats", type=positive_int, default=4, help="timed rounds (default: %(default)s)")
     parser.add_argument("--memory-repeats", type=positive_int, default=1, help="probes per M2 configuration")
+    parser.add_argument("--configurations", nargs="+", choices=list(CONFIGURATIONS), default=list(CONFIGURATIONS),
+                        help="timed configurations (default: all)")
+    parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="run the memory probes")
     parser.add_argument("--quick", action="store_true", help="tiny models, lengths 128 256, 512 tokens")
     parser.add_argument("--json", type=Path, default=HERE / "out" / "bench_filter_cache.json")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
@@ -136,12 +139,12 @@ def main() -> int:
             "lengths": args.lengths, "quick": args.quick,
         },
         "memory": {},
-        "samples_s": {name: {length: [] for length in args.lengths} for name in CONFIGURATIONS},
+        "samples_s": {name: {length: [] for length in args.lengths} for name in args.configurations},
     }
     def save() -> None:  # after every measurement, so that an interrupted run keeps what it measured
         write_result(args.json, result)
 
-    for length in args.lengths:
+    for length in args.lengths if args.memory else []:
         for _ in range(args.memory_repeats):
             for tree in ("baseline", "this"):
                 log(f"memory probe: M2 ({tree}) at {length}")
@@ -149,7 +152,7 @@ def main() -> int:
                 result["memory"].setdefault(f"m2_{tree}@{length}", []).append(probe)
                 save()
     time_side_by_side(trees, args, result, save)
-    for length in args.lengths:
+    for length in args.lengths if args.memory else []:
         log(f"memory probe: BERT at {length}")
         result["memory"][f"bert@{length}"] = [probe_memory(trees["this"], "bert", length, max(1, args.tokens // length), args)]
         save()
@@ -169,8 +172,10 @@ def print_summary(result: dict, lengths: list[int]) -> None:
         peaks = {key.split("@")[0]: [round(m.get("peak_increase_mb") or 0) for m in probes]
                  for key, probes in result["memory"].items() if key.endswith(f"@{length}")}
         print(f"length {length}: peak MB {json.dumps(peaks)}")
+        if "baseline" not in samples or not all(samples[name][length] for name in samples):
+            continue
         base = statistics.median(samples["baseline"][length])
-        for name in CONFIGURATIONS:
+        for name in samples:
             median = statistics.median(samples[name][length])
             print(f"  {name:<15} median {median:7.2f} s  throughput vs baseline {base / median:6.3f}  "
                   f"samples {[round(s, 2) for s in samples[name][length]]}")
