@@ -18,9 +18,11 @@ Per length:
 1. Peak memory (``--memory``, the default): each model runs one forward in a fresh subprocess, which reports the peak
    RSS (``VmHWM``, reset through ``/proc/self/clear_refs`` after building, or a polled ``VmRSS`` where that is not
    possible) minus the RSS after building the model and its inputs. The call is cold, so M2's peak includes the
-   filters it computes and caches (four ``hidden x length`` tensors per layer) - memory that a user pays too.
+   filter spectra it computes and caches (up to the config's ``filter_cache_bytes``) - memory that a user pays too.
 2. Throughput: both models in this process, one warm-up call each (it also fills M2's filter cache; the filters
-   depend only on the length), then ``--repeats`` interleaved rounds (M2, BERT, M2, BERT, ...) and the median.
+   depend only on the length; spectra beyond the cache's budget are computed in every call), then ``--repeats``
+   interleaved rounds (M2, BERT, M2, BERT, ...) and the median. ``benchmarks/bench_filter_cache.py`` compares
+   budgets and commits side by side.
 
 A model that would take longer than ``--max-seconds-per-call`` per forward (estimated from its last measured length,
 scaled by the FLOP model) or that runs out of memory is recorded as skipped, with the reason, and the run goes on.
@@ -193,7 +195,8 @@ def forward_call(model: nn.Module, input_ids: torch.Tensor) -> Callable[[], None
 def tokenwise_flops_per_token(module: nn.Module) -> int:
     """2 x multiply-adds per token of every token-wise weight layer under ``module``.
 
-    M2's implicit filter MLPs are not descended into: their output depends on the length only and is cached.
+    M2's implicit filter MLPs are not descended into: their output depends on the length only (cached within the
+    filter cache's budget).
     """
     if isinstance(module, HyenaFilter):
         return 0

@@ -26,6 +26,7 @@ from transformers.models.vit.image_processing_vit import ViTImageProcessor
 from .configuration_m2_bert import M2BertConfig
 from .configuration_m2_gpt import M2GPTConfig
 from .configuration_m2_vit import M2ViTConfig
+from .filter_cache import FilterCache
 from .lm_loss import fused_linear_cross_entropy
 from .modeling_m2_bert import (
     M2BertForMaskedLM,
@@ -154,6 +155,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "BlockdiagLinear",
+    "FilterCache",
     "MonarchBertConfig",
     "MonarchDistilBertConfig",
     "MonarchGPT2Config",

@@ -6,7 +6,7 @@ from typing import Optional
 
 from transformers import PreTrainedConfig
 
-from .configuration_m2_common import check_mixer_fields
+from .configuration_m2_common import DEFAULT_FILTER_CACHE_BYTES, check_mixer_fields
 
 
 
@@ -78,6 +78,11 @@ class M2BertConfig(PreTrainedConfig):
             Kept for config compatibility; the official filter never applies it.
         hyena_training_additions (`bool`, defaults to `False`):
             LayerNorm at the mixer input (the 80M GLUE checkpoint uses it).
+        filter_cache_bytes (`int` or `None`, defaults to 167772160, 160 MiB):
+            Budget of the model's cache of filter spectra for inference (`model.filter_cache`; free it with
+            `model.clear_filter_cache()`). A spectrum that does not fit is computed for each forward instead, which
+            costs time at long lengths (one filter's spectrum is `hidden_size x (length + 1)` complex values: 100 MB
+            at hidden 768 and 16384 tokens). `0` disables the cache, `None` lifts the limit.
         hyena_lr_pos_emb (`float`, defaults to 1e-5):
             Learning rate of the positional features in the official recipe.
         long_conv_kernel_learning_rate (`float`, defaults to 1e-3):
@@ -130,6 +135,7 @@ class M2BertConfig(PreTrainedConfig):
         hyena_filter_dropout: float = 0.2,
         hyena_training_additions: bool = False,
         hyena_lr_pos_emb: float = 1e-5,
+        filter_cache_bytes: Optional[int] = DEFAULT_FILTER_CACHE_BYTES,
         long_conv_kernel_learning_rate: float = 1e-3,
         use_positional_encodings: bool = True,
         pool_all: bool = False,
@@ -169,6 +175,7 @@ class M2BertConfig(PreTrainedConfig):
         self.hyena_filter_dropout = hyena_filter_dropout
         self.hyena_training_additions = hyena_training_additions
         self.hyena_lr_pos_emb = hyena_lr_pos_emb
+        self.filter_cache_bytes = filter_cache_bytes
         self.long_conv_kernel_learning_rate = long_conv_kernel_learning_rate
         self.use_positional_encodings = use_positional_encodings
         self.pool_all = pool_all

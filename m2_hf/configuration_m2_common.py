@@ -4,6 +4,11 @@ from __future__ import annotations
 
 MLP_TYPES = ("blockdiag", "monarch")
 
+# Default budget of a model's filter-spectrum cache (`filter_cache.FilterCache`): every spectrum of M2-BERT-base up to
+# 1024 tokens (151 MB), while its peak memory stays below BERT-base's (SDPA) at 4096 tokens and within 1.5x of it at
+# 16384 (benchmarks/RESULTS.md).
+DEFAULT_FILTER_CACHE_BYTES = 160 * 2**20
+
 
 def check_mixer_fields(config) -> None:
     """Refuse values of the shared fields that the mixer and the structured MLP cannot build."""
@@ -12,4 +17,13 @@ def check_mixer_fields(config) -> None:
     if config.hyena_emb_dim < 3 or config.hyena_emb_dim % 2 == 0:
         raise ValueError(
             f"`hyena_emb_dim` must be an odd integer >= 3 (time plus sine/cosine pairs), got {config.hyena_emb_dim}."
+        )
+    check_filter_cache_bytes(config.filter_cache_bytes)
+
+
+def check_filter_cache_bytes(budget) -> None:
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
+        raise ValueError(
+            f"`filter_cache_bytes` must be a number of bytes >= 0 (0 disables the filter cache) or None (no limit), "
+            f"got {budget!r}."
         )

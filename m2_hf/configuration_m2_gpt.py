@@ -6,7 +6,7 @@ from typing import Optional
 
 from transformers import PreTrainedConfig
 
-from .configuration_m2_common import check_mixer_fields
+from .configuration_m2_common import DEFAULT_FILTER_CACHE_BYTES, check_mixer_fields
 
 
 # Documented sizes, with their parameter counts (Monarch GLU MLP, GPT-2 vocabulary, tied embeddings). "125m", the
@@ -69,6 +69,11 @@ class M2GPTConfig(PreTrainedConfig):
             features, width of the filter MLP.
         hyena_training_additions (`bool`, defaults to `False`):
             An extra LayerNorm at the mixer input.
+        filter_cache_bytes (`int` or `None`, defaults to 167772160, 160 MiB):
+            Budget of the model's cache of filter spectra for inference (`model.filter_cache`; free it with
+            `model.clear_filter_cache()`). A spectrum that does not fit is computed for each forward instead, which
+            costs time at long lengths (one filter's spectrum is `hidden_size x (length + 1)` complex values: 100 MB
+            at hidden 768 and 16384 tokens). `0` disables the cache, `None` lifts the limit.
         fused_training_loss (`bool`, defaults to `True`):
             In training mode, when `labels` are given, compute the loss fused with the output layer, chunk by chunk,
             without materialising the `[batch, length, vocab_size]` logits (`lm_loss.fused_linear_cross_entropy`:
@@ -104,6 +109,7 @@ class M2GPTConfig(PreTrainedConfig):
         hyena_emb_dim: int = 5,
         hyena_filter_order: int = 128,
         hyena_training_additions: bool = False,
+        filter_cache_bytes: Optional[int] = DEFAULT_FILTER_CACHE_BYTES,
         fused_training_loss: bool = True,
         use_cache: bool = True,
         bos_token_id: Optional[int] = 50256,
@@ -132,6 +138,7 @@ class M2GPTConfig(PreTrainedConfig):
         self.hyena_emb_dim = hyena_emb_dim
         self.hyena_filter_order = hyena_filter_order
         self.hyena_training_additions = hyena_training_additions
+        self.filter_cache_bytes = filter_cache_bytes
         self.fused_training_loss = fused_training_loss
         self.use_cache = use_cache
         self.tie_word_embeddings = tie_word_embeddings

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from transformers import PreTrainedConfig
 
-from .configuration_m2_common import check_mixer_fields
+from .configuration_m2_common import DEFAULT_FILTER_CACHE_BYTES, check_mixer_fields
 
 _POOLING = ("mean", "cls")
 
@@ -71,6 +73,11 @@ class M2ViTConfig(PreTrainedConfig):
             width of the filter MLP. The defaults are the Hyena ViT's.
         hyena_training_additions (`bool`, defaults to `False`):
             An extra LayerNorm at the mixer input.
+        filter_cache_bytes (`int` or `None`, defaults to 167772160, 160 MiB):
+            Budget of the model's cache of filter spectra for inference (`model.filter_cache`; free it with
+            `model.clear_filter_cache()`). A spectrum that does not fit is computed for each forward instead, which
+            costs time at long lengths (one filter's spectrum is `hidden_size x (length + 1)` complex values: 100 MB
+            at hidden 768 and 16384 tokens). `0` disables the cache, `None` lifts the limit.
     """
 
     model_type = "m2_vit"
@@ -98,6 +105,7 @@ class M2ViTConfig(PreTrainedConfig):
         hyena_emb_dim: int = 33,
         hyena_filter_order: int = 128,
         hyena_training_additions: bool = False,
+        filter_cache_bytes: Optional[int] = DEFAULT_FILTER_CACHE_BYTES,
         **kwargs,
     ) -> None:
         self.image_size = image_size if isinstance(image_size, int) else list(_pair(image_size))
@@ -121,6 +129,7 @@ class M2ViTConfig(PreTrainedConfig):
         self.hyena_emb_dim = hyena_emb_dim
         self.hyena_filter_order = hyena_filter_order
         self.hyena_training_additions = hyena_training_additions
+        self.filter_cache_bytes = filter_cache_bytes
         self._validate()
         super().__init__(**kwargs)
 

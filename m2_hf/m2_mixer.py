@@ -266,8 +266,9 @@ class _ExponentialModulation(nn.Module):
         start, end = math.log(target) / slow_decay, math.log(target) / fast_decay
         return torch.linspace(start, end, width, dtype=torch.float32)[None, None]
 
-    def forward(self, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return h * torch.exp(-t * self.deltas.abs())
+    def forward(self, t: torch.Tensor, h: torch.Tensor, channels: slice = slice(None)) -> torch.Tensor:
+        """``h``: ``[1, L, c]``, the values of ``channels``."""
+        return h * torch.exp(-t * self.deltas[..., channels].abs())
 
 
 def _filter_mlp(config, width: int, first_sin: _Sin, owner: _Sin) -> nn.Sequential:
@@ -297,7 +298,8 @@ class HyenaFilter(nn.Module):
             follower = _Sin(config.hyena_filter_order, config.hyena_w, config.hyena_w_mod, owner=owner)
             self.implicit_filter_rev = _filter_mlp(config, width, follower, owner)
         self.modulation = _ExponentialModulation(width)
-        self._cache: dict[str, tuple[tuple, torch.Tensor]] = {}
+        # Set by the model that owns this filter (`filter_cache.FilterCacheMixin`); without one, nothing is reused.
+        self.filter_cache = None
 
     @property
     def bidirectional(self) -> bool:
@@ -313,7 +315,9 @@ class HyenaFilter(nn.Module):
 
     def spectrum(self, length: int) -> torch.Tensor:
         """The kernel spectrum for inputs of ``length`` tokens (see :func:`kernel_spectrum`)."""
-        return self._reused_in_inference("spectrum", length, lambda: kernel_spectrum(*self.forward(length)))
+        return self._reused_in_inference(
+            "spectrum", length, lambda: kernel_spectrum(*self.forward(length)), lambda: self._spectrum_by_channels(length)
+        )
 
     def reversed_kernel(self, length: int) -> torch.Tensor:
         """``k_forward`` of a causal filter for ``length`` tokens, reversed: ``[H, length]`` with ``k[j]`` at column
@@ -321,17 +325,45 @@ class HyenaFilter(nn.Module):
         slice, for direct convolutions during incremental decoding)."""
         if self.bidirectional:
             raise ValueError("Incremental decoding needs a causal filter; this one is bidirectional.")
-        return self._reused_in_inference("reversed", length, lambda: self.forward(length)[0].flip(-1).contiguous())
+        def compute() -> torch.Tensor:
+            return self.forward(length)[0].flip(-1).contiguous()
 
-    def _reused_in_inference(self, kind: str, length: int, compute) -> torch.Tensor:
-        if self.training or torch.is_grad_enabled():
-            self._cache = {}
-            return compute()
-        # The filters depend on the length only: in inference, reuse them until a parameter changes.
-        key = (length, *(p._version for p in self.parameters()), *(p.data_ptr() for p in self.parameters()))
-        if kind not in self._cache or self._cache[kind][0] != key:
-            self._cache[kind] = (key, compute())
-        return self._cache[kind][1]
+        return self._reused_in_inference("reversed", length, compute, compute)
+
+    def _reused_in_inference(self, kind: str, length: int, reference, inference) -> torch.Tensor:
+        """``reference()`` (with the graph) while autograd records this filter; else ``inference()``, through the
+        owning model's `FilterCache` if there is one."""
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            if self.filter_cache is not None:
+                self.filter_cache.discard(self)  # about to change: the memory is better spent on training
+            return reference()
+        if self.filter_cache is None:
+            return inference()
+        return self.filter_cache.get_or_compute(self, kind, length, inference)
+
+    def _spectrum_by_channels(self, length: int) -> torch.Tensor:
+        """:func:`kernel_spectrum` of :meth:`forward`, computed over chunks of channels from the filter MLPs' hidden
+        features: besides the result, only a chunk's kernels are ever held (a whole padded kernel and its spectrum
+        would be 4x the result, 400 MB per filter of hidden 768 at 16384 tokens). An output layer that is not a plain
+        `nn.Linear` (a PEFT or quantised wrapper) is run as a module, over all channels at once."""
+        mlps = [self.implicit_filter] + ([self.implicit_filter_rev] if self.bidirectional else [])
+        if any(type(mlp[-1]) is not nn.Linear for mlp in mlps):
+            return kernel_spectrum(*self.forward(length))
+        z, t = self.pos_emb(length)
+        features = [mlp[:-1](z) for mlp in mlps]  # [1, L, filter order]
+        width = self.bias.shape[0]
+        spectrum = None
+        # Per channel: the forward and reverse kernels, the padded kernel and its spectrum, in float32.
+        for channels in _chunks(width, 4 * 2 * length * 4, 8, z.device):
+            kernels = [
+                self.modulation(t, F.linear(h, mlp[-1].weight[channels]), channels)[0].transpose(0, 1)
+                for h, mlp in zip(features, mlps)
+            ]
+            chunk = kernel_spectrum(kernels[0], kernels[1] if self.bidirectional else None)
+            if spectrum is None:
+                spectrum = chunk.new_empty(width, chunk.shape[-1])
+            spectrum[channels] = chunk
+        return spectrum
 
 
 @torch.no_grad()

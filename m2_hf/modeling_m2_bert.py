@@ -31,6 +31,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_m2_bert import M2BertConfig
+from .filter_cache import FilterCacheMixin
 from .m2_mixer import M2GatedMLP, M2SequenceMixer, init_mixer_module, is_traced
 from .model_utils import ShipsAllHeadsMixin, init_structured_layer, write_sentence_transformers_files
 
@@ -191,7 +192,7 @@ class M2BertOnlyMLMHead(nn.Module):
         return self.predictions(sequence_output)
 
 
-class M2BertPreTrainedModel(ShipsAllHeadsMixin, PreTrainedModel):
+class M2BertPreTrainedModel(FilterCacheMixin, ShipsAllHeadsMixin, PreTrainedModel):
     config: M2BertConfig
     config_class = M2BertConfig
     base_model_prefix = "bert"

@@ -28,6 +28,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_m2_gpt import M2GPTConfig
+from .filter_cache import FilterCacheMixin
 from .lm_loss import fused_linear_cross_entropy
 from .m2_mixer import ConvolutionState, M2PreNormBlock, init_mixer_module, is_traced
 from .model_utils import ShipsAllHeadsMixin, init_structured_layer
@@ -118,7 +119,7 @@ class M2GPTBlock(M2PreNormBlock):
     """``h + mixer(LN(h))``, then ``h + mlp(LN(h))``, with the causal mixer (`M2PreNormBlock`)."""
 
 
-class M2GPTPreTrainedModel(ShipsAllHeadsMixin, PreTrainedModel):
+class M2GPTPreTrainedModel(FilterCacheMixin, ShipsAllHeadsMixin, PreTrainedModel):
     config: M2GPTConfig
     config_class = M2GPTConfig
     base_model_prefix = "model"

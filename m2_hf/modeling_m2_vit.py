@@ -21,6 +21,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_m2_vit import M2ViTConfig, _pair
+from .filter_cache import FilterCacheMixin
 from .m2_mixer import M2PreNormBlock, init_mixer_module
 from .model_utils import ShipsAllHeadsMixin, init_structured_layer
 
@@ -70,7 +71,7 @@ class M2ViTLayer(M2PreNormBlock):
     (`M2PreNormBlock`)."""
 
 
-class M2ViTPreTrainedModel(ShipsAllHeadsMixin, PreTrainedModel):
+class M2ViTPreTrainedModel(FilterCacheMixin, ShipsAllHeadsMixin, PreTrainedModel):
     config: M2ViTConfig
     config_class = M2ViTConfig
     base_model_prefix = "m2_vit"
