@@ -114,6 +114,9 @@ def test_structured_and_zero_layers_get_more_blocks_than_a_random_one():
     # A zero layer is exact at any nblocks: it takes the most blocks, leaving the rest to the random layer.
     plan = plan_budget(TwoLayers(torch.zeros(16, 16), random_weight), ["second", "first"], "monarch", 0.4)
     assert plan["choices"] == {"second": 4, "first": 16}
+    # Among allocations of equal error, the cheapest: zero layers take the most blocks even when the budget allows more.
+    plan = plan_budget(TwoLayers(torch.zeros(16, 16), torch.zeros(16, 16)), ["first", "second"], "monarch", 0.9)
+    assert plan["choices"] == {"first": 16, "second": 16}
 
 
 def test_output_error_weighs_the_directions_inputs_take():
@@ -170,3 +173,19 @@ def test_dry_run_shows_the_plan_and_writes_nothing(source, tmp_path, capsys):
     report = json.loads(captured.out)
     assert report["budget"]["of"] == "flops" and report["budget"]["error"] == "weight"
     assert "of dense" in captured.err and "flops: kept" in captured.err
+
+
+def test_second_moments_of_all_layers_in_one_pass_match_the_per_layer_statistics(source, tmp_path):
+    from conversion.budget import input_second_moments
+    from conversion.calibration import input_statistics
+    from conversion.monarch import calibration_data, load_tokenizer, read_calibration_text
+
+    folder, model = source
+    lines = read_calibration_text(write_calibration(tmp_path))
+    # Batches of different lengths, so that padding is present and must be left out.
+    batches = calibration_data(load_tokenizer(folder), lines).batches
+    names = ["encoder.layer.0.attention.self.query", "encoder.layer.1.output.dense"]
+    moments = input_second_moments(model, names, batches)
+    for name in names:
+        expected = input_statistics(model, model, name, batches).second
+        torch.testing.assert_close(moments[name], expected, rtol=1e-5, atol=1e-7)
