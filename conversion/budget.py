@@ -6,7 +6,7 @@ never an option: a one-block Monarch layer holds ``min(in, out) * (in + out)`` w
 layer, so staying dense beats it. Each option costs parameters (weights plus the bias, which every option keeps) or
 linear FLOPs per token (two per weight), and has an error:
 
-- the relative Frobenius error ``‖W − M‖ / ‖W‖`` of the closed-form projection, without calibration text;
+- without calibration text, the relative Frobenius error ``‖W − M‖ / ‖W‖`` of the closed-form projection;
 - with calibration text, the relative output error ``√(tr(E C Eᵀ) / tr(W C Wᵀ))``, ``E = W − M``, of the closed-form
   projection on the layer's inputs in the original model (``C = E[x xᵀ]``): the quantity the calibrated method
   lowers further, at a fraction of its cost (one forward pass over the text for all layers).
@@ -178,7 +178,11 @@ def plan_budget(
     check_budget(fraction, kind)
     moments = moments or {}
     layers = {name: base.get_submodule(name) for name in names}
-    options = [layer_options(layer, structure, kind, moments.get(name)) for name, layer in layers.items()]
+    from .monarch import _map_on_all_cores  # the converter's own parallel map (it imports this module)
+
+    options = list(_map_on_all_cores(
+        lambda item: layer_options(item[1], structure, kind, moments.get(item[0])), list(layers.items())
+    ))
     dense_total = sum(layer[0].cost for layer in options)
     limit = math.floor(fraction * dense_total + 1e-6)  # a fraction computed from a cost keeps that cost
     smallest = sum(min(option.cost for option in layer) for layer in options)
