@@ -134,11 +134,17 @@ def run_budget_comparison(args: argparse.Namespace) -> list[dict]:
                         "token_cosine": quality["token_cosine"],
                     }
                     rows.append(row)
+                    write_json(args.json, rows)  # after every row: a long run keeps what it measured
                     print(f"{method:12} {target:5} {allocation:22} {nblocks:>3} {row['structured_layers']:>6} "
                           f"{row['targeted_parameter_fraction']:>8.4f} {row['summed_weight_error']:>9.3f} "
                           f"{seconds:>8.1f} {row['sentence_embedding_cosine']:>9.4f} {row['token_cosine']:>9.4f}",
                           flush=True)
     return rows
+
+
+def write_json(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"rows": rows, "date": time.strftime("%Y-%m-%d"), "command": sys.argv}, indent=1))
 
 
 def format_row(row: dict) -> str:
@@ -177,10 +183,7 @@ def main() -> None:
     if args.budget_comparison:
         print(f"{'method':12} {'tgts':5} {'allocation':22} {'uni':>3} {'layers':>6} {'params':>8} {'sum err':>9} "
               f"{'seconds':>8} {'emb. cos':>9} {'tok. cos':>9}")
-        rows = run_budget_comparison(args)
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"rows": rows, "date": time.strftime("%Y-%m-%d"), "command": sys.argv},
-                                        indent=1))
+        run_budget_comparison(args)
         print(f"wrote {args.json}")
         return
     print(header())
