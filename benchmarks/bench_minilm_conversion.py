@@ -9,6 +9,10 @@ sentences come from disjoint halves of Python's standard-library docstrings (`co
     python benchmarks/bench_minilm_conversion.py [--model-dir DIR] [--calibration-samples 1000]
         [--evaluation-samples 300] [--methods closed-form calibrated] [--targets mlp all] [--nblocks 2 4 8]
         [--calibrated-targets mlp] [--json PATH]
+
+With ``--budget-comparison`` it compares instead, for each target, uniform ``nblocks`` (``--nblocks``, default 4)
+with `m2-convert monarch --budget` at the same fraction of the targeted layers' parameters: the allocation that
+minimises the summed weight error, and the one that minimises the summed output error on the calibration sentences.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from conversion.monarch import (  # noqa: E402
     reference_outputs,
     resolve_targets,
 )
+from conversion.budget import input_second_moments, plan_budget  # noqa: E402
 from conversion.offline_text import stdlib_sentences  # noqa: E402
 
 TARGETS = ("mlp", "all")
@@ -86,6 +91,62 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def run_budget_comparison(args: argparse.Namespace) -> list[dict]:
+    """Uniform nblocks against the budget's per-layer choice at the uniform conversion's parameter fraction."""
+    original, _ = load_source(args.model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    evaluation = calibration_data(tokenizer, stdlib_sentences("evaluation", args.evaluation_samples))
+    fitting = calibration_data(tokenizer, stdlib_sentences("calibration", args.calibration_samples))
+    reference = reference_outputs(original, evaluation)
+    rows = []
+    for method in args.methods:
+        for target in args.targets:
+            for nblocks in args.nblocks:
+                uniform = resolve_targets(original.base_model, [target], {"*": nblocks})
+                names = list(uniform)
+                dense = sum(p.numel() for name in names for p in original.base_model.get_submodule(name).parameters())
+                # The error each budget allocation minimises: of the weights (None), or of the layers' outputs.
+                allocations = {"uniform": None, "budget, weight error": None,
+                               "budget, output error": input_second_moments(original, names, fitting.batches)}
+                for allocation, moments in allocations.items():
+                    model = copy.deepcopy(original)
+                    start = time.perf_counter()
+                    if allocation == "uniform":
+                        choices = uniform
+                    else:
+                        plan = plan_budget(model.base_model, names, "monarch", fraction, "parameters", moments)
+                        choices = {name: b for name, b in plan["choices"].items() if b is not None}
+                    layers = project_layers(
+                        model, choices, "monarch", method, progress=False, calibration=fitting, original=original
+                    )
+                    seconds = time.perf_counter() - start
+                    kept = sum(p.numel() for name in names for p in model.base_model.get_submodule(name).parameters())
+                    if allocation == "uniform":
+                        fraction = kept / dense
+                    quality = compare_to_reference(model, evaluation, reference)
+                    row = {
+                        "method": method, "targets": target, "allocation": allocation, "uniform_nblocks": nblocks,
+                        "nblocks": {name: choices.get(name) for name in names},
+                        "structured_layers": len(layers), "targeted_parameter_fraction": kept / dense,
+                        "summed_weight_error": sum(layer.relative_error for layer in layers),
+                        "seconds": seconds,
+                        "sentence_embedding_cosine": quality["sentence_embedding_cosine"],
+                        "token_cosine": quality["token_cosine"],
+                    }
+                    rows.append(row)
+                    write_json(args.json, rows)  # after every row: a long run keeps what it measured
+                    print(f"{method:12} {target:5} {allocation:22} {nblocks:>3} {row['structured_layers']:>6} "
+                          f"{row['targeted_parameter_fraction']:>8.4f} {row['summed_weight_error']:>9.3f} "
+                          f"{seconds:>8.1f} {row['sentence_embedding_cosine']:>9.4f} {row['token_cosine']:>9.4f}",
+                          flush=True)
+    return rows
+
+
+def write_json(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"rows": rows, "date": time.strftime("%Y-%m-%d"), "command": sys.argv}, indent=1))
+
+
 def format_row(row: dict) -> str:
     return (
         f"{row['method']:12} {row['targets']:5} {row['nblocks']:>7} {row['layers']:>6} "
@@ -111,12 +172,20 @@ def main() -> None:
     parser.add_argument("--calibrated-targets", nargs="+", default=["mlp"], choices=TARGETS,
                         help="targets also run with the calibrated method (default: mlp; 'all' takes ~3x longer)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/out/bench_minilm_conversion.json"))
+    parser.add_argument("--budget-comparison", action="store_true",
+                        help="compare uniform --nblocks with --budget at the same parameter fraction")
     args = parser.parse_args()
     args.model_dir = args.model_dir or default_model_dir()
     torch.manual_seed(0)
     print(f"all-MiniLM-L6-v2 from {args.model_dir}; {args.calibration_samples} calibration and "
           f"{args.evaluation_samples} held-out evaluation sentences; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    if args.budget_comparison:
+        print(f"{'method':12} {'tgts':5} {'allocation':22} {'uni':>3} {'layers':>6} {'params':>8} {'sum err':>9} "
+              f"{'seconds':>8} {'emb. cos':>9} {'tok. cos':>9}")
+        run_budget_comparison(args)
+        print(f"wrote {args.json}")
+        return
     print(header())
     rows = run(args)
     goal = next((r for r in rows if r["method"] == "calibrated" and r["targets"] == "mlp" and r["nblocks"] == 4), None)

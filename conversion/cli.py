@@ -35,6 +35,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.4, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1] of the targeted layers' size, got {text}")
+    return value
+
+
 def _nblocks(values: list[str]) -> dict[str, int]:
     """`4` (every target) or `TARGET=N` items."""
     parsed = {}
@@ -58,10 +68,15 @@ def _m2_bert(args: argparse.Namespace) -> dict:
 def _monarch(args: argparse.Namespace) -> dict:
     from .monarch import MonarchSettings, convert_to_monarch, format_report
 
+    if args.budget is not None and args.nblocks is not None:
+        raise ConversionError("--budget chooses nblocks for every layer, so it cannot be combined with --nblocks: "
+                              "leave out one of them.")
+    if args.budget_of is not None and args.budget is None:
+        raise ConversionError("--budget-of says what --budget counts: pass --budget F too (for example --budget 0.4).")
     settings = MonarchSettings(
-        targets=args.targets, nblocks=_nblocks(args.nblocks), structure=args.structure, method=args.method,
+        targets=args.targets, nblocks=_nblocks(args.nblocks or ["4"]), structure=args.structure, method=args.method,
         calibration_file=args.calibration_file, calibration_samples=args.calibration_samples,
-        evaluation_file=args.evaluation_file,
+        evaluation_file=args.evaluation_file, budget=args.budget, budget_of=args.budget_of or "parameters",
     )
     report = convert_to_monarch(
         args.source, args.destination, settings, overwrite=args.overwrite, dry_run=args.dry_run,
@@ -131,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
         "  m2-convert monarch ./bert-base ./bert-base-monarch --targets mlp --nblocks 4\n"
         "  m2-convert monarch ./llama ./llama-monarch --targets all --dry-run   # lists what each preset selects\n"
         "  m2-convert monarch ./gpt2 ./gpt2-monarch --targets all --nblocks mlp=4 attention=2 --dry-run\n"
-        "  m2-convert monarch ./minilm ./minilm-monarch --method calibrated --calibration-file text.txt",
+        "  m2-convert monarch ./minilm ./minilm-monarch --method calibrated --calibration-file text.txt\n"
+        "  m2-convert monarch ./llama ./llama-monarch --targets all --budget 0.4 --dry-run   # nblocks per layer",
         _monarch,
     )
     monarch.add_argument("source", help="checkpoint folder (config.json, weights, tokenizer files), or a Hub repo id "
@@ -141,9 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
                          help="presets mlp, attention, all (the linear layers of the repeated blocks; embeddings, "
                               "routers, poolers and heads stay dense), or regular expressions matching whole layer "
                               "names (default: mlp); put them after SOURCE DESTINATION")
-    monarch.add_argument("--nblocks", nargs="+", default=["4"], metavar="N|TARGET=N",
+    monarch.add_argument("--nblocks", nargs="+", metavar="N|TARGET=N",
                          help="blocks per layer, for every target or per target (default: 4); nblocks=1 keeps a "
                               "layer's size, larger values shrink it more")
+    monarch.add_argument("--budget", type=_fraction, metavar="F",
+                         help="instead of --nblocks: keep a fraction F (0 < F <= 1) of the targeted layers' size and "
+                              "choose nblocks per layer (or keep it dense) for the least summed projection error; with "
+                              "--calibration-file, the least output error on that text")
+    monarch.add_argument("--budget-of", choices=["parameters", "flops"],
+                         help="what --budget counts: the layers' parameters, or their linear FLOPs per token "
+                              "(default: parameters)")
     monarch.add_argument("--structure", choices=["monarch", "blockdiag"], default="monarch",
                          help="monarch: two block-diagonal factors with a permutation between them (MonarchLinear); "
                               "blockdiag: one block-diagonal factor (BlockdiagLinear, M2-BERT's MLP layer) "

@@ -38,6 +38,7 @@ from m2_hf.configuration_monarch_converted import (
 )
 from m2_hf.modeling_monarch_converted import STRUCTURED_CLASSES, converted_class, original_heads
 
+from .budget import check_budget, format_budget_table, input_second_moments, plan_budget
 from .checkpoints import (
     ConversionError,
     OutputFolder,
@@ -378,6 +379,7 @@ def format_report(report: dict) -> str:
     lines = [
         format_layer_table(report["layers"]),
         "",
+        *([format_budget_table(report["budget"]), ""] if "budget" in report else []),
         f"parameters       {totals['parameters_before']:,} -> {totals['parameters_after']:,} "
         f"({totals['parameters_after'] / totals['parameters_before']:.3f}x)",
         f"linear FLOPs/tok {totals['linear_flops_per_token_before']:,} -> {totals['linear_flops_per_token_after']:,} "
@@ -552,6 +554,10 @@ class MonarchSettings:
     calibration_samples: Optional[int] = 1000
     # Text on which the report compares the converted model with the original; defaults to the calibration file.
     evaluation_file: Optional[Path] = None
+    # A fraction of the targeted layers' parameters (or FLOPs) to keep: nblocks is then chosen per layer
+    # (`conversion/budget.py`) and `nblocks` is not used.
+    budget: Optional[float] = None
+    budget_of: str = "parameters"
 
 
 def converted_config(model: nn.Module, layers: dict[str, int], structure: str):
@@ -603,6 +609,8 @@ def _check_settings(settings: MonarchSettings) -> None:
         raise ConversionError(f"--method must be one of {', '.join(PROJECTION_METHODS)}, got {settings.method!r}.")
     if settings.method != "closed-form" and settings.calibration_file is None:
         raise ConversionError(f"--method {settings.method} fits layers to activations: pass --calibration-file.")
+    if settings.budget is not None:
+        check_budget(settings.budget, settings.budget_of)
     if settings.calibration_samples is not None and settings.calibration_samples < 1:
         raise ConversionError(f"--calibration-samples must be at least 1, got {settings.calibration_samples}.")
 
@@ -618,6 +626,15 @@ def _text_batches(source: Path, settings: MonarchSettings) -> tuple[Optional[Cal
     batches = {kind: calibration_data(tokenizer, lines) for kind, lines in texts.items()}
     calibration = batches.get("calibration")
     return calibration, batches.get("evaluation", calibration)
+
+
+def _budget_plan(model: nn.Module, targets: dict[str, int], settings: MonarchSettings,
+                 calibration: Optional[CalibrationData]) -> dict:
+    """nblocks per targeted layer within ``settings.budget``; with calibration text, the errors weigh the layers'
+    outputs on it."""
+    names = list(targets)
+    moments = input_second_moments(model, names, calibration.batches) if calibration is not None else None
+    return plan_budget(model.base_model, names, settings.structure, settings.budget, settings.budget_of, moments)
 
 
 def convert_to_monarch(
@@ -641,6 +658,9 @@ def convert_to_monarch(
         model, model_type = load_source(source.path)
         base = model.base_model
         targets = resolve_targets(base, settings.targets, settings.nblocks)
+        plan = _budget_plan(model, targets, settings, calibration) if settings.budget is not None else None
+        if plan is not None:
+            targets = {name: nblocks for name, nblocks in plan["choices"].items() if nblocks is not None}
         presets = preset_layers(base) if dry_run else None
         reference = reference_outputs(model, evaluation) if evaluation is not None else None
         parameters_before, flops_before = sum(p.numel() for p in model.parameters()), linear_flops_per_token(base)
@@ -659,6 +679,7 @@ def convert_to_monarch(
                 "method": settings.method,
                 "calibration_file": None if settings.calibration_file is None else Path(settings.calibration_file).name,
                 "evaluation_file": None if settings.evaluation_file is None else Path(settings.evaluation_file).name,
+                "budget": settings.budget, "budget_of": settings.budget_of if settings.budget is not None else None,
             },
             "layers": [layer.__dict__ for layer in layers],
             "totals": {
@@ -669,6 +690,8 @@ def convert_to_monarch(
             },
             "warnings": shrink_warnings(layers),
         }
+        if plan is not None:
+            report["budget"] = plan["report"]
         if evaluation is not None:
             report["calibration"] = compare_to_reference(model, evaluation, reference)
         model = _as_converted_model(model, targets, settings.structure)

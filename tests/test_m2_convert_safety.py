@@ -387,6 +387,43 @@ def onnx_unknown_architecture(case):
     return ["onnx", str(source), str(case.sandbox / "out")], "names the architecture 'M2BertForPoetry'"
 
 
+def budget_with_nblocks(case):
+    case.forbid_loading()
+    return ["monarch", str(case.copy("bert")), str(case.sandbox / "out"), "--budget", "0.5", "--nblocks", "4"], \
+        "--budget chooses nblocks for every layer, so it cannot be combined with --nblocks"
+
+
+def budget_zero(case):
+    return ["monarch", str(case.copy("bert")), str(case.sandbox / "out"), "--budget", "0"], \
+        "must be a fraction in (0, 1]"
+
+
+def budget_above_one(case):
+    return ["monarch", str(case.copy("bert")), str(case.sandbox / "out"), "--budget", "1.5"], \
+        "must be a fraction in (0, 1]"
+
+
+def budget_not_a_number(case):
+    return ["monarch", str(case.copy("bert")), str(case.sandbox / "out"), "--budget", "half"], \
+        "expected a fraction such as 0.4, got 'half'"
+
+
+def budget_below_the_smallest_size(case):
+    return ["monarch", str(case.copy("bert")), str(case.sandbox / "out"), "--budget", "0.01"], \
+        "below the smallest reachable size"
+
+
+def budget_keeping_every_layer_dense(case):
+    return ["monarch", str(case.copy("bert")), str(case.sandbox / "out"), "--budget", "1"], \
+        "keeps every targeted layer dense: nothing to convert"
+
+
+def budget_of_without_budget(case):
+    case.forbid_loading()
+    return ["monarch", str(case.copy("bert")), str(case.sandbox / "out"), "--budget-of", "flops"], \
+        "--budget-of says what --budget counts: pass --budget F too"
+
+
 CASES = [
     onnx_missing_source, onnx_of_a_folder_that_is_not_m2, onnx_existing_destination_without_overwrite,
     onnx_unknown_architecture,
@@ -401,6 +438,8 @@ CASES = [
     zero_calibration_samples, calibrated_without_tokenizer, dense_with_a_layer_removed_from_monarch_layers,
     dense_with_nblocks_edited, nblocks_before_positionals, targets_before_positionals, mistyped_local_path,
     source_is_a_file, inspect_missing_folder, zero_nblocks, malformed_push_repo_id, unknown_option,
+    budget_with_nblocks, budget_zero, budget_above_one, budget_not_a_number, budget_below_the_smallest_size,
+    budget_keeping_every_layer_dense, budget_of_without_budget,
 ]
 
 
