@@ -28,7 +28,14 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .monarch import BlockdiagLinear, MonarchLinear, _autocast_dtype, blockdiag_multiply
+from .monarch import (
+    BlockdiagLinear,
+    MonarchLinear,
+    _autocast_dtype,
+    blockdiag_multiply,
+    is_traced,
+    records_autograd,
+)
 
 __all__ = [
     "ConvolutionState",
@@ -407,19 +414,6 @@ def _zero_padding(x: torch.Tensor, mask: Optional[torch.Tensor], inplace: bool =
         return x
     mask = mask.to(x.dtype)
     return x.mul_(mask) if inplace else x * mask
-
-
-def records_autograd(module: nn.Module, x: torch.Tensor) -> bool:
-    """Whether a forward through ``module`` is recorded for backward; when it is not, activations may be updated in
-    place, which on CPU saves most of the page faults of allocating fresh buffers at long lengths."""
-    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
-
-
-def is_traced() -> bool:
-    """Whether this forward is being captured as a graph (``torch.compile``, ``torch.export``, the ONNX exporter,
-    TorchScript tracing): such code must not branch on tensor values nor keep tensors between calls."""
-    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
-    return torch.compiler.is_compiling() or exporting() or torch.jit.is_tracing()
 
 
 def has_forward_hooks(module: nn.Module) -> bool:
