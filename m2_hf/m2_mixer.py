@@ -814,17 +814,21 @@ def _mlp_tokens_in_place(mlp: M2GatedMLP, x: torch.Tensor, workspace: Workspace)
 
 
 def _linear(layer: nn.Module, x: torch.Tensor, workspace: Workspace, name: str) -> torch.Tensor:
-    """``layer(x)`` for 2-D ``x``. A plain dense or block-diagonal layer writes into the workspace tensor ``name``; any
-    other layer (a PEFT wrapper, a Monarch layer, a padded block-diagonal one) is called as it is."""
-    dense = type(layer) is nn.Linear
-    blockdiag = type(layer) is BlockdiagLinear and layer.in_features_padded == layer.in_features
+    """``layer(x)`` for 2-D ``x``. A plain dense layer, a structured one that applies its densified weight (see its
+    ``inference_path``) and an unpadded block-diagonal one write into the workspace tensor ``name``; any other layer
+    (a PEFT wrapper, a Monarch layer, a padded block-diagonal one) is called as it is."""
+    weight = layer.weight if type(layer) is nn.Linear else None
+    if type(layer) in (MonarchLinear, BlockdiagLinear):
+        weight = layer.inference_dense_weight(x)
+    blockdiag = weight is None and type(layer) is BlockdiagLinear and layer.in_features_padded == layer.in_features
     blockdiag = blockdiag and layer.out_features_padded == layer.out_features
-    out = _gemm_output(workspace, name, (x.shape[0], layer.out_features), x) if dense or blockdiag else None
+    writes = weight is not None or blockdiag
+    out = _gemm_output(workspace, name, (x.shape[0], layer.out_features), x) if writes else None
     if out is None:
         return layer(x)
-    if dense:
+    if weight is not None:
         if layer.bias is None:
-            return torch.mm(x, layer.weight.t(), out=out)
-        return torch.addmm(layer.bias, x, layer.weight.t(), out=out)
+            return torch.mm(x, weight.t(), out=out)
+        return torch.addmm(layer.bias, x, weight.t(), out=out)
     out = blockdiag_multiply(x, layer.weight, out=out)
     return out if layer.bias is None else out.add_(layer.bias)
