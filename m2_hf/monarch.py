@@ -73,14 +73,18 @@ _INFERENCE_PATHS = ("auto", "structured", "dense")
 # cache (160 MiB): every layer of a BERT-large-sized model (4096x1024 float32 = 16 MiB) fits many times over.
 DEFAULT_DENSE_WEIGHT_MAX_BYTES = 160 * 2**20
 
-# `inference_path="auto"` applies the structured multiply where it saves at least this factor of FLOPs over the dense
-# weight, and the densified weight elsewhere. A deterministic rule rather than a per-shape timing: a timing taken on a
-# shared machine would pick differently from run to run, and a choice between two exact paths should not. Calibrated
-# with benchmarks/bench_monarch.py on CPU (benchmarks/RESULTS.md, 2026-12-03): at 2x fewer FLOPs (square layers,
-# nblocks 4) the structured multiply already beats nn.Linear, at 1.6x (n->4n, nblocks 2) it does not, because its
-# GEMMs are narrower and its permutations cost memory traffic that the FLOP count omits. Block-diagonal layers do no
-# permutation, and the same threshold holds for them. Off CPU the same rule applies until a GPU run calibrates it.
+# `inference_path="auto"` applies the structured multiply where it saves at least AUTO_MIN_FLOP_SAVING times the FLOPs
+# of the dense weight on a call of at least AUTO_MIN_DENSE_FLOPS (2 * rows * in * out), and the densified weight
+# elsewhere. A deterministic rule rather than a per-shape timing: a timing taken on a shared machine would pick
+# differently from run to run, and a choice between two exact paths should not. Calibrated with
+# benchmarks/bench_monarch.py on CPU (benchmarks/RESULTS.md, 2026-12-03): at 2x fewer FLOPs (square layers, nblocks 4)
+# the structured multiply beats nn.Linear at 4096 tokens, at 1.6x (n->4n, nblocks 2) it does not, because its GEMMs are
+# narrower and its permutations cost memory traffic that the FLOP count omits; and on small calls (256-wide layers,
+# 512 tokens: 67 MFLOP) its five operations, each a parallel region, cost more than the one GEMM they save, twice so on
+# a loaded machine. Block-diagonal layers do no permutation, and the same rule holds for them. Off CPU the same rule
+# applies until a GPU run calibrates it.
 AUTO_MIN_FLOP_SAVING = 2.0
+AUTO_MIN_DENSE_FLOPS = 2**28
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -605,15 +609,17 @@ class _StructuredLinear(nn.Module):
         """Memory of this layer's densified weight."""
         return self.in_features * self.out_features * getattr(self, self._FACTORS[0]).element_size()
 
-    def prefers_dense_weight(self) -> bool:
-        """Whether ``inference_path`` asks for the densified weight in inference (``"auto"``: where the structured
-        multiply saves fewer than ``AUTO_MIN_FLOP_SAVING`` times the FLOPs and the weight takes at most
-        ``dense_weight_max_bytes``)."""
+    def prefers_dense_weight(self, rows: Optional[int] = None) -> bool:
+        """Whether ``inference_path`` asks for the densified weight in inference on ``rows`` input rows (None: many).
+        ``"auto"``: where the weight takes at most ``dense_weight_max_bytes`` and the structured multiply saves fewer
+        than ``AUTO_MIN_FLOP_SAVING`` times the FLOPs or the call is smaller than ``AUTO_MIN_DENSE_FLOPS``."""
         if self.inference_path != "auto":
             return self.inference_path == "dense"
         limit = self.dense_weight_max_bytes
-        fits = limit is None or self.dense_weight_bytes() <= limit
-        return fits and self.flop_saving() < AUTO_MIN_FLOP_SAVING
+        if limit is not None and self.dense_weight_bytes() > limit:
+            return False
+        small_call = rows is not None and 2 * rows * self.in_features * self.out_features < AUTO_MIN_DENSE_FLOPS
+        return small_call or self.flop_saving() < AUTO_MIN_FLOP_SAVING
 
     def inference_dense_weight(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The densified weight to apply to ``x`` in place of the structured multiply, or None.
@@ -622,7 +628,8 @@ class _StructuredLinear(nn.Module):
         the structured multiply) and no graph is being captured (a traced graph must compute from the parameters, not
         hold a tensor computed outside it). The weight is computed once and reused until a factor changes.
         """
-        if not self.prefers_dense_weight() or records_autograd(self, x) or is_traced():
+        # Tracing first: the row count of a traced input may be symbolic, and reading it would specialise the graph.
+        if is_traced() or records_autograd(self, x) or not self.prefers_dense_weight(x.numel() // self.in_features):
             return None
         factors = tuple(getattr(self, name) for name in self._FACTORS)
         if any(t.is_inference() for t in factors):  # inference tensors have no version counter to validate against

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from m2_hf import BlockdiagLinear, MonarchLinear, M2BertModel, set_structured_inference_path
+from m2_hf import BlockdiagLinear, M2BertModel, MonarchLinear, set_structured_inference_path
+from m2_hf.monarch import AUTO_MIN_DENSE_FLOPS
 from test_m2_bert import tiny_model as tiny_bert
 
 CLASSES = [MonarchLinear, BlockdiagLinear]
@@ -158,8 +159,9 @@ def test_graph_capture_computes_from_the_factors(cls):
     torch.testing.assert_close(out, structured_output(layer, x), rtol=1e-5, atol=1e-6)
 
 
-def test_auto_densifies_only_where_the_structured_multiply_saves_too_few_flops():
-    x = torch.randn(4, 64)
+def test_auto_densifies_where_the_structured_multiply_saves_too_few_flops_or_the_call_is_small():
+    big_call = AUTO_MIN_DENSE_FLOPS // (2 * 64 * 64)  # rows at which a 64->64 call reaches the minimum work
+    x = torch.randn(big_call, 64)
     saving_two = MonarchLinear(64, 64, 4)  # half the FLOPs of dense: structured
     saving_one = MonarchLinear(64, 64, 2)  # as many FLOPs as dense: densified
     blockdiag_two = BlockdiagLinear(64, 64, 2)
@@ -169,6 +171,11 @@ def test_auto_densifies_only_where_the_structured_multiply_saves_too_few_flops()
     assert saving_two._dense_weight_cache is None and blockdiag_two._dense_weight_cache is None
     assert saving_one._dense_weight_cache is not None
     assert saving_one.flop_saving() == 1.0 and saving_two.flop_saving() == 2.0
+    assert not saving_two.prefers_dense_weight(big_call) and saving_two.prefers_dense_weight(big_call - 1)
+    assert not saving_two.prefers_dense_weight() and saving_one.prefers_dense_weight()
+    with torch.no_grad():
+        saving_two(x[:7])  # a small call: densified
+    assert saving_two._dense_weight_cache is not None
 
 
 def test_memory_limit_applies_to_auto_and_not_to_dense():
