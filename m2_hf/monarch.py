@@ -81,10 +81,13 @@ DEFAULT_DENSE_WEIGHT_MAX_BYTES = 160 * 2**20
 # the structured multiply beats nn.Linear at 4096 tokens, at 1.6x (n->4n, nblocks 2) it does not, because its GEMMs are
 # narrower and its permutations cost memory traffic that the FLOP count omits; and on small calls (256-wide layers,
 # 512 tokens: 67 MFLOP) its five operations, each a parallel region, cost more than the one GEMM they save, twice so on
-# a loaded machine. Block-diagonal layers do no permutation, and the same rule holds for them. Off CPU the same rule
-# applies until a GPU run calibrates it.
+# a loaded machine. Small calls of layers whose dense weight exceeds AUTO_SMALL_CALL_MAX_WEIGHT_BYTES (decoding steps
+# of wide layers) stay structured: there reading the weight dominates, and the factors are several times smaller.
+# Block-diagonal layers do no permutation, and the same rule holds for them. Off CPU the same rule applies until a GPU
+# run calibrates it.
 AUTO_MIN_FLOP_SAVING = 2.0
 AUTO_MIN_DENSE_FLOPS = 2**28
+AUTO_SMALL_CALL_MAX_WEIGHT_BYTES = 4 * 2**20
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -612,13 +615,16 @@ class _StructuredLinear(nn.Module):
     def prefers_dense_weight(self, rows: Optional[int] = None) -> bool:
         """Whether ``inference_path`` asks for the densified weight in inference on ``rows`` input rows (None: many).
         ``"auto"``: where the weight takes at most ``dense_weight_max_bytes`` and the structured multiply saves fewer
-        than ``AUTO_MIN_FLOP_SAVING`` times the FLOPs or the call is smaller than ``AUTO_MIN_DENSE_FLOPS``."""
+        than ``AUTO_MIN_FLOP_SAVING`` times the FLOPs, or the call is smaller than ``AUTO_MIN_DENSE_FLOPS`` and the
+        weight at most ``AUTO_SMALL_CALL_MAX_WEIGHT_BYTES``."""
         if self.inference_path != "auto":
             return self.inference_path == "dense"
+        weight_bytes = self.dense_weight_bytes()
         limit = self.dense_weight_max_bytes
-        if limit is not None and self.dense_weight_bytes() > limit:
+        if limit is not None and weight_bytes > limit:
             return False
         small_call = rows is not None and 2 * rows * self.in_features * self.out_features < AUTO_MIN_DENSE_FLOPS
+        small_call = small_call and weight_bytes <= AUTO_SMALL_CALL_MAX_WEIGHT_BYTES
         return small_call or self.flop_saving() < AUTO_MIN_FLOP_SAVING
 
     def inference_dense_weight(self, x: torch.Tensor) -> Optional[torch.Tensor]:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from m2_hf import BlockdiagLinear, M2BertModel, MonarchLinear, set_structured_inference_path
-from m2_hf.monarch import AUTO_MIN_DENSE_FLOPS
+from m2_hf.monarch import AUTO_MIN_DENSE_FLOPS, AUTO_SMALL_CALL_MAX_WEIGHT_BYTES
 from test_m2_bert import tiny_model as tiny_bert
 
 CLASSES = [MonarchLinear, BlockdiagLinear]
@@ -176,6 +176,9 @@ def test_auto_densifies_where_the_structured_multiply_saves_too_few_flops_or_the
     with torch.no_grad():
         saving_two(x[:7])  # a small call: densified
     assert saving_two._dense_weight_cache is not None
+    # One row through a wide layer (a decoding step) reads the weight more than it computes: the factors stay.
+    wide = MonarchLinear(1024, 4096, 4)
+    assert wide.dense_weight_bytes() > AUTO_SMALL_CALL_MAX_WEIGHT_BYTES and not wide.prefers_dense_weight(1)
 
 
 def test_memory_limit_applies_to_auto_and_not_to_dense():
