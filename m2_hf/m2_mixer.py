@@ -405,7 +405,13 @@ def structured_linear(config, in_features: int, out_features: int, bias: bool) -
     if not config.use_monarch_mlp:
         return nn.Linear(in_features, out_features, bias=bias)
     cls = BlockdiagLinear if config.monarch_mlp_type == "blockdiag" else MonarchLinear
-    return cls(in_features, out_features, nblocks=config.monarch_mlp_nblocks, bias=bias)
+    return cls(
+        in_features,
+        out_features,
+        nblocks=config.monarch_mlp_nblocks,
+        bias=bias,
+        inference_path=config.structured_inference_path,
+    )
 
 
 def _zero_padding(x: torch.Tensor, mask: Optional[torch.Tensor], inplace: bool = False) -> torch.Tensor:

@@ -480,10 +480,10 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return None
 
 
-def _check_inference_path(value) -> None:
+def _check_inference_path(value, name: str = "inference_path") -> None:
     if value not in _INFERENCE_PATHS:
         raise ValueError(
-            f"`inference_path` must be one of {_INFERENCE_PATHS}, got {value!r}: 'auto' picks the faster exact path "
+            f"`{name}` must be one of {_INFERENCE_PATHS}, got {value!r}: 'auto' picks the faster exact path "
             f"per layer, 'structured' always runs the structured multiply, 'dense' always applies the densified weight "
             f"outside training and tracing."
         )

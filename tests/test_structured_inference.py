@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from m2_hf import BlockdiagLinear, M2BertModel, MonarchLinear, set_structured_inference_path
+from m2_hf import BlockdiagLinear, M2BertConfig, M2BertModel, M2GPTConfig, MonarchLinear, set_structured_inference_path
 from m2_hf.monarch import AUTO_MIN_DENSE_FLOPS, AUTO_SMALL_CALL_MAX_WEIGHT_BYTES
 from test_m2_bert import tiny_model as tiny_bert
 
@@ -250,3 +250,14 @@ def test_bad_inference_settings_are_refused_with_the_choices(cls):
     with pytest.raises(ValueError, match="`dense_weight_max_bytes` must be"):
         set_structured_inference_path(nn.Sequential(layer), "auto", dense_weight_max_bytes=-5)
     assert layer.inference_path == "auto"
+
+
+def test_m2_config_field_sets_the_mlp_layers_inference_path():
+    model = tiny_bert(M2BertModel, structured_inference_path="dense")
+    mlp = model.encoder.layer[0].mlp
+    assert model.config.structured_inference_path == "dense"
+    assert mlp.gated_layers.inference_path == "dense" and mlp.wo.inference_path == "dense"
+    assert tiny_bert(M2BertModel).encoder.layer[0].mlp.wo.inference_path == "auto"
+    for config_class in (M2BertConfig, M2GPTConfig):
+        with pytest.raises(ValueError, match="`structured_inference_path` must be one of"):
+            config_class(structured_inference_path="fastest")
