@@ -76,10 +76,12 @@ DEFAULT_DENSE_WEIGHT_MAX_BYTES = 160 * 2**20
 # `inference_path="auto"` applies the structured multiply where it saves at least AUTO_MIN_FLOP_SAVING times the FLOPs
 # of the dense weight on a call of at least AUTO_MIN_DENSE_FLOPS (2 * rows * in * out), and the densified weight
 # elsewhere. A deterministic rule rather than a per-shape timing: a timing taken on a shared machine would pick
-# differently from run to run, and a choice between two exact paths should not. Calibrated with
-# benchmarks/bench_monarch.py on CPU (benchmarks/RESULTS.md, 2026-12-03): at 2x fewer FLOPs (square layers, nblocks 4)
-# the structured multiply beats nn.Linear at 4096 tokens, at 1.6x (n->4n, nblocks 2) it does not, because its GEMMs are
-# narrower and its permutations cost memory traffic that the FLOP count omits; and on small calls (256-wide layers,
+# differently from run to run, and a choice between two exact paths should not. From benchmarks/bench_monarch.py on
+# CPU (benchmarks/RESULTS.md, 2026-11-28 and 2026-12-03): at 1.6x fewer FLOPs (n->4n, nblocks 2) the structured
+# multiply does not beat nn.Linear, because its GEMMs are narrower and its permutations cost memory traffic that the
+# FLOP count omits; at 2x (square, nblocks 4) it does for 1024- and 3072-wide layers at 4096 tokens but not for
+# 768-wide ones (0.69x), nor with blocks under about 64 wide: the rule is known to be too optimistic for small blocks,
+# and a block-width efficiency term is the missing piece (RESULTS.md). On small calls (256-wide layers,
 # 512 tokens: 67 MFLOP) its five operations, each a parallel region, cost more than the one GEMM they save, twice so on
 # a loaded machine. Small calls of layers whose dense weight exceeds AUTO_SMALL_CALL_MAX_WEIGHT_BYTES (decoding steps
 # of wide layers) stay structured: there reading the weight dominates, and the factors are several times smaller.
@@ -257,8 +259,9 @@ def _monarch_multiply_for_inference(x: torch.Tensor, w1: torch.Tensor, w2: torch
     l, s, r = w2.shape
     x_blocks = x.reshape(n, k, p).transpose(0, 1)
     if n > _FEW_ROWS and q % l == 0:
-        # One copy between the factors, of runs of q/l features (see `_rows_by_second_block`); measured 1.2-1.6x
-        # faster on CPU than letting `bmm` gather the single-feature-strided view.
+        # One copy between the factors, of runs of q/l features (see `_rows_by_second_block`): 1.25-1.6x faster on
+        # CPU, in an interleaved microbenchmark of the BERT-base shapes, than letting `bmm` gather the single-feature-
+        # strided view.
         h = torch.bmm(x_blocks, _rows_by_second_block(w1, l).transpose(1, 2))
         g = h.view(k, n, l, q // l).permute(2, 1, 0, 3).reshape(l, n, r)
         return torch.bmm(g, w2.transpose(1, 2)).permute(1, 2, 0).reshape(n, s * l)
