@@ -64,6 +64,7 @@ from .monarch import (
     project_monarch,
     projection_error,
     set_monarch_backend,
+    set_structured_inference_path,
 )
 
 __version__ = "0.1.0"
@@ -192,4 +193,5 @@ __all__ = [
     "project_monarch",
     "projection_error",
     "set_monarch_backend",
+    "set_structured_inference_path",
 ]

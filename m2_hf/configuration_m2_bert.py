@@ -78,6 +78,11 @@ class M2BertConfig(PreTrainedConfig):
             Kept for config compatibility; the official filter never applies it.
         hyena_training_additions (`bool`, defaults to `False`):
             LayerNorm at the mixer input (the 80M GLUE checkpoint uses it).
+        structured_inference_path (`str`, defaults to `"auto"`):
+            How the structured MLP layers apply themselves in inference (outside training and tracing): `"auto"`
+            (the structured multiply or a cached densified weight, whichever the layer's FLOP rule says is faster),
+            `"structured"` or `"dense"`. See `MonarchLinear` and `m2_hf.set_structured_inference_path`. An m2-hf
+            extension.
         filter_cache_bytes (`int` or `None`, defaults to 167772160, 160 MiB):
             Budget of the model's cache of filter spectra for inference (`model.filter_cache`; free it with
             `model.clear_filter_cache()`). A spectrum that does not fit is computed for each forward instead, which
@@ -136,6 +141,7 @@ class M2BertConfig(PreTrainedConfig):
         hyena_training_additions: bool = False,
         hyena_lr_pos_emb: float = 1e-5,
         filter_cache_bytes: Optional[int] = DEFAULT_FILTER_CACHE_BYTES,
+        structured_inference_path: str = "auto",
         long_conv_kernel_learning_rate: float = 1e-3,
         use_positional_encodings: bool = True,
         pool_all: bool = False,
@@ -176,6 +182,7 @@ class M2BertConfig(PreTrainedConfig):
         self.hyena_training_additions = hyena_training_additions
         self.hyena_lr_pos_emb = hyena_lr_pos_emb
         self.filter_cache_bytes = filter_cache_bytes
+        self.structured_inference_path = structured_inference_path
         self.long_conv_kernel_learning_rate = long_conv_kernel_learning_rate
         self.use_positional_encodings = use_positional_encodings
         self.pool_all = pool_all

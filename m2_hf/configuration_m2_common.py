@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .monarch import _check_inference_path
+
 MLP_TYPES = ("blockdiag", "monarch")
 
 # Default budget of a model's filter-spectrum cache (`filter_cache.FilterCache`): every spectrum of M2-BERT-base up to
@@ -19,6 +21,7 @@ def check_mixer_fields(config) -> None:
             f"`hyena_emb_dim` must be an odd integer >= 3 (time plus sine/cosine pairs), got {config.hyena_emb_dim}."
         )
     check_filter_cache_bytes(config.filter_cache_bytes)
+    _check_inference_path(config.structured_inference_path, "structured_inference_path")
 
 
 def check_filter_cache_bytes(budget) -> None:

@@ -73,6 +73,11 @@ class M2ViTConfig(PreTrainedConfig):
             width of the filter MLP. The defaults are the Hyena ViT's.
         hyena_training_additions (`bool`, defaults to `False`):
             An extra LayerNorm at the mixer input.
+        structured_inference_path (`str`, defaults to `"auto"`):
+            How the structured MLP layers apply themselves in inference (outside training and tracing): `"auto"`
+            (the structured multiply or a cached densified weight, whichever the layer's FLOP rule says is faster),
+            `"structured"` or `"dense"`. See `MonarchLinear` and `m2_hf.set_structured_inference_path`. An m2-hf
+            extension.
         filter_cache_bytes (`int` or `None`, defaults to 167772160, 160 MiB):
             Budget of the model's cache of filter spectra for inference (`model.filter_cache`; free it with
             `model.clear_filter_cache()`). A spectrum that does not fit is computed for each forward instead, which
@@ -106,6 +111,7 @@ class M2ViTConfig(PreTrainedConfig):
         hyena_filter_order: int = 128,
         hyena_training_additions: bool = False,
         filter_cache_bytes: Optional[int] = DEFAULT_FILTER_CACHE_BYTES,
+        structured_inference_path: str = "auto",
         **kwargs,
     ) -> None:
         self.image_size = image_size if isinstance(image_size, int) else list(_pair(image_size))
@@ -130,6 +136,7 @@ class M2ViTConfig(PreTrainedConfig):
         self.hyena_filter_order = hyena_filter_order
         self.hyena_training_additions = hyena_training_additions
         self.filter_cache_bytes = filter_cache_bytes
+        self.structured_inference_path = structured_inference_path
         self._validate()
         super().__init__(**kwargs)
 

@@ -28,7 +28,14 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .monarch import BlockdiagLinear, MonarchLinear, _autocast_dtype, blockdiag_multiply
+from .monarch import (
+    BlockdiagLinear,
+    MonarchLinear,
+    _autocast_dtype,
+    blockdiag_multiply,
+    is_traced,
+    records_autograd,
+)
 
 __all__ = [
     "ConvolutionState",
@@ -398,7 +405,13 @@ def structured_linear(config, in_features: int, out_features: int, bias: bool) -
     if not config.use_monarch_mlp:
         return nn.Linear(in_features, out_features, bias=bias)
     cls = BlockdiagLinear if config.monarch_mlp_type == "blockdiag" else MonarchLinear
-    return cls(in_features, out_features, nblocks=config.monarch_mlp_nblocks, bias=bias)
+    return cls(
+        in_features,
+        out_features,
+        nblocks=config.monarch_mlp_nblocks,
+        bias=bias,
+        inference_path=config.structured_inference_path,
+    )
 
 
 def _zero_padding(x: torch.Tensor, mask: Optional[torch.Tensor], inplace: bool = False) -> torch.Tensor:
@@ -407,19 +420,6 @@ def _zero_padding(x: torch.Tensor, mask: Optional[torch.Tensor], inplace: bool =
         return x
     mask = mask.to(x.dtype)
     return x.mul_(mask) if inplace else x * mask
-
-
-def records_autograd(module: nn.Module, x: torch.Tensor) -> bool:
-    """Whether a forward through ``module`` is recorded for backward; when it is not, activations may be updated in
-    place, which on CPU saves most of the page faults of allocating fresh buffers at long lengths."""
-    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
-
-
-def is_traced() -> bool:
-    """Whether this forward is being captured as a graph (``torch.compile``, ``torch.export``, the ONNX exporter,
-    TorchScript tracing): such code must not branch on tensor values nor keep tensors between calls."""
-    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
-    return torch.compiler.is_compiling() or exporting() or torch.jit.is_tracing()
 
 
 def has_forward_hooks(module: nn.Module) -> bool:
@@ -820,17 +820,21 @@ def _mlp_tokens_in_place(mlp: M2GatedMLP, x: torch.Tensor, workspace: Workspace)
 
 
 def _linear(layer: nn.Module, x: torch.Tensor, workspace: Workspace, name: str) -> torch.Tensor:
-    """``layer(x)`` for 2-D ``x``. A plain dense or block-diagonal layer writes into the workspace tensor ``name``; any
-    other layer (a PEFT wrapper, a Monarch layer, a padded block-diagonal one) is called as it is."""
-    dense = type(layer) is nn.Linear
-    blockdiag = type(layer) is BlockdiagLinear and layer.in_features_padded == layer.in_features
+    """``layer(x)`` for 2-D ``x``. A plain dense layer, a structured one that applies its densified weight (see its
+    ``inference_path``) and an unpadded block-diagonal one write into the workspace tensor ``name``; any other layer
+    (a PEFT wrapper, a Monarch layer, a padded block-diagonal one) is called as it is."""
+    weight = layer.weight if type(layer) is nn.Linear else None
+    if type(layer) in (MonarchLinear, BlockdiagLinear):
+        weight = layer.inference_dense_weight(x)
+    blockdiag = weight is None and type(layer) is BlockdiagLinear and layer.in_features_padded == layer.in_features
     blockdiag = blockdiag and layer.out_features_padded == layer.out_features
-    out = _gemm_output(workspace, name, (x.shape[0], layer.out_features), x) if dense or blockdiag else None
+    writes = weight is not None or blockdiag
+    out = _gemm_output(workspace, name, (x.shape[0], layer.out_features), x) if writes else None
     if out is None:
         return layer(x)
-    if dense:
+    if weight is not None:
         if layer.bias is None:
-            return torch.mm(x, layer.weight.t(), out=out)
-        return torch.addmm(layer.bias, x, layer.weight.t(), out=out)
+            return torch.mm(x, weight.t(), out=out)
+        return torch.addmm(layer.bias, x, weight.t(), out=out)
     out = blockdiag_multiply(x, layer.weight, out=out)
     return out if layer.bias is None else out.add_(layer.bias)

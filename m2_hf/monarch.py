@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Literal, Optional
+import weakref
+from typing import Literal, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +45,10 @@ __all__ = [
     "project_monarch",
     "projection_error",
     "dense_weight_and_bias",
+    "is_traced",
+    "records_autograd",
     "set_monarch_backend",
+    "set_structured_inference_path",
 ]
 
 logger = logging.getLogger(__name__)
@@ -61,6 +65,31 @@ _STRUCTURES = ("monarch", "blockdiag")
 AUTO_BACKENDS: dict[str, str] = {"cuda": "torch"}
 _PATH_NAMES = {"torch": "PyTorch multiply (two bmm)", "triton": "Triton kernel"}
 _auto_choices_logged: set[str] = set()
+
+InferencePath = Literal["auto", "structured", "dense"]
+_INFERENCE_PATHS = ("auto", "structured", "dense")
+
+# What `inference_path="auto"` may spend on one layer's densified weight, the same default as the M2 models' filter
+# cache (160 MiB): every layer of a BERT-large-sized model (4096x1024 float32 = 16 MiB) fits many times over.
+DEFAULT_DENSE_WEIGHT_MAX_BYTES = 160 * 2**20
+
+# `inference_path="auto"` applies the structured multiply where it saves at least AUTO_MIN_FLOP_SAVING times the FLOPs
+# of the dense weight on a call of at least AUTO_MIN_DENSE_FLOPS (2 * rows * in * out), and the densified weight
+# elsewhere. A deterministic rule rather than a per-shape timing: a timing taken on a shared machine would pick
+# differently from run to run, and a choice between two exact paths should not. From benchmarks/bench_monarch.py on
+# CPU (benchmarks/RESULTS.md, 2026-11-28 and 2026-12-03): at 1.6x fewer FLOPs (n->4n, nblocks 2) the structured
+# multiply does not beat nn.Linear, because its GEMMs are narrower and its permutations cost memory traffic that the
+# FLOP count omits; at 2x (square, nblocks 4) it does for 1024- and 3072-wide layers at 4096 tokens but not for
+# 768-wide ones (0.69x), nor with blocks under about 64 wide: the rule is known to be too optimistic for small blocks,
+# and a block-width efficiency term is the missing piece (RESULTS.md). On small calls (256-wide layers,
+# 512 tokens: 67 MFLOP) its five operations, each a parallel region, cost more than the one GEMM they save, twice so on
+# a loaded machine. Small calls of layers whose dense weight exceeds AUTO_SMALL_CALL_MAX_WEIGHT_BYTES (decoding steps
+# of wide layers) stay structured: there reading the weight dominates, and the factors are several times smaller.
+# Block-diagonal layers do no permutation, and the same rule holds for them. Off CPU the same rule applies until a GPU
+# run calibrates it.
+AUTO_MIN_FLOP_SAVING = 2.0
+AUTO_MIN_DENSE_FLOPS = 2**28
+AUTO_SMALL_CALL_MAX_WEIGHT_BYTES = 4 * 2**20
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -171,6 +200,15 @@ def _permute_copy(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return _PermuteCopy.apply(x, dims)
 
 
+def _rows_by_second_block(w1: torch.Tensor, nblocks2: int) -> torch.Tensor:
+    """``w1`` with the rows of each block reordered from ``t = t1*l + λ`` to ``(λ, t1)``, for ``l = nblocks2``
+    dividing ``q``. Feature ``t`` of block κ goes to column ``κ*(q/l) + t1`` of second-factor block λ, so with this
+    order (a copy of the small weight) the activation permutation between the factors moves contiguous runs of
+    ``q/l`` features instead of single ones."""
+    k, q, p = w1.shape
+    return w1.view(k, q // nblocks2, nblocks2, p).transpose(1, 2).reshape(k, q, p)
+
+
 def _first_factor(x_blocks: torch.Tensor, w1: torch.Tensor, nblocks2: int) -> torch.Tensor:
     """First factor on ``(k, N, p)`` inputs, returned in the second factor's layout ``(l, N, r)``, where
     ``g[λ, n, ρ] = h[n, ρl + λ]`` and ``h[n, κq + t]`` is the first factor's output."""
@@ -178,11 +216,8 @@ def _first_factor(x_blocks: torch.Tensor, w1: torch.Tensor, nblocks2: int) -> to
     n = x_blocks.shape[1]
     inner2 = k * q // nblocks2
     if q % nblocks2 == 0:
-        # Feature t = t1*l + λ of block κ goes to column κ*(q/l) + t1 of block λ. Reordering w1's rows to (λ, t1)
-        # (a tiny weight copy) lets the activation permutation move contiguous runs of q/l features.
         rank = q // nblocks2
-        w1 = w1.view(k, rank, nblocks2, p).transpose(1, 2).reshape(k, q, p)
-        h = torch.bmm(x_blocks, w1.transpose(1, 2))
+        h = torch.bmm(x_blocks, _rows_by_second_block(w1, nblocks2).transpose(1, 2))
         return _permute_copy(h.view(k, n, nblocks2, rank), (2, 1, 0, 3)).view(nblocks2, n, inner2)
     h = torch.bmm(x_blocks, w1.transpose(1, 2))
     flat = _permute_copy(h, (1, 0, 2)).view(n, inner2, nblocks2)
@@ -218,11 +253,18 @@ _FEW_ROWS = 2
 
 
 def _monarch_multiply_for_inference(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """Without a backward pass, ``bmm`` reading the permuted views directly is cheaper than explicit copies."""
+    """Without a backward pass, ``bmm`` reading the input's block view directly is cheaper than a copy."""
     n = x.shape[0]
-    k, _, p = w1.shape
+    k, q, p = w1.shape
     l, s, r = w2.shape
     x_blocks = x.reshape(n, k, p).transpose(0, 1)
+    if n > _FEW_ROWS and q % l == 0:
+        # One copy between the factors, of runs of q/l features (see `_rows_by_second_block`): 1.25-1.6x faster on
+        # CPU, in an interleaved microbenchmark of the BERT-base shapes, than letting `bmm` gather the single-feature-
+        # strided view.
+        h = torch.bmm(x_blocks, _rows_by_second_block(w1, l).transpose(1, 2))
+        g = h.view(k, n, l, q // l).permute(2, 1, 0, 3).reshape(l, n, r)
+        return torch.bmm(g, w2.transpose(1, 2)).permute(1, 2, 0).reshape(n, s * l)
     if n <= _FEW_ROWS:
         h = torch.bmm(w1, x_blocks.transpose(1, 2)).transpose(1, 2)
     else:
@@ -422,21 +464,78 @@ def _is_transformers_conv1d(module: nn.Module) -> bool:
     return isinstance(module, Conv1D)
 
 
+def is_traced() -> bool:
+    """Whether this forward is being captured as a graph (``torch.compile``, ``torch.export``, the ONNX exporter,
+    TorchScript tracing): such code must not branch on tensor values nor keep tensors between calls."""
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return torch.compiler.is_compiling() or exporting() or torch.jit.is_tracing()
+
+
+def records_autograd(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether a forward through ``module`` is recorded for backward; when it is not, activations may be updated in
+    place, which on CPU saves most of the page faults of allocating fresh buffers at long lengths."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
+
+
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     if device_type in ("cpu", "cuda", "xpu") and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 
 
-class _StructuredLinear(nn.Module):
-    """What Monarch and block-diagonal layers share: padding, truncation, bias, densification and projection.
+def _check_inference_path(value, name: str = "inference_path") -> None:
+    if value not in _INFERENCE_PATHS:
+        raise ValueError(
+            f"`{name}` must be one of {_INFERENCE_PATHS}, got {value!r}: 'auto' picks the faster exact path "
+            f"per layer, 'structured' always runs the structured multiply, 'dense' always applies the densified weight "
+            f"outside training and tracing."
+        )
 
-    Subclasses define ``_multiply(x)`` (``(N, in_features_padded)`` -> ``(N, out_features_padded)``, no bias),
-    ``_factor_init_bounds()`` and the classmethod ``_from_dense(weight, bias, nblocks, projection_dtype, **kwargs)``
-    returning ``(layer, relative projection error)``.
+
+def _check_dense_weight_max_bytes(value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(
+            f"`dense_weight_max_bytes` must be a number of bytes >= 0 (0: 'auto' never densifies) or None (no "
+            f"limit), got {value!r}."
+        )
+
+
+class _DenseWeight(NamedTuple):
+    """A densified weight and what it was computed from: the factor tensors themselves (weak references, so that a
+    reassigned parameter is told apart even if the new one reuses the old one's memory) and their in-place version,
+    storage address, shape, dtype and device."""
+
+    factors: tuple[weakref.ref, ...]
+    state: tuple
+    weight: torch.Tensor
+
+
+def _tensor_state(tensors: tuple[torch.Tensor, ...]) -> tuple:
+    return tuple((t.data_ptr(), t._version, t.shape, t.dtype, t.device) for t in tensors)
+
+
+class _StructuredLinear(nn.Module):
+    """What Monarch and block-diagonal layers share: padding, truncation, bias, densification, projection, and the
+    choice between the structured multiply and a cached densified weight in inference.
+
+    Subclasses define ``_FACTORS`` (names of the factor parameters), ``_multiply(x)`` (``(N, in_features_padded)`` ->
+    ``(N, out_features_padded)``, no bias), ``_factor_init_bounds()`` and the classmethod ``_from_dense(weight, bias,
+    nblocks, projection_dtype, **kwargs)`` returning ``(layer, relative projection error)``.
     """
 
-    def __init__(self, in_features: int, out_features: int, nblocks: int, bias: bool, device, dtype) -> None:
+    _FACTORS: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        nblocks: int,
+        bias: bool,
+        device,
+        dtype,
+        inference_path: InferencePath = "auto",
+        dense_weight_max_bytes: Optional[int] = DEFAULT_DENSE_WEIGHT_MAX_BYTES,
+    ) -> None:
         super().__init__()
         _check_features(in_features, out_features)
         _check_nblocks(nblocks, in_features, out_features)
@@ -445,10 +544,31 @@ class _StructuredLinear(nn.Module):
         self.nblocks = nblocks
         self.in_features_padded = _ceil_div(in_features, nblocks) * nblocks
         self.out_features_padded = _ceil_div(out_features, nblocks) * nblocks
+        self.inference_path = inference_path
+        self.dense_weight_max_bytes = dense_weight_max_bytes
+        self._dense_weight_cache: Optional[_DenseWeight] = None
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
         else:
             self.register_parameter("bias", None)
+
+    @property
+    def inference_path(self) -> str:
+        return self._inference_path
+
+    @inference_path.setter
+    def inference_path(self, value: str) -> None:
+        _check_inference_path(value)
+        self._inference_path = value
+
+    @property
+    def dense_weight_max_bytes(self) -> Optional[int]:
+        return self._dense_weight_max_bytes
+
+    @dense_weight_max_bytes.setter
+    def dense_weight_max_bytes(self, value: Optional[int]) -> None:
+        _check_dense_weight_max_bytes(value)
+        self._dense_weight_max_bytes = value
 
     def uniform_init_bounds(self) -> dict[str, float]:
         """``{parameter name: b}`` of the ``U(-b, b)`` initialisation; model `_init_weights` methods use it too."""
@@ -467,6 +587,9 @@ class _StructuredLinear(nn.Module):
                 f"{type(self).__name__} expects inputs with {self.in_features} features in the last dimension, "
                 f"got shape {tuple(x.shape)}."
             )
+        weight = self.inference_dense_weight(x)
+        if weight is not None:
+            return F.linear(x, weight, self.bias)
         batch_shape = x.shape[:-1]
         if self.in_features_padded != self.in_features:
             x = F.pad(x, (0, self.in_features_padded - self.in_features))
@@ -478,6 +601,67 @@ class _StructuredLinear(nn.Module):
             # Cast so that autocast decides the output dtype, as it does for nn.Linear.
             y = y + self.bias.to(y.dtype)
         return y
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Choice of the inference path
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def flop_saving(self) -> float:
+        """How many times fewer FLOPs per token the structured multiply does than the dense weight."""
+        structured = sum(getattr(self, name).numel() for name in self._FACTORS)
+        return self.in_features * self.out_features / structured
+
+    def dense_weight_bytes(self) -> int:
+        """Memory of this layer's densified weight."""
+        return self.in_features * self.out_features * getattr(self, self._FACTORS[0]).element_size()
+
+    def prefers_dense_weight(self, rows: Optional[int] = None) -> bool:
+        """Whether ``inference_path`` asks for the densified weight in inference on ``rows`` input rows (None: many).
+        ``"auto"``: where the weight takes at most ``dense_weight_max_bytes`` and the structured multiply saves fewer
+        than ``AUTO_MIN_FLOP_SAVING`` times the FLOPs, or the call is smaller than ``AUTO_MIN_DENSE_FLOPS`` and the
+        weight at most ``AUTO_SMALL_CALL_MAX_WEIGHT_BYTES``."""
+        if self.inference_path != "auto":
+            return self.inference_path == "dense"
+        weight_bytes = self.dense_weight_bytes()
+        limit = self.dense_weight_max_bytes
+        if limit is not None and weight_bytes > limit:
+            return False
+        small_call = rows is not None and 2 * rows * self.in_features * self.out_features < AUTO_MIN_DENSE_FLOPS
+        small_call = small_call and weight_bytes <= AUTO_SMALL_CALL_MAX_WEIGHT_BYTES
+        return small_call or self.flop_saving() < AUTO_MIN_FLOP_SAVING
+
+    def inference_dense_weight(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The densified weight to apply to ``x`` in place of the structured multiply, or None.
+
+        Only where nobody can tell the difference: autograd records nothing (the factors get their gradients through
+        the structured multiply) and no graph is being captured (a traced graph must compute from the parameters, not
+        hold a tensor computed outside it). The weight is computed once and reused until a factor changes.
+        """
+        # Tracing first: the row count of a traced input may be symbolic, and reading it would specialise the graph.
+        if is_traced() or records_autograd(self, x) or not self.prefers_dense_weight(x.numel() // self.in_features):
+            return None
+        factors = tuple(getattr(self, name) for name in self._FACTORS)
+        if any(t.is_inference() for t in factors):  # inference tensors have no version counter to validate against
+            return None
+        cache = self._dense_weight_cache
+        state = _tensor_state(factors)
+        if cache is None or cache.state != state or any(ref() is not t for ref, t in zip(cache.factors, factors)):
+            self._dense_weight_cache = None  # free the stale weight before computing the new one
+            with torch.inference_mode(False):  # a normal tensor, usable in and out of inference mode
+                weight = self.dense_weight()
+            cache = _DenseWeight(tuple(weakref.ref(t) for t in factors), state, weight)
+            self._dense_weight_cache = cache
+        return cache.weight
+
+    def _apply(self, fn, recurse=True):
+        # `.to()`, `.half()`, `.cuda()` may swap a parameter's storage under the same tensor object and version.
+        self._dense_weight_cache = None
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        state["_dense_weight_cache"] = None  # weak references do not pickle; the weight is recomputed on demand
+        return state
 
     @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:
@@ -533,10 +717,11 @@ class _StructuredLinear(nn.Module):
         return (layer, error) if return_error else layer
 
     def extra_repr(self) -> str:
-        return (
+        text = (
             f"in_features={self.in_features}, out_features={self.out_features}, nblocks={self.nblocks}, "
             f"bias={self.bias is not None}"
         )
+        return text if self.inference_path == "auto" else f"{text}, inference_path={self.inference_path!r}"
 
 
 class MonarchLinear(_StructuredLinear):
@@ -552,6 +737,16 @@ class MonarchLinear(_StructuredLinear):
             input's device type, which is the PyTorch path everywhere until ``benchmarks/bench_gpu.py`` measures the
             Triton kernel faster on a GPU (a one-time log line says which path runs); ``"torch"`` or ``"triton"``
             force a path.
+        inference_path (`str`, defaults to `"auto"`): how the layer applies itself where autograd records nothing and
+            no graph is being captured (``torch.compile``, ``torch.export``, ONNX). ``"structured"``: the structured
+            multiply; ``"dense"``: the densified weight, computed once, cached on the layer (not in its state dict)
+            and recomputed when a factor changes (in place, by reassignment, by ``load_state_dict`` or ``.to()``);
+            ``"auto"``: the densified weight where the structured multiply saves fewer than ``AUTO_MIN_FLOP_SAVING``
+            times the FLOPs and the weight fits in ``dense_weight_max_bytes``, else the structured multiply. Both
+            paths are exact (equal up to floating-point rounding). Training and tracing always run the structured
+            multiply. ``set_structured_inference_path`` sets it for a whole model.
+        dense_weight_max_bytes (`int` or `None`, defaults to 160 MiB): the most memory ``"auto"`` may spend on the
+            densified weight (``in_features * out_features`` elements); None for no limit. ``"dense"`` ignores it.
 
     Parameters ``blkdiag1`` ``(b, q, p)`` and ``blkdiag2`` ``(b, s, q)`` with ``b = nblocks``, ``p = ⌈in/b⌉``,
     ``s = ⌈out/b⌉``, ``q = min(p, s)``. The layer computes ``y = x Wᵀ + bias`` with
@@ -566,6 +761,8 @@ class MonarchLinear(_StructuredLinear):
     preserves the variance (``U(±√(3/p))``) and the second scales it by 1/3 (``U(±1/√q)``).
     """
 
+    _FACTORS = ("blkdiag1", "blkdiag2")
+
     def __init__(
         self,
         in_features: int,
@@ -575,8 +772,12 @@ class MonarchLinear(_StructuredLinear):
         device=None,
         dtype=None,
         backend: Backend = "auto",
+        inference_path: InferencePath = "auto",
+        dense_weight_max_bytes: Optional[int] = DEFAULT_DENSE_WEIGHT_MAX_BYTES,
     ) -> None:
-        super().__init__(in_features, out_features, nblocks, bias, device, dtype)
+        super().__init__(
+            in_features, out_features, nblocks, bias, device, dtype, inference_path, dense_weight_max_bytes
+        )
         shape1, shape2 = monarch_factor_shapes(in_features, out_features, nblocks)
         self.blkdiag1 = nn.Parameter(torch.empty(shape1, device=device, dtype=dtype))
         self.blkdiag2 = nn.Parameter(torch.empty(shape2, device=device, dtype=dtype))
@@ -638,6 +839,16 @@ class BlockdiagLinear(_StructuredLinear):
         out_features (`int`): size of each output sample.
         nblocks (`int`, defaults to 4): number of diagonal blocks, between 1 and ``min(in, out)``.
         bias (`bool`, defaults to `True`): whether to add a learnable bias.
+        inference_path (`str`, defaults to `"auto"`): how the layer applies itself where autograd records nothing and
+            no graph is being captured (``torch.compile``, ``torch.export``, ONNX). ``"structured"``: the structured
+            multiply; ``"dense"``: the densified weight, computed once, cached on the layer (not in its state dict)
+            and recomputed when a factor changes (in place, by reassignment, by ``load_state_dict`` or ``.to()``);
+            ``"auto"``: the densified weight where the structured multiply saves fewer than ``AUTO_MIN_FLOP_SAVING``
+            times the FLOPs and the weight fits in ``dense_weight_max_bytes``, else the structured multiply. Both
+            paths are exact (equal up to floating-point rounding). Training and tracing always run the structured
+            multiply. ``set_structured_inference_path`` sets it for a whole model.
+        dense_weight_max_bytes (`int` or `None`, defaults to 160 MiB): the most memory ``"auto"`` may spend on the
+            densified weight (``in_features * out_features`` elements); None for no limit. ``"dense"`` ignores it.
 
     ``weight`` has shape ``(b, ⌈out/b⌉, ⌈in/b⌉)``, exactly as the released M2-BERT checkpoints store it; input block k
     is features ``[k·⌈in/b⌉, (k+1)·⌈in/b⌉)`` and output block k is the next ``⌈out/b⌉`` outputs, so the dense weight
@@ -645,10 +856,22 @@ class BlockdiagLinear(_StructuredLinear):
     the output variance of an ``nn.Linear`` of the same shape.
     """
 
+    _FACTORS = ("weight",)
+
     def __init__(
-        self, in_features: int, out_features: int, nblocks: int = 4, bias: bool = True, device=None, dtype=None
+        self,
+        in_features: int,
+        out_features: int,
+        nblocks: int = 4,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        inference_path: InferencePath = "auto",
+        dense_weight_max_bytes: Optional[int] = DEFAULT_DENSE_WEIGHT_MAX_BYTES,
     ) -> None:
-        super().__init__(in_features, out_features, nblocks, bias, device, dtype)
+        super().__init__(
+            in_features, out_features, nblocks, bias, device, dtype, inference_path, dense_weight_max_bytes
+        )
         shape = blockdiag_factor_shape(in_features, out_features, nblocks)
         self.weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
         self.reset_parameters()
@@ -697,4 +920,28 @@ def set_monarch_backend(model: nn.Module, backend: Backend) -> int:
     layers = [module for module in model.modules() if isinstance(module, MonarchLinear)]
     for layer in layers:
         layer.backend = backend
+    return len(layers)
+
+
+_KEEP = object()
+
+
+def set_structured_inference_path(
+    model: nn.Module, inference_path: InferencePath, *, dense_weight_max_bytes: Optional[int] = _KEEP
+) -> int:
+    """Set ``inference_path`` (``"auto"``, ``"structured"`` or ``"dense"``) of every ``MonarchLinear`` and
+    ``BlockdiagLinear`` in ``model``, and their ``dense_weight_max_bytes`` if given (None: no limit).
+
+    Returns the number of layers changed. Cached densified weights of layers that no longer use them are freed.
+    """
+    _check_inference_path(inference_path)
+    if dense_weight_max_bytes is not _KEEP:
+        _check_dense_weight_max_bytes(dense_weight_max_bytes)
+    layers = [module for module in model.modules() if isinstance(module, _StructuredLinear)]
+    for layer in layers:
+        layer.inference_path = inference_path
+        if dense_weight_max_bytes is not _KEEP:
+            layer.dense_weight_max_bytes = dense_weight_max_bytes
+        if not layer.prefers_dense_weight():
+            layer._dense_weight_cache = None
     return len(layers)
