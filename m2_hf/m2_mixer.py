@@ -371,7 +371,9 @@ class HyenaFilter(nn.Module):
         decay = self.modulation.deltas[0, 0].abs()
         width = self.bias.shape[0]
         spectrum = torch.empty(width, length + 1, dtype=dtype.to_complex(), device=z.device)
-        chunks = _chunks(width, 3 * length * z.element_size(), 8, z.device)
+        # Per channel: its padded kernel, modulation and the FFT's complex output and scratch (about 8L floats). Larger
+        # buffers would also raise glibc's mmap threshold and leave the forward's later blocks on the heap.
+        chunks = _chunks(width, 8 * length * z.element_size(), 8, z.device)
         size = chunks[0].stop
         kernel_buffer = z.new_empty(size, 2 * length)
         modulation_buffer = z.new_empty(size, length)
