@@ -6,6 +6,7 @@ Reproduce (from the repository root; the baseline is any other checkout, e.g. ``
 
     python benchmarks/bench_filter_cache.py --baseline /tmp/base
     python benchmarks/bench_filter_cache.py --baseline /tmp/base --quick      # tiny models, a minute
+    python benchmarks/bench_filter_cache.py --spectrum-only --repeats 7       # one filter's uncached spectrum
 
 Memory: `bench_long_context.py`'s probe (``--memory-child``: peak RSS increase of one cold forward in a fresh
 process), run from each checkout's own copy of that script. Throughput: one worker process per configuration
@@ -122,12 +123,20 @@ def main() -> int:
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="run the memory probes")
     parser.add_argument("--quick", action="store_true", help="tiny models, lengths 128 256, 512 tokens")
     parser.add_argument("--json", type=Path, default=HERE / "out" / "bench_filter_cache.json")
+    parser.add_argument("--spectrum-only", action="store_true",
+                        help="only time one filter's uncached spectrum against the whole-tensor reference")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick and args.lengths == [4096, 16384]:
         args.lengths, args.tokens = [128, 256], 512
     if args.worker:
         worker_main(args.worker[0], args.worker[1], args.lengths, args.tokens, args.quick)
+        return 0
+    if args.spectrum_only:
+        result = {"metadata": {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                               "cpu": cpu_model(), "cores": available_cores(), "command": " ".join(sys.argv)}}
+        time_spectra(args, result)
+        write_result(args.json, result)
         return 0
     if not args.baseline:
         parser.error("--baseline PATH is required")
@@ -158,6 +167,38 @@ def main() -> int:
         save()
     print_summary(result, args.lengths)
     return 0
+
+
+def time_spectra(args, result: dict) -> None:
+    """Milliseconds to compute one filter's spectrum when it is not cached: the inference computation
+    (`HyenaFilter._spectrum_by_channels`) against the whole-tensor reference (`kernel_spectrum(*filter(length))`,
+    what the baseline computed once per length and then cached), alternating, in this process."""
+    import torch
+
+    import bench_long_context as blc
+    from m2_hf import M2BertConfig
+    from m2_hf.m2_mixer import HyenaFilter, kernel_spectrum
+
+    torch.set_num_threads(available_cores())
+    shape = blc.QUICK_SHAPE if args.quick else blc.BASE_SHAPE
+    hidden = shape.hidden
+    config = M2BertConfig(hidden_size=hidden, max_position_embeddings=max(args.lengths))
+    hyena = HyenaFilter(config, hidden, bidirectional=True).eval()
+    ways = {"inference": hyena._spectrum_by_channels, "reference": lambda n: kernel_spectrum(*hyena(n))}
+    samples = result.setdefault("spectrum_ms", {name: {length: [] for length in args.lengths} for name in ways})
+    with torch.no_grad():
+        for length in args.lengths:
+            for name, way in ways.items():
+                way(length)  # warm-up
+            for _ in range(args.repeats):
+                for name, way in ways.items():
+                    start = time.perf_counter()
+                    way(length)
+                    samples[name][length].append(1e3 * (time.perf_counter() - start))
+            medians = {name: statistics.median(samples[name][length]) for name in ways}
+            log(f"spectrum of one filter (hidden {hidden}) at {length}: "
+                + ", ".join(f"{name} {ms:.1f} ms" for name, ms in medians.items())
+                + f"; reference / inference {medians['reference'] / medians['inference']:.2f}x")
 
 
 def write_result(path: Path, result: dict) -> None:

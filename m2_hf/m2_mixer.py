@@ -349,27 +349,52 @@ class HyenaFilter(nn.Module):
         return self.filter_cache.get_or_compute(self, kind, length, inference)
 
     def _spectrum_by_channels(self, length: int) -> torch.Tensor:
-        """:func:`kernel_spectrum` of :meth:`forward`, computed over chunks of channels from the filter MLPs' hidden
-        features: besides the result, only a chunk's kernels are ever held (a whole padded kernel and its spectrum
-        would be 4x the result, 400 MB per filter of hidden 768 at 16384 tokens). An output layer that is not a plain
-        `nn.Linear` (a PEFT or quantised wrapper) is run as a module, over all channels at once."""
+        """:func:`kernel_spectrum` of :meth:`forward`, computed over chunks of channels straight into its result.
+
+        Besides the result, only one chunk's padded kernel and modulation are ever held (a whole padded kernel and its
+        spectrum would be 4x the result: 400 MB per filter of hidden 768 at 16384 tokens), in buffers reused across
+        chunks (fresh multi-MB CPU tensors are page-faulted in on every use). Each half of the padded kernel is one
+        matrix product of the output layer with the MLP's hidden features, written in place: the reverse filter's
+        features and modulation are flipped in time beforehand, so that nothing of the kernel's size is flipped,
+        padded or concatenated. An output layer that is not a plain `nn.Linear` (a PEFT or quantised wrapper), a
+        half-precision filter (whose kernels are rounded before the float32 FFT) or autocast takes the reference
+        computation, over all channels at once."""
         mlps = [self.implicit_filter] + ([self.implicit_filter_rev] if self.bidirectional else [])
-        if any(type(mlp[-1]) is not nn.Linear for mlp in mlps):
-            return kernel_spectrum(*self.forward(length))
         z, t = self.pos_emb(length)
-        features = [mlp[:-1](z) for mlp in mlps]  # [1, L, filter order]
+        dtype = _fft_dtype(z.dtype)
+        if (
+            any(type(mlp[-1]) is not nn.Linear for mlp in mlps)
+            or z.dtype != dtype
+            or _autocast_dtype(z.device.type) is not None
+        ):
+            return kernel_spectrum(*self.forward(length))
+        # Time runs backwards in the second half of the padded kernel: [k_forward, flip(k_reverse)].
+        times = [t[0, :, 0], t[0, :, 0].flip(0)]
+        features = [mlp[:-1](z)[0] for mlp in mlps]  # [L, filter order]
+        if self.bidirectional:
+            features[1] = features[1].flip(0)
+        # kernel_spectrum's 1/2L scale, applied to the (small) output weights instead of the spectrum.
+        weights = [mlp[-1].weight / (2 * length) for mlp in mlps]
+        decay = self.modulation.deltas[0, 0].abs()
         width = self.bias.shape[0]
-        spectrum = None
-        # Per channel: the forward and reverse kernels, the padded kernel and its spectrum, in float32.
-        for channels in _chunks(width, 4 * 2 * length * 4, 8, z.device):
-            kernels = [
-                self.modulation(t, F.linear(h, mlp[-1].weight[channels]), channels)[0].transpose(0, 1)
-                for h, mlp in zip(features, mlps)
-            ]
-            chunk = kernel_spectrum(kernels[0], kernels[1] if self.bidirectional else None)
-            if spectrum is None:
-                spectrum = chunk.new_empty(width, chunk.shape[-1])
-            spectrum[channels] = chunk
+        spectrum = torch.empty(width, length + 1, dtype=dtype.to_complex(), device=z.device)
+        # Per channel: its padded kernel, modulation and the FFT's complex output and scratch (about 8L floats). Larger
+        # buffers would also raise glibc's mmap threshold and leave the forward's later blocks on the heap.
+        chunks = _chunks(width, 8 * length * z.element_size(), 8, z.device)
+        size = chunks[0].stop
+        kernel_buffer = z.new_empty(size, 2 * length)
+        modulation_buffer = z.new_empty(size, length)
+        for channels in chunks:
+            count = channels.stop - channels.start
+            kernel, modulation = kernel_buffer[:count], modulation_buffer[:count]
+            halves = [kernel[:, :length], kernel[:, length:]]
+            if not self.bidirectional:
+                halves[1].zero_()
+            for half, weight, h, time in zip(halves, weights, features, times):
+                torch.mm(weight[channels], h.T, out=half)
+                torch.outer(decay[channels], time, out=modulation).neg_().exp_()
+                half.mul_(modulation)
+            torch.fft.rfft(kernel, out=spectrum[channels])
         return spectrum
 
 

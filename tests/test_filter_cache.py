@@ -288,13 +288,16 @@ def test_cache_is_bypassed_while_compiling(monkeypatch):
 # --------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("width", [HIDDEN, HIDDEN + 4])  # chunks of 8 channels; the second ends with a partial one
 @pytest.mark.parametrize("bidirectional", [True, False])
-def test_spectrum_by_channel_chunks_equals_the_reference(monkeypatch, bidirectional):
+def test_spectrum_by_channel_chunks_equals_the_reference(monkeypatch, bidirectional, width, dtype):
     monkeypatch.setattr(m2_mixer, "_CPU_CHUNK_BYTES", 1)  # one chunk per 8 channels: several chunks
-    config = M2BertConfig(hidden_size=HIDDEN, max_position_embeddings=64, hyena_filter_order=16)
+    config = M2BertConfig(hidden_size=width, max_position_embeddings=64, hyena_filter_order=16)
     torch.manual_seed(0)
-    hyena = HyenaFilter(config, HIDDEN, bidirectional)
+    hyena = HyenaFilter(config, width, bidirectional).to(dtype)
     with torch.no_grad():
-        torch.testing.assert_close(
-            hyena._spectrum_by_channels(40), kernel_spectrum(*hyena.forward(40)), rtol=1e-6, atol=1e-7
-        )
+        hyena.modulation.deltas.mul_(torch.rand_like(hyena.modulation.deltas) + 0.5)  # trained-like, not a ramp
+        expected = kernel_spectrum(*hyena.forward(40))
+        tolerance = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(hyena._spectrum_by_channels(40), expected, **tolerance)
