@@ -52,6 +52,7 @@ from transformers import (  # noqa: E402
     LlamaConfig,
     LlamaForCausalLM,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
     set_seed,
 )
@@ -61,13 +62,13 @@ from conversion.monarch import MonarchSettings, convert_to_dense, convert_to_mon
 
 # The full run's recipe; `--quick` shrinks every size.
 FULL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=8192, block_size=128, max_steps=700, batch_size=16, learning_rate=2e-3, warmup_steps=50,
+            vocab_size=8192, block_size=128, max_steps=300, batch_size=16, learning_rate=3e-3, warmup_steps=30,
             train_paragraphs=None, validation_blocks=256, calibration_samples=512, speed_batch=8, speed_length=128,
-            speed_rounds=5, new_tokens=64, decode_rounds=3)
+            speed_rounds=5, new_tokens=64, decode_rounds=3, train_minutes=None)
 QUICK = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=1024, block_size=64, max_steps=40, batch_size=8, learning_rate=3e-3, warmup_steps=5,
              train_paragraphs=3000, validation_blocks=32, calibration_samples=64, speed_batch=2, speed_length=32,
-             speed_rounds=2, new_tokens=8, decode_rounds=2)
+             speed_rounds=2, new_tokens=8, decode_rounds=2, train_minutes=None)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -105,6 +106,18 @@ def llama_config(recipe: dict, tokenizer) -> LlamaConfig:
     )
 
 
+class WallClockLimit(TrainerCallback):
+    """Ends training after ``minutes`` (None: never), so that a run on a shared machine ends when planned; the steps
+    actually taken are recorded."""
+
+    def __init__(self, minutes):
+        self.deadline = None if minutes is None else time.monotonic() + 60 * minutes
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            control.should_training_stop = True
+
+
 def pretrain(recipe: dict, model_dir: Path, work: Path) -> dict:
     """Train the Llama with `Trainer` and save it (with its tokenizer and `training.json`) to ``model_dir``."""
     train, validation, _, tokenizer = corpus(recipe, work)
@@ -119,7 +132,8 @@ def pretrain(recipe: dict, model_dir: Path, work: Path) -> dict:
         seed=0, disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=train,
-                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), processing_class=tokenizer)
+                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), processing_class=tokenizer,
+                      callbacks=[WallClockLimit(recipe["train_minutes"])])
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
@@ -128,7 +142,8 @@ def pretrain(recipe: dict, model_dir: Path, work: Path) -> dict:
         "recipe": recipe,
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_seconds": seconds,
-        "train_tokens": recipe["max_steps"] * recipe["batch_size"] * recipe["block_size"],
+        "train_steps": trainer.state.global_step,
+        "train_tokens": trainer.state.global_step * recipe["batch_size"] * recipe["block_size"],
         "train_blocks_available": len(train),
         "train_loss_log": [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e],
         "untrained_validation_perplexity": untrained,
@@ -159,6 +174,23 @@ def validation_perplexity(model, blocks, batch_size: int = 16) -> float:
         total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"))
         count += ids[:, 1:].numel()
     return math.exp(total / count)
+
+
+# The first validation blocks, on which each conversion's next-token distributions are compared with the original's.
+AGREEMENT_BLOCKS = 16
+
+
+@torch.no_grad()
+def log_probabilities(model, blocks) -> torch.Tensor:
+    return model(input_ids=torch.tensor(blocks[:AGREEMENT_BLOCKS]["input_ids"])).logits.float().log_softmax(-1)
+
+
+def agreement(model, blocks, reference: torch.Tensor) -> dict:
+    """Mean KL(original || converted) of the next-token distributions, and how often their top token agrees."""
+    converted = log_probabilities(model, blocks)
+    divergence = (reference.exp() * (reference - converted)).sum(-1)
+    return {"kl_to_original": float(divergence.mean()),
+            "top1_agreement": float((converted.argmax(-1) == reference.argmax(-1)).float().mean())}
 
 
 def unigram_perplexity(train, validation, vocab_size: int) -> float:
@@ -210,7 +242,9 @@ def summary(samples: list[float]) -> dict:
 # The run
 
 
-def conversion_rows(args, recipe: dict, model_dir: Path, work: Path, validation, calibration_file: Path) -> list[dict]:
+def conversion_rows(args, recipe: dict, model_dir: Path, work: Path, validation, calibration_file: Path,
+                    original) -> list[dict]:
+    reference = log_probabilities(original, validation)
     rows = []
     for method in args.methods:
         for target in args.targets:
@@ -227,16 +261,18 @@ def conversion_rows(args, recipe: dict, model_dir: Path, work: Path, validation,
                 seconds = time.perf_counter() - start
                 model = AutoModelForCausalLM.from_pretrained(destination).eval()
                 errors = [layer["relative_error"] for layer in report["layers"]]
+                rectangular = [layer for layer in report["layers"] if layer["in_features"] != layer["out_features"]]
                 rows.append({
                     "name": name, "method": method, "target": target, "nblocks": nblocks,
                     "folder": str(destination), "model_type": model.config.model_type,
                     "layers": len(report["layers"]),
-                    "rectangular_layers": sum(layer["in_features"] != layer["out_features"] for layer in report["layers"]),
+                    "rectangular_layers": len(rectangular),
                     "mean_relative_weight_error": statistics.mean(errors),
                     "parameters": report["totals"]["parameters_after"],
                     "parameters_before": report["totals"]["parameters_before"],
                     "conversion_seconds": seconds,
                     "validation_perplexity": validation_perplexity(model, validation),
+                    **agreement(model, validation, reference),
                 })
                 log(f"{name}: validation perplexity {rows[-1]['validation_perplexity']:.2f}, {seconds:.1f} s")
     return rows
@@ -280,7 +316,8 @@ def speed(args, recipe: dict, original, rows: list[dict], tokenizer, validation)
 
 def run(args) -> dict:
     recipe = dict(QUICK if args.quick else FULL)
-    for key in ("max_steps", "calibration_samples", "validation_blocks", "train_file", "validation_file"):
+    for key in ("max_steps", "train_minutes", "calibration_samples", "validation_blocks", "train_file",
+                "validation_file"):
         if getattr(args, key) is not None:
             recipe[key] = str(getattr(args, key)) if key.endswith("file") else getattr(args, key)
     if recipe.get("train_file") and not recipe.get("validation_file"):
@@ -303,7 +340,7 @@ def run(args) -> dict:
                  "unigram": unigram_perplexity(train, validation, len(tokenizer)),
                  "untrained": validation_perplexity(untrained, validation)}
     log(f"validation perplexity: original {baselines['original']:.2f}, unigram {baselines['unigram']:.1f}")
-    rows = conversion_rows(args, recipe, model_dir, work, validation, calibration_file)
+    rows = conversion_rows(args, recipe, model_dir, work, validation, calibration_file, original)
     # The most compressed conversion of the first method, so that the round trip materialises real Monarch factors.
     round_trip = dense_round_trip(max(rows, key=lambda row: (row["target"] == "all", row["nblocks"])), work,
                                   validation)
@@ -320,6 +357,7 @@ def run(args) -> dict:
         "data": {"validation_blocks": len(validation), "block_size": recipe["block_size"],
                  "validation_tokens_predicted": len(validation) * (recipe["block_size"] - 1),
                  "calibration_lines": min(recipe["calibration_samples"], len(paragraphs)),
+                 "agreement_blocks": min(AGREEMENT_BLOCKS, len(validation)),
                  "calibration_source": "training split (first paragraphs of train.txt)"},
         "baselines": baselines,
         "conversions": rows,
@@ -337,23 +375,27 @@ def format_text(result: dict) -> str:
              f"{training['train_seconds']:.0f} s",
              f"validation perplexity: original {base['original']:.2f}, unigram {base['unigram']:.1f}, "
              f"untrained {base['untrained']:.1f}", "",
-             f"{'conversion':<26} {'params':>10} {'weight err':>10} {'val ppl':>9} {'convert s':>9} "
-             f"{'fwd x':>6} {'decode x':>8}"]
+             f"{'conversion':<26} {'params':>10} {'weight err':>10} {'val ppl':>9} {'KL':>7} {'top1':>6} "
+             f"{'convert s':>9} {'fwd x':>6} {'decode x':>8}"]
     forward = result["speed"]["forward"]["speedup_vs_original"]
     decode = result["speed"]["decode"]["speedup_vs_original"]
     lines.append(f"{'original':<26} {result['conversions'][0]['parameters_before']:>10,} {'':>10} "
-                 f"{base['original']:>9.2f} {'':>9} {1:>6.2f} {1:>8.2f}")
+                 f"{base['original']:>9.2f} {0:>7.4f} {1:>6.3f} {'':>9} {1:>6.2f} {1:>8.2f}")
     for row in result["conversions"]:
         fwd = f"{forward[row['name']]:.2f}" if row["name"] in forward else "="
         dec = f"{decode[row['name']]:.2f}" if row["name"] in decode else "="
         lines.append(f"{row['name']:<26} {row['parameters']:>10,} {row['mean_relative_weight_error']:>10.3f} "
-                     f"{row['validation_perplexity']:>9.2f} {row['conversion_seconds']:>9.1f} {fwd:>6} {dec:>8}")
+                     f"{row['validation_perplexity']:>9.2f} {row['kl_to_original']:>7.4f} "
+                     f"{row['top1_agreement']:>6.3f} "
+                     f"{row['conversion_seconds']:>9.1f} {fwd:>6} {dec:>8}")
     trip = result["dense_round_trip"]
     lines += ["(= : speed as the closed-form conversion of the same preset and nblocks; the method changes no shape)",
               "", f"m2-convert dense of {trip['of']}: {trip['architecture']}, validation perplexity "
               f"{trip['validation_perplexity']:.4f} (Monarch {trip['monarch_validation_perplexity']:.4f}), max |logit "
               f"difference| {trip['max_abs_logit_difference']:.2e}"]
     speed_info = result["speed"]
+    lines.append(f"KL: mean KL(original || conversion) of the next-token distributions, top1: agreement of the top "
+                 f"token, on the first {result['data']['agreement_blocks']} validation blocks")
     lines.append(f"forward: batch {speed_info['forward']['batch']} x {speed_info['forward']['length']} tokens; "
                  f"decode: greedy generate() with KV cache, {speed_info['decode']['new_tokens']} new tokens after a "
                  f"{speed_info['decode']['prompt_tokens']}-token prompt; medians of interleaved rounds")
@@ -373,6 +415,8 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny sizes everywhere (about a minute)")
     parser.add_argument("--train-only", action="store_true", help="train (if needed) and stop")
     parser.add_argument("--max-steps", type=int, help="training steps (default: the recipe's)")
+    parser.add_argument("--train-minutes", type=float, help="end training after this many minutes even if fewer "
+                        "than --max-steps were taken (the JSON records the steps taken)")
     parser.add_argument("--train-file", type=Path, help="training text, a paragraph per line (default: the "
                         "pretraining example's standard-library corpus)")
     parser.add_argument("--validation-file", type=Path, help="validation text, disjoint from the training text")

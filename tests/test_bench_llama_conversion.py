@@ -67,6 +67,15 @@ def test_nblocks_1_closed_form_is_the_original_model(quick_run):
         if row["method"] == "closed-form" and row["nblocks"] == 1:
             assert row["mean_relative_weight_error"] < 1e-5
             assert row["validation_perplexity"] == pytest.approx(result["baselines"]["original"], rel=1e-5)
+            assert abs(row["kl_to_original"]) < 1e-6 and row["top1_agreement"] == 1
+
+
+def test_more_blocks_move_the_next_token_distributions_away_from_the_original(quick_run):
+    rows = {(r["method"], r["target"], r["nblocks"]): r for r in quick_run[0]["conversions"]}
+    for (method, target, nblocks), row in rows.items():
+        assert 0 <= row["top1_agreement"] <= 1
+        if nblocks == 2:
+            assert row["kl_to_original"] > max(0.0, rows[method, target, 1]["kl_to_original"])
 
 
 def test_dense_round_trip_equals_its_monarch_model(quick_run):
