@@ -23,7 +23,7 @@ from torch import nn
 
 from .configuration_m2_common import DEFAULT_FILTER_CACHE_BYTES, check_filter_cache_bytes
 from .m2_mixer import HyenaFilter
-from .monarch import _autocast_dtype
+from .monarch import _autocast_dtype, _tensor_state
 
 __all__ = ["DEFAULT_FILTER_CACHE_BYTES", "FilterCache", "FilterCacheMixin", "filter_dependencies"]
 
@@ -31,11 +31,10 @@ __all__ = ["DEFAULT_FILTER_CACHE_BYTES", "FilterCache", "FilterCacheMixin", "fil
 def filter_dependencies(module: nn.Module) -> tuple:
     """What ``module``'s outputs depend on besides their length: every parameter and buffer (which tensor, its
     in-place version, shape, dtype and device) and the autocast dtype of its device."""
-    tensors = [*module.named_parameters(), *module.named_buffers()]
-    device_type = tensors[0][1].device.type if tensors else "cpu"
-    return (_autocast_dtype(device_type),) + tuple(
-        (name, t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device) for name, t in tensors
-    )
+    named = [*module.named_parameters(), *module.named_buffers()]
+    names, tensors = [name for name, _ in named], tuple(t for _, t in named)
+    device_type = tensors[0].device.type if tensors else "cpu"
+    return (_autocast_dtype(device_type),) + tuple(zip(names, _tensor_state(tensors)))
 
 
 class _Entry(NamedTuple):
