@@ -9,12 +9,18 @@ autograd recording, at full and shorter lengths. The official model runs in floa
 a relative 1e-5) and in float32 (reported: the sine filter MLP amplifies float32 rounding to about 1e-4).
 
     pip install einops opt_einsum          # imported by the official code
-    python benchmarks/parity_official_m2_bert.py [--official-repo PATH]   # clones HazyResearch/m2 without it
+    python benchmarks/parity_official_m2_bert.py [--official-repo PATH] [--json PATH]
+    # without --official-repo it clones HazyResearch/m2
+
+``--json`` writes every comparison (head, training additions, dtype, length, path and relative difference).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import platform
 import tempfile
 from pathlib import Path
 
@@ -48,13 +54,14 @@ def relative_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.detach().double() - expected).abs().max() / expected.abs().max()).item()
 
 
-def compare(models, head: str, additions: bool, lengths: list[int], folder: Path) -> float:
+def compare(models, head: str, additions: bool, lengths: list[int], folder: Path) -> list[dict]:
+    """One row per (dtype, length, path): the relative difference of m2-hf's output from the official float64 one."""
     torch.manual_seed(0)
     official = build_official(models, head, **CONFIG, hyena_training_additions=additions)
     move_to_trained_scale(official, seed=0)
     write_released_folder(official, head, folder)
     official.double()
-    worst = 0.0
+    rows = []
     for dtype in (torch.float64, torch.float32):
         ours = OURS[head].from_pretrained(folder).eval().to(dtype)
         for length in lengths:
@@ -66,28 +73,37 @@ def compare(models, head: str, additions: bool, lengths: list[int], folder: Path
             recorded = getattr(ours(ids), OUTPUT_NAME[head])  # autograd records: the out-of-place path
             for path, actual in (("no_grad", inference), ("autograd", recorded)):
                 difference = relative_difference(actual, expected)
-                if dtype == torch.float64:
-                    worst = max(worst, difference)
+                rows.append({"head": head, "training_additions": additions, "dtype": str(dtype)[6:],
+                             "length": length, "path": path, "relative_difference": difference})
                 print(f"{head:10} additions={additions!s:5} {str(dtype)[6:]:7} L={length:4} {path:8} "
                       f"max|official - m2_hf| / max|official| = {difference:.2e}")
-    return worst
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(parser)
+    parser.add_argument("--json", type=Path, default=None, help="write every comparison to this file")
     args = parser.parse_args()
     models = import_official(official_source(args.work_dir, args.official_repo))
-    worst = 0.0
+    rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for head in OURS:
             for additions in (True, False):
                 # The official classification head asserts inputs of max_position_embeddings tokens; for shorter
                 # ones its backbone and last layer are called as its forward calls them.
                 lengths = [CONFIG["max_position_embeddings"], 77]
-                worst = max(worst, compare(models, head, additions, lengths, Path(scratch) / f"{head}-{additions}"))
-    print(f"worst float64 difference: {worst:.2e} (tolerance {TOLERANCE:.0e})")
-    if worst > TOLERANCE:
+                rows += compare(models, head, additions, lengths, Path(scratch) / f"{head}-{additions}")
+    worst = {dtype: max(r["relative_difference"] for r in rows if r["dtype"] == dtype)
+             for dtype in ("float64", "float32")}
+    print(f"worst float64 difference: {worst['float64']:.2e} (tolerance {TOLERANCE:.0e}); "
+          f"float32: {worst['float32']:.2e}")
+    if args.json:
+        meta = {"date": datetime.date.today().isoformat(), "official_commit": models.commit, "config": CONFIG,
+                "torch": torch.__version__, "python": platform.python_version(), "tolerance_float64": TOLERANCE}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"metadata": meta, "worst": worst, "comparisons": rows}, indent=1) + "\n")
+    if worst["float64"] > TOLERANCE:
         raise SystemExit("m2-hf's outputs differ from the official ones")
 
 
