@@ -96,6 +96,24 @@ def test_verdicts_read_the_fastest_gpt2_column():
     assert bench.verdict("x", 1.5, 1.5)["pass"] and not bench.verdict("x", 1.49, 1.5)["pass"]
 
 
+def test_tables_and_target_verdicts_compare_with_the_faster_gpt2(monkeypatch, capsys):
+    """Fixed timings in which the non-default GPT-2 variant is the faster one (StaticCache in decoding, Transformers'
+    loss in training): the ratios and the PASS/MISS verdicts must use it."""
+    step = {"m2-gpt": 0.1, "gpt2": 0.4, bench.GPT2_STATIC: 0.2}
+    monkeypatch.setattr(bench, "decode_step_seconds", lambda name, model, batch, context, steps: [step[name]] * steps)
+    train = {"m2-gpt": 1.0, bench.GPT2_FUSED: 3.0, "gpt2": 1.6, bench.UNFUSED: 2.0}
+    monkeypatch.setattr(bench, "training_in_fresh_process", lambda name, *args: [train[name]] * 2)
+    args = bench.parse_arguments(["--contexts", "8192", "--batches", "1", "--train-lengths", "4096"])
+    rows, verdicts = bench.decode_rows({"m2-gpt": None, "gpt2": None}, args)
+    assert rows[0]["ratio_to_faster_gpt2"] == pytest.approx(2.0)
+    assert len(verdicts) == 1 and verdicts[0]["ratio"] == pytest.approx(2.0) and verdicts[0]["pass"]
+    rows, verdicts = bench.training_rows(args)
+    assert rows[0]["ratio_to_faster_gpt2"] == pytest.approx(1.6)
+    assert rows[0]["ratio_fused_loss"] == pytest.approx(3.0)
+    assert verdicts[0]["ratio"] == pytest.approx(1.6) and verdicts[0]["pass"]
+    assert "MISS" not in capsys.readouterr().out
+
+
 def test_sizes_given_with_quick_are_kept():
     args = bench.parse_arguments(["--quick", "--contexts", "16"])
     assert args.contexts == [16]
@@ -128,6 +146,8 @@ def test_quick_run_writes_every_sample_and_its_baseline_checks(tmp_path, monkeyp
         assert len(rounds) == 2 and all(len(steps) == 3 for steps in rounds)
         median_step = statistics.median(statistics.fmean(steps) for steps in rounds)
         assert decode["tokens_per_s"][name] == pytest.approx(2 / median_step)
+    fastest = max(decode["tokens_per_s"][name] for name in bench.GPT2_DECODERS)
+    assert decode["ratio_to_faster_gpt2"] == pytest.approx(decode["tokens_per_s"]["m2-gpt"] / fastest)
     assert set(training["seconds_per_step_samples"]) == {"m2-gpt", bench.GPT2_FUSED, bench.UNFUSED, "gpt2"}
     for name, samples in training["seconds_per_step_samples"].items():
         assert len(samples) == 2
@@ -140,3 +160,12 @@ def test_child_process_entry_point_prints_one_sample_per_repeat(capsys):
     bench.main(["--child-train", bench.GPT2_FUSED, "16", "1", "3", "--quick"])
     samples = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(samples) == 3 and all(s > 0 for s in samples)
+
+
+def test_timing_summary_keeps_every_sample():
+    from benchmarks.bench_common import timing_summary
+
+    assert timing_summary([3.0, 1.0, 2.0, 10.0]) == {"median": 2.5, "min": 1.0, "max": 10.0,
+                                                     "samples": [3.0, 1.0, 2.0, 10.0]}
+    with pytest.raises(ValueError, match="at least one"):
+        timing_summary([])
