@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,14 @@ def seconds_per_call(fn: Callable[[], None], calls: int) -> float:
     for _ in range(calls):
         fn()
     return (time.perf_counter() - start) / calls
+
+
+def timing_summary(samples: list[float]) -> dict:
+    """The median a table shows, with the range and every sample: raw results files keep all of them."""
+    samples = list(samples)
+    if not samples:
+        raise ValueError("No timing samples to summarise: measure at least one repeat.")
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "samples": samples}
 
 
 def load_average() -> Optional[float]:

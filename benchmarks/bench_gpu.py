@@ -6,7 +6,8 @@ BERT-base (SDPA) at long sequence lengths, all measured in one run on one CUDA d
 
 Correctness is checked before anything is timed: the Triton kernel against the PyTorch path (values and gradients),
 both against a float64 dense reference, and M2-BERT on the device against M2-BERT on the CPU. Timings are medians of
-CUDA-event-timed repeats after warm-up (``triton.testing.do_bench`` when triton is present).
+CUDA-event-timed repeats after warm-up (``triton.testing.do_bench`` when triton is present); the JSON file keeps every
+repeat (``*_samples_ms``).
 """
 
 from __future__ import annotations
@@ -36,14 +37,14 @@ LENGTHS = [512, 1024, 2048, 4096, 8192, 16384, 32768]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def timer(device: torch.device, repeats: int) -> Callable[[Callable[[], object]], float]:
-    """Median milliseconds of ``fn``, synchronized and warmed up."""
+def timer(device: torch.device, repeats: int) -> Callable[[Callable[[], object]], list[float]]:
+    """Milliseconds of every timed call of ``fn``, synchronized and warmed up."""
 
-    def measure(fn: Callable[[], object]) -> float:
+    def measure(fn: Callable[[], object]) -> list[float]:
         if device.type == "cuda" and TRITON_AVAILABLE:
             from triton.testing import do_bench
 
-            return float(do_bench(fn, warmup=25, rep=max(50, 10 * repeats), return_mode="median"))
+            return [float(t) for t in do_bench(fn, warmup=25, rep=max(50, 10 * repeats), return_mode="all")]
         for _ in range(2):
             fn()
         samples = []
@@ -59,7 +60,7 @@ def timer(device: torch.device, repeats: int) -> Callable[[Callable[[], object]]
                 begin = time.perf_counter()
                 fn()
                 samples.append((time.perf_counter() - begin) * 1e3)
-        return statistics.median(samples)
+        return samples
 
     return measure
 
@@ -126,9 +127,10 @@ def time_monarch_layer(device: torch.device, tokens: int, repeats: int, shapes, 
                 for name, layer in layers.items():
                     if mode == "fwd":
                         with torch.no_grad():
-                            row[name] = measure(lambda: layer(x))
+                            samples = measure(lambda: layer(x))
                     else:
-                        row[name] = measure(lambda: layer(x).backward(grad))
+                        samples = measure(lambda: layer(x).backward(grad))
+                    row[name], row[f"{name}_samples_ms"] = statistics.median(samples), samples
                 rows.append(row)
                 print(format_layer_row(row, list(layers)), flush=True)
     return rows
@@ -224,7 +226,9 @@ def time_long_context(device: torch.device, args: argparse.Namespace) -> list[di
                             torch.cuda.synchronize()
                             torch.cuda.reset_peak_memory_stats()
                             base = torch.cuda.memory_allocated()
-                        milliseconds = measure(lambda: model(input_ids=ids))
+                        samples = measure(lambda: model(input_ids=ids))
+                        milliseconds = statistics.median(samples)
+                        row[f"{name}_samples_ms"] = samples
                         if device.type == "cuda":
                             row[f"{name}_peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
                     row[f"{name}_ms"] = milliseconds

