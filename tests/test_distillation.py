@@ -223,3 +223,56 @@ def test_dense_to_sparse_distill_teaches_the_monarch_model_with_the_fine_tuned_d
     assert distilled["dense"]["train_loss"] == pytest.approx(plain["dense"]["train_loss"], rel=1e-6)
     assert distilled["monarch"]["train_loss"] != pytest.approx(plain["monarch"]["train_loss"], rel=1e-3)
     assert "learned from the fine-tuned dense model as teacher" in (tmp_path / "distill/monarch/README.md").read_text()
+
+
+def count_forward_calls(model) -> list:
+    calls = []
+    model.register_forward_hook(lambda module, inputs, output: calls.append(1))
+    return calls
+
+
+def test_cached_teacher_logits_train_exactly_as_the_live_teacher_without_running_it(teacher_and_student_folders,
+                                                                                      tmp_path):
+    dense, monarch = teacher_and_student_folders
+    live, cached = load(monarch), load(monarch)
+    DistillationTrainer(model=live, teacher_model=load(dense), alpha=0.7, args=arguments(tmp_path, max_steps=8),
+                        train_dataset=dataset()).train()
+    teacher = load(dense)
+    trainer = DistillationTrainer(model=cached, teacher_model=teacher, alpha=0.7, cache_teacher_logits=True,
+                                  args=arguments(tmp_path, max_steps=8, per_device_eval_batch_size=3),
+                                  train_dataset=dataset())
+    calls = count_forward_calls(teacher)
+    trainer.train()
+    assert calls == [] and trainer.teacher_logits_seconds > 0
+    # Shuffled batches, one pass per epoch: each example met the logits the teacher gives it.
+    for (name, a), b in zip(live.state_dict().items(), cached.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), name
+    expected = load(dense)(input_ids=torch.tensor(dataset()["input_ids"][:3]),
+                           attention_mask=torch.tensor(dataset()["attention_mask"][:3])).logits
+    assert torch.allclose(torch.tensor(trainer.train_dataset["teacher_logits"][:3]), expected, atol=1e-5)
+
+
+def test_cached_logits_with_layer_matching_still_run_the_teacher_for_its_layers(teacher_and_student_folders,
+                                                                                 tmp_path):
+    dense, monarch = teacher_and_student_folders
+    teacher = load(dense)
+    trainer = DistillationTrainer(model=load(monarch), teacher_model=teacher, hidden_weight=1.0,
+                                  cache_teacher_logits=True, args=arguments(tmp_path, max_steps=2),
+                                  train_dataset=dataset())
+    calls = count_forward_calls(teacher)
+    trainer.train()
+    assert len(calls) == 2
+
+
+def test_cached_logits_need_a_dataset_and_one_prediction_per_example(teacher_and_student_folders, causal_lm_folders,
+                                                                       tmp_path):
+    dense, monarch = teacher_and_student_folders
+    rows = [dict(row) for row in dataset()]
+    with pytest.raises(ValueError, match="pass a `datasets.Dataset`"):
+        DistillationTrainer(model=load(monarch), teacher_model=load(dense), cache_teacher_logits=True,
+                            args=arguments(tmp_path), train_dataset=rows)
+    lm_dense, lm_monarch = causal_lm_folders
+    with pytest.raises(ValueError, match="predicts per token"):
+        DistillationTrainer(model=AutoModelForCausalLM.from_pretrained(lm_monarch),
+                            teacher_model=AutoModelForCausalLM.from_pretrained(lm_dense), cache_teacher_logits=True,
+                            args=arguments(tmp_path), train_dataset=language_modelling_rows())
