@@ -190,6 +190,12 @@ def evaluate_densified(task, monarch: dict, output: Path, training_args: Trainin
     return {key: value for key, value in result.items() if not key.startswith("train")}
 
 
+def write_results(results: list[dict], output: Path, table: Optional[str] = None) -> None:
+    (output / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    if table is not None:
+        (output / "results.md").write_text(table + "\n", encoding="utf-8")
+
+
 def markdown_table(results: list[dict]) -> str:
     """One row per model; the speed-up is training time relative to the dense run of the same table."""
     metrics, dense_seconds = results[0]["metrics"], results[0]["train_seconds"]
@@ -223,6 +229,8 @@ def main() -> None:
         dense = finetune(task, model_args, training_args, name="dense", model=dense_model,
                          card_notes="The dense baseline of `examples/dense_to_sparse.py`.")
         dense, dense_folder = {**dense, "run_settings": settings}, output / "dense"
+        if training_args.process_index == 0:  # kept if the sparse part fails, and reusable by --dense_run at once
+            write_results([with_model_summary(dense, dense_model)], output)
     source = model_args.model_name_or_path if sparse.convert_from == "pretrained" else str(dense_folder)
     with training_args.main_process_first(desc="Monarch conversion"):  # one rank converts, the others then read
         if training_args.process_index == 0:
@@ -255,8 +263,7 @@ def main() -> None:
         table = markdown_table(results)
         print(f"\n{table}\n\nConversion ({report['settings']['method']}, {len(report['layers'])} layers): "
               f"{conversion_seconds:.1f} s")
-        (output / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-        (output / "results.md").write_text(table + "\n", encoding="utf-8")
+        write_results(results, output, table)
     end_distributed_run()
 
 
