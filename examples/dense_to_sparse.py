@@ -5,8 +5,10 @@
 2. `monarch`: the same checkpoint with its targeted linear layers replaced by their Monarch projections
    (`m2-convert monarch`, `nblocks` 4, the MLPs by default or every linear layer of the encoder), fine-tuned with the
    same data, settings and budget. With `--distill`, it also learns from the fine-tuned dense model as its teacher
-   (`m2_hf.distillation.DistillationTrainer`: logit distillation, and with `--distill_hidden_weight` the output of
-   each Monarch layer pulled towards the dense layer it replaces).
+   (`m2_hf.distillation.DistillationTrainer`: logit distillation, the teacher's predictions computed once before
+   training, and with `--distill_hidden_weight` the output of each Monarch layer pulled towards the dense layer it
+   replaces). `--convert_from finetuned` projects the fine-tuned dense model instead of the starting checkpoint, so
+   that the student starts from the teacher's solution.
 3. `monarch-dense` (`--densify`, on by default): the fine-tuned Monarch model materialised back into a plain dense
    checkpoint (`m2-convert dense`, reverse sparsification) and evaluated: same predictions, loads without m2-hf.
 
@@ -21,7 +23,9 @@ offline on a CPU in minutes:
         --output_dir runs/sst2-d2s --num_train_epochs 3     # with the Hub
 
 Every data and training option of `finetune_text_classification.py` applies (`--train_file`, `--task_name`, `--bf16`,
-`--push_to_hub --hub_model_id NAME` uploads each model's folder as NAME-dense, NAME-monarch, ...).
+`--push_to_hub --hub_model_id NAME` uploads each model's folder as NAME-dense, NAME-monarch, ...). `--dense_run DIR`
+reuses the fine-tuned dense model and figures of an earlier run with the same data and training settings (several
+sparse settings against one dense baseline, without fine-tuning it again each time).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from example_utils import end_distributed_run, parse_arguments, upload  # first: it makes the checkout importable
 from finetune_text_classification import (
@@ -68,6 +73,33 @@ class SparsificationArguments:
     distill_hidden_weight: float = field(
         default=0.0, metadata={"help": "Weight of each Monarch layer's output error against the dense layer's."}
     )
+    distill_cache_teacher_logits: bool = field(
+        default=True, metadata={"help": "Compute the teacher's predictions once, before training, not at every step."}
+    )
+    convert_from: str = field(
+        default="pretrained",
+        metadata={"help": "pretrained: project the starting checkpoint (the paper's dense-to-sparse); finetuned: "
+                          "project the dense model after its fine-tuning."},
+    )
+    dense_run: Optional[str] = field(
+        default=None,
+        metadata={"help": "output_dir of an earlier run with the same data and training settings: its fine-tuned "
+                          "dense model and figures are reused instead of fine-tuning the dense model again."},
+    )
+
+    def __post_init__(self):
+        if self.convert_from not in CONVERSION_SOURCES:
+            raise ValueError(f"--convert_from must be one of {', '.join(CONVERSION_SOURCES)}, got {self.convert_from!r}.")
+
+
+CONVERSION_SOURCES = ("pretrained", "finetuned")
+# What makes two dense baselines the same run: a reused dense model must have been trained with these values.
+RUN_SETTINGS = {
+    "model": ("model_name_or_path",), "data": ("task_name", "dataset_name", "train_file", "validation_file",
+                                               "max_seq_length", "max_train_samples", "max_eval_samples"),
+    "training": ("seed", "num_train_epochs", "max_steps", "learning_rate", "per_device_train_batch_size",
+                 "gradient_accumulation_steps", "warmup_steps", "weight_decay", "lr_scheduler_type"),
+}
 
 
 def d2s_default_arguments(output_dir: str = "runs/dense-to-sparse") -> list[str]:
@@ -92,6 +124,29 @@ def calibration_file(task, folder: Path, samples: int) -> Path:
     return path
 
 
+def run_settings(model_args, data_args, training_args) -> dict:
+    sources = {"model": model_args, "data": data_args, "training": training_args}
+    return {name: str(getattr(sources[group], name)) for group, names in RUN_SETTINGS.items() for name in names}
+
+
+def reused_dense_run(folder: Path, settings: dict) -> tuple[dict, Path]:
+    """The dense row of an earlier run in ``folder`` and its model folder, if it was trained with ``settings``."""
+    results = folder / "results.json"
+    dense = next((row for row in json.loads(results.read_text()) if row["model"] == "dense"), None) \
+        if results.is_file() else None
+    if dense is None or not (folder / "dense" / "config.json").is_file():
+        raise SystemExit(f"--dense_run {folder}: no finished dense run there (results.json with a dense row and the "
+                         "dense/ model folder); pass the output_dir of an earlier dense_to_sparse.py run.")
+    recorded = dense.get("run_settings", {})
+    different = {name: (recorded.get(name, "not recorded"), value) for name, value in settings.items()
+                 if recorded.get(name) != value}
+    if different:
+        listed = "; ".join(f"{name}: {old} there, {new} here" for name, (old, new) in different.items())
+        raise SystemExit(f"--dense_run {folder} was trained with other settings ({listed}). Run with the same "
+                         "settings, or without --dense_run to fine-tune a dense baseline for these.")
+    return {**dense, "reused_from": str(folder)}, folder / "dense"
+
+
 def convert(source: str, destination: Path, sparse: SparsificationArguments, task) -> dict:
     settings = MonarchSettings(
         targets=sparse.targets, nblocks={"*": sparse.nblocks}, structure=sparse.structure,
@@ -109,7 +164,8 @@ def distillation_options(sparse: SparsificationArguments, teacher) -> dict:
     if not sparse.distill:
         return {}
     return dict(trainer_class=DistillationTrainer, teacher_model=teacher, alpha=sparse.distill_alpha,
-                temperature=sparse.distill_temperature, hidden_weight=sparse.distill_hidden_weight)
+                temperature=sparse.distill_temperature, hidden_weight=sparse.distill_hidden_weight,
+                cache_teacher_logits=sparse.distill_cache_teacher_logits)
 
 
 def with_model_summary(result: dict, model) -> dict:
@@ -134,15 +190,22 @@ def evaluate_densified(task, monarch: dict, output: Path, training_args: Trainin
     return {key: value for key, value in result.items() if not key.startswith("train")}
 
 
+def write_results(results: list[dict], output: Path, table: Optional[str] = None) -> None:
+    (output / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    if table is not None:
+        (output / "results.md").write_text(table + "\n", encoding="utf-8")
+
+
 def markdown_table(results: list[dict]) -> str:
     """One row per model; the speed-up is training time relative to the dense run of the same table."""
     metrics, dense_seconds = results[0]["metrics"], results[0]["train_seconds"]
-    lines = [f"| model | {' | '.join(metrics)} | train s | speed-up | train samples/s | eval samples/s | parameters "
-             "| non-embedding parameters |", "|---" * (len(metrics) + 7) + "|"]
+    lines = [f"| model | {' | '.join(metrics)} | train s | speed-up | train samples/s | teacher logits s "
+             "| eval samples/s | parameters | non-embedding parameters |", "|---" * (len(metrics) + 8) + "|"]
     for r in results:
-        training = ("-", "-", "-") if "train_seconds" not in r else (
+        training = ("-", "-", "-", "-") if "train_seconds" not in r else (
             f"{r['train_seconds']:.0f}", f"{dense_seconds / r['train_seconds']:.2f}x",
-            f"{r['train_samples_per_second']:.1f}")
+            f"{r['train_samples_per_second']:.1f}",
+            f"{r['teacher_logits_seconds']:.0f}" if "teacher_logits_seconds" in r else "-")
         cells = [r["model"], *(f"{r[m]:.4f}" for m in metrics), *training, f"{r['samples_per_second']:.1f}",
                  f"{r['parameters']:,}", f"{r['non_embedding_parameters']:,}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -156,20 +219,29 @@ def main() -> None:
     )
     output = Path(training_args.output_dir)
     task = prepare_task(model_args, data_args)
-    set_seed(training_args.seed)  # the new classification head's initialisation, as `finetune` does for its own
-    dense_model = load_classifier(model_args, task.labels, task.task_name)
-    dense = finetune(task, model_args, training_args, name="dense", model=dense_model,
-                     card_notes="The dense baseline of `examples/dense_to_sparse.py`.")
+    settings = run_settings(model_args, data_args, training_args)
+    if sparse.dense_run is not None:
+        dense, dense_folder = reused_dense_run(Path(sparse.dense_run), settings)
+        dense_model = AutoModelForSequenceClassification.from_pretrained(dense_folder)
+    else:
+        set_seed(training_args.seed)  # the new classification head's initialisation, as `finetune` does for its own
+        dense_model = load_classifier(model_args, task.labels, task.task_name)
+        dense = finetune(task, model_args, training_args, name="dense", model=dense_model,
+                         card_notes="The dense baseline of `examples/dense_to_sparse.py`.")
+        dense, dense_folder = {**dense, "run_settings": settings}, output / "dense"
+        if training_args.process_index == 0:  # kept if the sparse part fails, and reusable by --dense_run at once
+            write_results([with_model_summary(dense, dense_model)], output)
+    source = model_args.model_name_or_path if sparse.convert_from == "pretrained" else str(dense_folder)
     with training_args.main_process_first(desc="Monarch conversion"):  # one rank converts, the others then read
         if training_args.process_index == 0:
             start = time.perf_counter()
-            report = convert(model_args.model_name_or_path, output / "monarch-init", sparse, task)
+            report = convert(source, output / "monarch-init", sparse, task)
             conversion_seconds = time.perf_counter() - start
     monarch_args = ModelArguments(model_name_or_path=str(output / "monarch-init"),
                                   base_model_id=model_args.base_model_id or model_args.model_name_or_path)
     notes = (f"Dense-to-sparse: the {sparse.conversion_method} Monarch projection of the linear layers "
-             f"({', '.join(sparse.targets)}, nblocks {sparse.nblocks}), then the same fine-tuning as the dense "
-             "baseline.")
+             f"({', '.join(sparse.targets)}, nblocks {sparse.nblocks}) of the {sparse.convert_from} dense model, then "
+             "the same fine-tuning as the dense baseline.")
     if sparse.distill:
         notes += (f" It learned from the fine-tuned dense model as teacher (distillation weight {sparse.distill_alpha}, "
                   f"temperature {sparse.distill_temperature}, layer-output weight {sparse.distill_hidden_weight}).")
@@ -179,18 +251,19 @@ def main() -> None:
                        **distillation_options(sparse, dense_model))
     if training_args.process_index == 0:
         results = [with_model_summary(dense, dense_model), with_model_summary(monarch, monarch_model)]
-        results[1]["conversion"] = {"method": report["settings"]["method"], "layers": len(report["layers"]),
-                                    "seconds": conversion_seconds, "totals": report["totals"]}
+        results[1]["conversion"] = {"method": report["settings"]["method"], "source": sparse.convert_from,
+                                    "layers": len(report["layers"]), "seconds": conversion_seconds,
+                                    "totals": report["totals"]}
         if sparse.distill:
             results[1]["distillation"] = {"alpha": sparse.distill_alpha, "temperature": sparse.distill_temperature,
-                                          "hidden_weight": sparse.distill_hidden_weight}
+                                          "hidden_weight": sparse.distill_hidden_weight,
+                                          "cached_teacher_logits": sparse.distill_cache_teacher_logits}
         if sparse.densify:
             results.append(evaluate_densified(task, monarch, output, training_args, monarch_args.base_model_id))
         table = markdown_table(results)
         print(f"\n{table}\n\nConversion ({report['settings']['method']}, {len(report['layers'])} layers): "
               f"{conversion_seconds:.1f} s")
-        (output / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-        (output / "results.md").write_text(table + "\n", encoding="utf-8")
+        write_results(results, output, table)
     end_distributed_run()
 
 

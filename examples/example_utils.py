@@ -221,7 +221,11 @@ def train_and_evaluate(trainer: Trainer) -> dict:
     metrics = trainer.evaluate()
     trainer.save_model()
     model = trainer.model
+    # DistillationTrainer's one pass of the teacher over the training set, before `train()`: reported beside it.
+    before_training = {"teacher_logits_seconds": trainer.teacher_logits_seconds} if getattr(
+        trainer, "teacher_logits_seconds", 0.0) else {}
     return {
+        **before_training,
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_loss": train_result.training_loss,
         "train_seconds": seconds,

@@ -20,18 +20,26 @@ Usage with `Trainer` (the teacher is typically the dense model fine-tuned on the
     from m2_hf.distillation import DistillationTrainer
 
     trainer = DistillationTrainer(model=student, teacher_model=teacher, alpha=0.5, temperature=2.0,
-                                  args=training_args, train_dataset=train, data_collator=collator)
+                                  cache_teacher_logits=True, args=training_args, train_dataset=train,
+                                  data_collator=collator)
     trainer.train()
+
+The frozen teacher gives every example the same logits in every epoch, so with ``cache_teacher_logits=True`` they
+are computed once, before training, into a ``teacher_logits`` column of the training set: the student's steps then
+cost what they cost without distillation (the teacher's live forward would add about a third of a dense training
+step to each of them). The one pass over the training set is timed in ``trainer.teacher_logits_seconds``.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+import time
 from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 from transformers import Trainer
 
 from .monarch import BlockdiagLinear, MonarchLinear
@@ -68,6 +76,14 @@ def logit_distillation_loss(
         reduction="batchmean",
         log_target=True,
     ) * temperature**2
+
+
+TEACHER_LOGITS = "teacher_logits"
+
+
+def without_labels(inputs: dict) -> dict:
+    """The model inputs of a batch or example, without its labels (the teacher predicts, it is not scored)."""
+    return {key: value for key, value in inputs.items() if key not in ("labels", "label", "label_ids")}
 
 
 def structured_layer_names(model: nn.Module) -> list[str]:
@@ -126,6 +142,10 @@ class DistillationTrainer(Trainer):
         temperature: softening of both output distributions.
         hidden_weight: weight of the structured layers' output error relative to the teacher's same-named layers
             (0 turns it off).
+        cache_teacher_logits: compute the teacher's logits for the whole training set (a `datasets.Dataset`) once,
+            before training, instead of running the teacher at every step. For one prediction per example
+            (sequence classification or regression); with ``hidden_weight > 0`` the teacher still runs at every step
+            for its layer outputs.
         All other arguments are `Trainer`'s.
     """
 
@@ -136,6 +156,7 @@ class DistillationTrainer(Trainer):
         alpha: float = 0.5,
         temperature: float = 2.0,
         hidden_weight: float = 0.0,
+        cache_teacher_logits: bool = False,
         **kwargs,
     ) -> None:
         if not 0.0 <= alpha <= 1.0:
@@ -152,6 +173,43 @@ class DistillationTrainer(Trainer):
         self._matched_layers = structured_layer_names(self.model) if hidden_weight > 0 else []
         if hidden_weight > 0 and not self._matched_layers:
             raise ValueError("hidden_weight > 0 matches the student's Monarch/block-diagonal layers, and it has none.")
+        self.teacher_logits_seconds = 0.0
+        if cache_teacher_logits:
+            start = time.perf_counter()
+            self.train_dataset = self._with_teacher_logits(self.train_dataset)
+            self.teacher_logits_seconds = time.perf_counter() - start
+
+    def _with_teacher_logits(self, dataset):
+        """``dataset`` with a ``teacher_logits`` column: the teacher's prediction for each example, in order."""
+        if not hasattr(dataset, "add_column"):
+            raise ValueError(
+                "cache_teacher_logits=True stores the teacher's logits as a column of the training set: pass a "
+                f"`datasets.Dataset` as train_dataset (got {type(dataset).__name__}), or cache_teacher_logits=False."
+            )
+        if TEACHER_LOGITS in dataset.column_names:
+            raise ValueError(f"The training set already has a '{TEACHER_LOGITS}' column; remove it or pass "
+                             "cache_teacher_logits=False to use it as it is.")
+        features = self._remove_unused_columns(dataset, description="training")
+        collate = self.data_collator
+        loader = DataLoader(features, batch_size=self.args.per_device_eval_batch_size, shuffle=False,
+                            collate_fn=lambda rows: collate([without_labels(row) for row in rows]))
+        logits = []
+        with torch.inference_mode():
+            for batch in loader:
+                batch_logits = self.teacher(**self._prepare_inputs(batch)).logits
+                if batch_logits.dim() != 2:
+                    raise ValueError(
+                        f"cache_teacher_logits=True keeps one prediction per example, and the teacher predicts per "
+                        f"token (logits {tuple(batch_logits.shape)}): use cache_teacher_logits=False for token-level "
+                        "heads, whose cached logits would not fit in memory."
+                    )
+                logits.extend(batch_logits.float().cpu().tolist())
+        return dataset.add_column(TEACHER_LOGITS, logits)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if TEACHER_LOGITS not in self._signature_columns:  # Trainer would drop the column: the model doesn't take it
+            self._signature_columns.append(TEACHER_LOGITS)
 
     @contextmanager
     def _recording(self, model: nn.Module) -> Iterator[tuple[Optional[LayerOutputRecorder], ...]]:
@@ -167,15 +225,18 @@ class DistillationTrainer(Trainer):
             teacher.remove()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        cached_logits = inputs.pop(TEACHER_LOGITS, None)
         with self._recording(model) as (student_layers, teacher_layers):
             outputs = model(**inputs)
             if outputs.loss is None:
                 raise ValueError("The student computed no task loss: pass `labels` in the training inputs.")
-            teacher_inputs = {key: value for key, value in inputs.items() if key != "labels"}
-            with torch.no_grad():
-                teacher_outputs = self.teacher(**teacher_inputs)
+            teacher_logits = cached_logits
+            if cached_logits is None or student_layers is not None:
+                with torch.no_grad():
+                    live_logits = self.teacher(**without_labels(inputs)).logits
+                teacher_logits = live_logits if cached_logits is None else cached_logits
             mask = inputs.get("attention_mask")
-            distillation = logit_distillation_loss(outputs.logits, teacher_outputs.logits, self.temperature, mask)
+            distillation = logit_distillation_loss(outputs.logits, teacher_logits, self.temperature, mask)
             loss = (1 - self.alpha) * outputs.loss + self.alpha * distillation
             if student_layers is not None:
                 layer_error = relative_layer_error(student_layers.outputs, teacher_layers.outputs, mask)

@@ -28,13 +28,17 @@ from .monarch import _autocast_dtype, _tensor_state
 __all__ = ["DEFAULT_FILTER_CACHE_BYTES", "FilterCache", "FilterCacheMixin", "filter_dependencies"]
 
 
-def filter_dependencies(module: nn.Module) -> tuple:
+def filter_dependencies(module: nn.Module) -> Optional[tuple]:
     """What ``module``'s outputs depend on besides their length: every parameter and buffer (which tensor, its
-    in-place version, shape, dtype and device) and the autocast dtype of its device."""
+    in-place version, shape, dtype and device) and the autocast dtype of its device; None where that cannot be
+    known (tensors created under `torch.inference_mode()` have no version)."""
     named = [*module.named_parameters(), *module.named_buffers()]
     names, tensors = [name for name, _ in named], tuple(t for _, t in named)
+    states = _tensor_state(tensors)
+    if states is None:
+        return None
     device_type = tensors[0].device.type if tensors else "cpu"
-    return (_autocast_dtype(device_type),) + tuple(zip(names, _tensor_state(tensors)))
+    return (_autocast_dtype(device_type),) + tuple(zip(names, states))
 
 
 class _Entry(NamedTuple):
@@ -97,9 +101,8 @@ class FilterCache:
         sees no real tensors, and a compiled graph must not depend on Python-side state)."""
         if torch.compiler.is_compiling():
             return compute()
-        try:
-            dependencies = filter_dependencies(owner)
-        except RuntimeError:  # weights created under torch.inference_mode() have no version to check
+        dependencies = filter_dependencies(owner)
+        if dependencies is None:
             return compute()
         slot = (id(owner), kind, length)
         entry = self._entries.get(slot)

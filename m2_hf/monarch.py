@@ -510,7 +510,11 @@ class _DenseWeight(NamedTuple):
     weight: torch.Tensor
 
 
-def _tensor_state(tensors: tuple[torch.Tensor, ...]) -> tuple:
+def _tensor_state(tensors: tuple[torch.Tensor, ...]) -> Optional[tuple]:
+    """Which tensors these are and their in-place versions, for reusing what was computed from them; None where one
+    was created under `torch.inference_mode()` (it has no version counter, so a change to it could not be seen)."""
+    if any(t.is_inference() for t in tensors):
+        return None
     return tuple((t.data_ptr(), t._version, t.shape, t.dtype, t.device) for t in tensors)
 
 
@@ -641,10 +645,10 @@ class _StructuredLinear(nn.Module):
         if is_traced() or records_autograd(self, x) or not self.prefers_dense_weight(x.numel() // self.in_features):
             return None
         factors = tuple(getattr(self, name) for name in self._FACTORS)
-        if any(t.is_inference() for t in factors):  # inference tensors have no version counter to validate against
+        state = _tensor_state(factors)
+        if state is None:
             return None
         cache = self._dense_weight_cache
-        state = _tensor_state(factors)
         if cache is None or cache.state != state or any(ref() is not t for ref, t in zip(cache.factors, factors)):
             self._dense_weight_cache = None  # free the stale weight before computing the new one
             with torch.inference_mode(False):  # a normal tensor, usable in and out of inference mode

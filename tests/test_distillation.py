@@ -217,9 +217,93 @@ def test_dense_to_sparse_distill_teaches_the_monarch_model_with_the_fine_tuned_d
                     "--densify", "false", *data, *TINY_TRAINING, *options, cwd=tmp_path)
         results[run] = {r["model"]: r for r in json.loads((output / "results.json").read_text())}
     plain, distilled = results["plain"], results["distill"]
-    assert distilled["monarch"]["distillation"] == {"alpha": 1.0, "temperature": 2.0, "hidden_weight": 1.0}
+    assert distilled["monarch"]["distillation"] == {"alpha": 1.0, "temperature": 2.0, "hidden_weight": 1.0,
+                                                    "cached_teacher_logits": True}
     assert "distillation" not in plain["monarch"]
     # The same dense teacher; a student trained on another loss.
     assert distilled["dense"]["train_loss"] == pytest.approx(plain["dense"]["train_loss"], rel=1e-6)
     assert distilled["monarch"]["train_loss"] != pytest.approx(plain["monarch"]["train_loss"], rel=1e-3)
     assert "learned from the fine-tuned dense model as teacher" in (tmp_path / "distill/monarch/README.md").read_text()
+
+
+def count_forward_calls(model) -> list:
+    calls = []
+    model.register_forward_hook(lambda module, inputs, output: calls.append(1))
+    return calls
+
+
+def test_cached_teacher_logits_train_exactly_as_the_live_teacher_without_running_it(teacher_and_student_folders,
+                                                                                      tmp_path):
+    dense, monarch = teacher_and_student_folders
+    live, cached = load(monarch), load(monarch)
+    DistillationTrainer(model=live, teacher_model=load(dense), alpha=0.7, args=arguments(tmp_path, max_steps=8),
+                        train_dataset=dataset()).train()
+    teacher = load(dense)
+    trainer = DistillationTrainer(model=cached, teacher_model=teacher, alpha=0.7, cache_teacher_logits=True,
+                                  args=arguments(tmp_path, max_steps=8, per_device_eval_batch_size=3),
+                                  train_dataset=dataset())
+    calls = count_forward_calls(teacher)
+    trainer.train()
+    assert calls == [] and trainer.teacher_logits_seconds > 0
+    # Shuffled batches, one pass per epoch: each example met the logits the teacher gives it.
+    for (name, a), b in zip(live.state_dict().items(), cached.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), name
+    expected = load(dense)(input_ids=torch.tensor(dataset()["input_ids"][:3]),
+                           attention_mask=torch.tensor(dataset()["attention_mask"][:3])).logits
+    assert torch.allclose(torch.tensor(trainer.train_dataset["teacher_logits"][:3]), expected, atol=1e-5)
+
+
+def test_cached_logits_with_layer_matching_still_run_the_teacher_for_its_layers(teacher_and_student_folders,
+                                                                                 tmp_path):
+    dense, monarch = teacher_and_student_folders
+    teacher = load(dense)
+    trainer = DistillationTrainer(model=load(monarch), teacher_model=teacher, hidden_weight=1.0,
+                                  cache_teacher_logits=True, args=arguments(tmp_path, max_steps=2),
+                                  train_dataset=dataset())
+    calls = count_forward_calls(teacher)
+    trainer.train()
+    assert len(calls) == 2
+
+
+def test_cached_logits_need_a_dataset_and_one_prediction_per_example(teacher_and_student_folders, causal_lm_folders,
+                                                                       tmp_path):
+    dense, monarch = teacher_and_student_folders
+    rows = [dict(row) for row in dataset()]
+    with pytest.raises(ValueError, match="pass a `datasets.Dataset`"):
+        DistillationTrainer(model=load(monarch), teacher_model=load(dense), cache_teacher_logits=True,
+                            args=arguments(tmp_path), train_dataset=rows)
+    lm_dense, lm_monarch = causal_lm_folders
+    with pytest.raises(ValueError, match="predicts per token"):
+        DistillationTrainer(model=AutoModelForCausalLM.from_pretrained(lm_monarch),
+                            teacher_model=AutoModelForCausalLM.from_pretrained(lm_dense), cache_teacher_logits=True,
+                            args=arguments(tmp_path), train_dataset=language_modelling_rows())
+
+
+def test_dense_to_sparse_reuses_a_dense_run_and_projects_the_fine_tuned_model(tmp_path):
+    from safetensors.torch import load_file
+    from test_examples import run_example
+    from test_text_examples import TINY_TRAINING, review_files, write_checkpoint
+
+    checkpoint, data = write_checkpoint("dense", tmp_path), review_files(tmp_path)
+    common = ["--model_name_or_path", str(checkpoint), "--densify", "false", *data, *TINY_TRAINING]
+    run_example("dense_to_sparse.py", *common, "--output_dir", str(tmp_path / "first"), cwd=tmp_path)
+    first = json.loads((tmp_path / "first/results.json").read_text())[0]
+    second_dir = tmp_path / "second"
+    stdout = run_example("dense_to_sparse.py", *common, "--output_dir", str(second_dir), "--dense_run",
+                         str(tmp_path / "first"), "--convert_from", "finetuned", "--distill", cwd=tmp_path).stdout
+    dense, monarch = json.loads((second_dir / "results.json").read_text())
+    assert dense["reused_from"] == str(tmp_path / "first") and not (second_dir / "dense").exists()
+    assert dense["train_seconds"] == first["train_seconds"] and dense["accuracy"] == first["accuracy"]
+    assert monarch["conversion"]["source"] == "finetuned" and monarch["teacher_logits_seconds"] > 0
+    assert "| monarch |" in stdout
+    # The student starts from the fine-tuned dense model: its classifier is the fine-tuned one, not a new head.
+    fine_tuned = load_file(tmp_path / "first/dense/model.safetensors")
+    projected = load_file(second_dir / "monarch-init/model.safetensors")
+    assert torch.equal(projected["classifier.weight"], fine_tuned["classifier.weight"])
+    # Another seed is another dense baseline: refused, naming the difference.
+    error = run_example("dense_to_sparse.py", *common, "--output_dir", str(tmp_path / "third"), "--dense_run",
+                        str(tmp_path / "first"), "--seed", "7", cwd=tmp_path, succeed=False).stderr
+    assert "seed: 42 there, 7 here" in error
+    error = run_example("dense_to_sparse.py", *common, "--output_dir", str(tmp_path / "fourth"), "--dense_run",
+                        str(tmp_path / "nowhere"), cwd=tmp_path, succeed=False).stderr
+    assert "no finished dense run there" in error

@@ -260,6 +260,18 @@ def test_copies_start_with_an_empty_cache_of_their_own():
     assert len(model.filter_cache) == 4
 
 
+def test_a_model_created_in_inference_mode_computes_its_spectra_without_caching_them():
+    with torch.inference_mode():
+        model = tiny_bert()
+        first = model(ids()).last_hidden_state
+        assert model.filter_cache.nbytes == 0
+        for hyena in filters_of(model):
+            next(iter(filter_tensors(hyena).values())).mul_(1.5)
+        changed = model(ids()).last_hidden_state
+    assert not torch.allclose(changed, first)
+    torch.testing.assert_close(changed, uncached(model, ids()))
+
+
 def test_training_never_reads_or_fills_the_cache():
     model, inputs = tiny_bert(), ids()
     reference = copy.deepcopy(model)

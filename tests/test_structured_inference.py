@@ -124,6 +124,20 @@ def test_densified_weight_tells_a_new_parameter_at_the_same_address_and_version(
 
 
 @pytest.mark.parametrize("cls", CLASSES)
+def test_factors_created_in_inference_mode_are_applied_without_a_cached_weight(cls):
+    """Such tensors have no version counter: a later in-place change could not be seen, so nothing is cached."""
+    with torch.inference_mode():
+        layer = dense_layer(cls)
+        x = torch.randn(3, 16)
+        before = layer(x)
+        assert layer._dense_weight_cache is None
+        getattr(layer, factor_names(layer)[0]).mul_(2.0)
+        after = layer(x)
+    torch.testing.assert_close(after, structured_output(layer, x), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(after, before)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
 def test_autograd_gets_the_structured_multiply_and_factor_gradients(cls):
     layer = dense_layer(cls)
     reference = copy.deepcopy(layer)

@@ -1,0 +1,84 @@
+"""`benchmarks/bench_dense_to_sparse.py`: which runs it starts (one dense model per seed, finished runs read, a run
+stopped after its dense part resumed from it) and how it pairs and summarises their figures."""
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    return importlib.import_module("bench_dense_to_sparse")
+
+
+def results(dense_accuracy: float, sparse_accuracy: float, dense_seconds: float = 100.0,
+            sparse_seconds: float = 80.0, reused: bool = False) -> list[dict]:
+    dense = {"model": "dense", "accuracy": dense_accuracy, "f1": 0.5, "train_seconds": dense_seconds}
+    if reused:
+        dense["reused_from"] = "elsewhere"
+    sparse = {"model": "monarch", "accuracy": sparse_accuracy, "f1": 0.5, "train_seconds": sparse_seconds,
+              "teacher_logits_seconds": 3.0, "conversion": {"seconds": 9.0}, "train_examples": 10}
+    return [dense, sparse]
+
+
+def write_run(bench, root: Path, seed: int, setting: str, rows: list[dict]) -> None:
+    folder = bench.run_folder(root, seed, setting)
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps(rows))
+
+
+def test_accuracy_is_paired_by_seed_and_summarised(bench, tmp_path):
+    write_run(bench, tmp_path, 1, "mlp", results(0.80, 0.797, 100.0, 50.0))
+    write_run(bench, tmp_path, 2, "mlp", results(0.90, 0.893, 100.0, 100.0))
+    rows = bench.collect(tmp_path, [1, 2], ["mlp"])
+    assert [round(row["points"], 6) for row in rows] == [-0.3, -0.7]
+    summary = bench.summarise(rows)["mlp"]
+    assert summary["points"]["mean"] == pytest.approx(-0.5)
+    assert summary["points"]["std"] == pytest.approx(0.2828427, rel=1e-6)
+    assert summary["training_speedup"]["mean"] == pytest.approx(1.5)
+    assert (summary["sparse_accuracy"]["min"], summary["sparse_accuracy"]["max"]) == (0.797, 0.893)
+    assert "| mlp | 2 |" in bench.markdown({"mlp": summary})
+
+
+def test_verdicts_follow_the_issue_goals(bench):
+    def summary(points, speedup):
+        return {"points": {"mean": points}, "training_speedup": {"mean": speedup}}
+
+    checks = bench.verdicts({"mlp": summary(-0.5, 1.3), "all": summary(-1.6, 0.9)})
+    assert [(c["setting"], c["verdict"]) for c in checks] == [("mlp", "PASS"), ("mlp", "PASS"), ("all", "MISS")]
+    checks = bench.verdicts({"mlp": summary(-0.51, 1.29)})
+    assert [c["verdict"] for c in checks] == ["MISS", "MISS"]
+
+
+def test_one_dense_model_per_seed_and_finished_runs_are_not_repeated(bench, tmp_path, monkeypatch):
+    started = []
+    monkeypatch.setattr(bench.subprocess, "run", lambda command, **kwargs: started.append(command))
+    write_run(bench, tmp_path, 7, "mlp", results(0.8, 0.8))  # finished
+    write_run(bench, tmp_path, 8, "mlp", results(0.8, 0.8)[:1])  # stopped after its dense part
+    bench.run_all(tmp_path, [7, 8, 9], ["mlp", "all"], ["--num_train_epochs", "3"])
+
+    def option(command, name):
+        return command[command.index(name) + 1] if name in command else None
+
+    runs = [(option(c, "--seed"), Path(option(c, "--output_dir")).name, option(c, "--dense_run")) for c in started]
+    assert runs == [
+        ("7", "seed7-all", str(tmp_path / "seed7-mlp")),
+        ("8", "seed8-mlp", str(tmp_path / "seed8-mlp")),  # resumes from its own dense model
+        ("8", "seed8-all", str(tmp_path / "seed8-mlp")),
+        ("9", "seed9-mlp", None),  # trains the dense model of seed 9
+        ("9", "seed9-all", str(tmp_path / "seed9-mlp")),
+    ]
+    assert all(option(c, "--num_train_epochs") == "3" and c[0] == sys.executable for c in started)
+    assert option(started[0], "--targets") == "all" and option(started[1], "--targets") == "mlp"
+
+
+def test_missing_runs_are_named(bench, tmp_path):
+    write_run(bench, tmp_path, 1, "mlp", results(0.8, 0.8)[:1])
+    with pytest.raises(SystemExit, match="seed 1, mlp: no finished run"):
+        bench.collect(tmp_path, [1], ["mlp"])
