@@ -267,16 +267,16 @@ def closed_form(dense: nn.Module, nblocks: int, structure: str, **_) -> tuple[nn
 
 def calibrated(
     dense: nn.Module, nblocks: int, structure: str, *, name: str, model: nn.Module, original: nn.Module, calibration,
-    **_,
+    fit_settings: Optional[dict] = None, **_,
 ) -> nn.Module:
     """The closed form, refined so that the layer reproduces the original model's outputs on the calibration text
-    (`conversion/calibration.py`)."""
+    (`conversion/calibration.py`; ``fit_settings`` overrides the keyword defaults of its `fit_to_statistics`)."""
     from .calibration import fit_to_statistics, input_statistics
 
     weight = dense_weight_and_bias(dense)[0]
     statistics = input_statistics(model, original, name, calibration.batches)
     start, _ = closed_form(dense, nblocks, structure)
-    return fit_to_statistics(start, weight, statistics).to(weight.dtype), None
+    return fit_to_statistics(start, weight, statistics, **(fit_settings or {})).to(weight.dtype), None
 
 
 # Each method returns the structured layer and its relative error, or None when it must be measured.
