@@ -79,14 +79,18 @@ SPLITS = {"calibration": "train", "dev": "validation", "test": "test"}
 
 def sentence_splits(calibration_samples: int) -> dict[str, list[str]]:
     """``{"calibration", "dev", "test"}``: ``calibration_samples`` snippets of the training films (seeded shuffle, so
-    that they span many films), and every snippet of the validation and of the test films."""
+    that they span many films), and every snippet of the validation and of the test films; each snippet once, and
+    none in two splits (a few short snippets recur across films)."""
     splits = rotten_tomatoes_offline()
-    training = list(splits[SPLITS["calibration"]]["text"])
+    test = list(dict.fromkeys(splits[SPLITS["test"]]["text"]))
+    in_test = set(test)
+    dev = [text for text in dict.fromkeys(splits[SPLITS["dev"]]["text"]) if text not in in_test]
+    held_out = in_test | set(dev)
+    training = [text for text in dict.fromkeys(splits[SPLITS["calibration"]]["text"]) if text not in held_out]
     random.Random(0).shuffle(training)
     if calibration_samples > len(training):
         raise SystemExit(f"--calibration-samples is at most {len(training)} (the training films' snippets).")
-    return {"calibration": training[:calibration_samples],
-            "dev": list(splits[SPLITS["dev"]]["text"]), "test": list(splits[SPLITS["test"]]["text"])}
+    return {"calibration": training[:calibration_samples], "dev": dev, "test": test}
 
 
 def fit_settings_grid(args: argparse.Namespace) -> list[dict]:

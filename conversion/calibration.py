@@ -147,13 +147,28 @@ def _fit_blockdiag(objective: _Objective, nblocks: int) -> torch.Tensor:
     return _solve_symmetric(_diagonal_blocks(objective.second, nblocks), _diagonal_blocks(objective.target, nblocks))
 
 
+def _times_block_diagonal_transposed(matrix: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``matrix · blockdiag(blocks)ᵀ`` without forming the block-diagonal matrix: ``(rows, b·p)`` by ``(b, q, p)``
+    gives ``(rows, b·q)``."""
+    nblocks, inner, width = blocks.shape
+    rows = matrix.shape[0]
+    products = matrix.view(rows, nblocks, width).transpose(0, 1) @ blocks.transpose(1, 2)
+    return products.transpose(0, 1).reshape(rows, nblocks * inner)
+
+
+def _first_factor_times_second(blkdiag1: torch.Tensor, objective: _Objective) -> torch.Tensor:
+    """``blockdiag(blkdiag1) · C`` (C is symmetric)."""
+    return _times_block_diagonal_transposed(objective.second, blkdiag1).t()
+
+
 def _best_second_factor(blkdiag1: torch.Tensor, objective: _Objective) -> torch.Tensor:
     """The optimal ``blkdiag2`` for a fixed ``blkdiag1``: a least-squares problem per block of the second factor, on
     the second moment of the intermediate features ``h = blockdiag(blkdiag1) x``."""
-    first = torch.block_diag(*blkdiag1)
     nblocks = len(blkdiag1)
-    intermediate_second = _interleaved_blocks(first @ objective.second @ first.t(), nblocks)
-    return _solve_symmetric(intermediate_second, _interleaved_blocks(objective.target @ first.t(), nblocks))
+    intermediate_second = _times_block_diagonal_transposed(_first_factor_times_second(blkdiag1, objective), blkdiag1)
+    intermediate_target = _times_block_diagonal_transposed(objective.target, blkdiag1)
+    return _solve_symmetric(_interleaved_blocks(intermediate_second, nblocks),
+                            _interleaved_blocks(intermediate_target, nblocks))
 
 
 def _best_first_factor(blkdiag1: torch.Tensor, blkdiag2: torch.Tensor, objective: _Objective, steps: int):
@@ -171,8 +186,13 @@ def _best_first_factor(blkdiag1: torch.Tensor, blkdiag2: torch.Tensor, objective
     gram_inverse = torch.linalg.inv(gram_blocks + ridge * eye_inner)
     second_inverse = torch.linalg.inv(second_blocks)
 
+    inner, width = blkdiag1.shape[1:]
+    gram_rows = gram.view(nblocks, inner, nblocks * inner)
+
     def normal_operator(x):
-        return _diagonal_blocks(gram @ torch.block_diag(*x) @ objective.second, nblocks)
+        # Only the diagonal blocks of SᵀS X C are needed: block κ is the κ-th rows of SᵀS times the κ-th columns of X C.
+        x_second = _first_factor_times_second(x, objective)
+        return gram_rows @ x_second.view(nblocks * inner, nblocks, width).transpose(0, 1)
 
     def precondition(residual):
         return gram_inverse @ residual @ second_inverse

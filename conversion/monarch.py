@@ -276,7 +276,11 @@ def calibrated(
     weight = dense_weight_and_bias(dense)[0]
     statistics = input_statistics(model, original, name, calibration.batches)
     start, _ = closed_form(dense, nblocks, structure)
-    return fit_to_statistics(start, weight, statistics, **(fit_settings or {})).to(weight.dtype), None
+    # The fit is many small float64 products: on two cores shared with other jobs (load 5), one thread ran a layer's
+    # fit 13x faster than two, whose threads wait for each other.
+    with _single_threaded_ops():
+        fitted = fit_to_statistics(start, weight, statistics, **(fit_settings or {}))
+    return fitted.to(weight.dtype), None
 
 
 # Each method returns the structured layer and its relative error, or None when it must be measured.

@@ -107,3 +107,11 @@ def test_more_alternations_never_raise_the_objective():
         objective = _objective(fitted, dense.weight.detach(), statistics, damping=1e-3)
         values.append(objective.value(fitted.dense_weight()))
     assert values[2] <= values[1] <= values[0]
+
+
+@pytest.mark.parametrize("structure", [MonarchLinear, BlockdiagLinear])
+def test_fitted_bias_reproduces_the_mean_output(structure):
+    dense, statistics, x, x0 = layer_and_statistics(25, 18)
+    fitted = fit_to_statistics(structure.from_linear(dense, nblocks=4), dense.weight, statistics)
+    with torch.no_grad():
+        torch.testing.assert_close(fitted(x).mean(0), dense.double()(x0).mean(0))
