@@ -450,9 +450,12 @@ class CalibrationData:
 
 
 def calibration_data(tokenizer, texts: list[str]) -> CalibrationData:
-    """Tokenized batches, right-padded, truncated to ``CALIBRATION_MAX_LENGTH`` tokens."""
+    """Tokenized batches, right-padded, truncated to ``CALIBRATION_MAX_LENGTH`` tokens; the texts are batched in order
+    of length, so that padding (which every forward pass computes and then discards) stays small."""
     if tokenizer.pad_token is None:  # GPT-2 has none; padded positions are masked out anyway
         tokenizer.pad_token = tokenizer.eos_token
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=CALIBRATION_MAX_LENGTH)["input_ids"]]
+    texts = [texts[i] for i in sorted(range(len(texts)), key=lengths.__getitem__)]
     batches = []
     for start in range(0, len(texts), CALIBRATION_BATCH):
         encoded = tokenizer(

