@@ -17,14 +17,14 @@ def load_benchmark():
 
 def test_splits_are_disjoint_deterministic_and_sized():
     bench = load_benchmark()
-    splits = bench.sentence_splits(200)
-    assert len(splits["calibration"]) == 200 and len(splits["dev"]) > 1000 and len(splits["test"]) > 1000
+    splits = bench.sentence_splits(9000)
+    assert len(splits["calibration"]) == 9000 and len(splits["dev"]) > 1000 and len(splits["test"]) > 1000
     for first, second in (("calibration", "dev"), ("calibration", "test"), ("dev", "test")):
         assert not set(splits[first]) & set(splits[second]), (first, second)
-    assert bench.sentence_splits(200) == splits
-    # Shuffled: the first 200 of the training films' snippets would come from a handful of films.
+    assert bench.sentence_splits(9000) == splits
+    # Shuffled: the first snippets of the training films' snippets would come from a handful of films.
     training = list(bench.rotten_tomatoes_offline()["train"]["text"])
-    assert set(splits["calibration"]) <= set(training) and splits["calibration"] != training[:200]
+    assert set(splits["calibration"]) <= set(training) and splits["calibration"] != training[:9000]
 
 
 def test_settings_grid_is_every_combination():
