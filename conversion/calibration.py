@@ -8,13 +8,15 @@ the calibrated method minimises
     E‖M x − W x₀‖² = tr(M C Mᵀ) − 2 tr(M D Wᵀ) + const,   C = E[x xᵀ],  D = E[x x₀ᵀ],
 
 so each layer also corrects the drift that its converted predecessors introduced (as GPTQ does for quantisation).
-With C = L Lᵀ this is ‖Lᵀ Mᵀ − L⁻¹ D Wᵀ‖²_F: starting from the closed-form projection, L-BFGS minimises it over the
-structured factors (C is damped by a small multiple of its mean diagonal, so that directions never seen keep a little
-weight).
+The objective is quadratic in each factor with the other fixed. Starting from the closed-form projection, the fit
+alternates the exact optimum of the second block-diagonal factor (one small least-squares solve per block) with
+preconditioned conjugate-gradient steps on the first, whose normal equations couple its blocks; a block-diagonal layer
+is solved exactly at once. C is damped by a small multiple of its mean diagonal, so that directions never seen keep a
+little weight.
 
 Cost: one forward pass of the converted and of the original model over the calibration text per layer, each stopped
-at that layer, plus a small L-BFGS problem whose size depends on the layer's width only (not on the amount of text);
-the original model is kept in memory alongside the converted one.
+at that layer, plus a fit whose size depends on the layer's width only (not on the amount of text); the original model
+is kept in memory alongside the converted one.
 """
 
 from __future__ import annotations
