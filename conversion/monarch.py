@@ -15,7 +15,7 @@ import json
 import math
 import re
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -276,9 +276,7 @@ def calibrated(
     weight = dense_weight_and_bias(dense)[0]
     statistics = input_statistics(model, original, name, calibration.batches)
     start, _ = closed_form(dense, nblocks, structure)
-    # The fit is many small float64 products: on two cores shared with other jobs (load 5), one thread ran a layer's
-    # fit 13x faster than two, whose threads wait for each other.
-    with _single_threaded_ops():
+    with _fit_threads(weight):
         fitted = fit_to_statistics(start, weight, statistics, **(fit_settings or {}))
     return fitted.to(weight.dtype), None
 
@@ -308,6 +306,17 @@ def _single_threaded_ops() -> Iterator[int]:
         yield threads
     finally:
         torch.set_num_threads(threads)
+
+
+# A small layer's fit is many small float64 products: on two cores shared with other jobs (load 5), one thread ran a
+# MiniLM layer's fit 13x faster than two, whose threads wait for each other. A large layer's products are big enough
+# to share out, and one thread would leave a many-core machine idle for its whole fit.
+SINGLE_THREAD_FIT_MAX_WEIGHTS = 1 << 22
+
+
+def _fit_threads(weight: torch.Tensor):
+    """The threading of one layer's calibrated fit: a single thread for small layers, all threads for large ones."""
+    return _single_threaded_ops() if weight.numel() <= SINGLE_THREAD_FIT_MAX_WEIGHTS else nullcontext()
 
 
 def _map_on_all_cores(function: Callable, items: list) -> Iterator:

@@ -130,3 +130,23 @@ def test_calibration_batches_group_texts_of_similar_length():
     lengths = [int(length) for batch in batches for length in batch["attention_mask"].sum(1)]
     assert sorted(lengths) == lengths
     assert sorted(lengths) == sorted(len(tokenizer(text)["input_ids"]) for text in texts)
+
+
+@pytest.mark.parametrize("max_weights, expected_threads", [(10**9, 1), (0, None)])
+def test_small_layers_are_fitted_on_one_thread_and_large_ones_on_all(monkeypatch, max_weights, expected_threads):
+    import conversion.calibration as calibration
+    import conversion.monarch as monarch
+
+    threads_seen = []
+
+    def record(start, weight, statistics, **settings):
+        threads_seen.append(torch.get_num_threads())
+        return start
+
+    monkeypatch.setattr(calibration, "fit_to_statistics", record)
+    monkeypatch.setattr(calibration, "input_statistics", lambda *args: None)
+    monkeypatch.setattr(monarch, "SINGLE_THREAD_FIT_MAX_WEIGHTS", max_weights)
+    before = torch.get_num_threads()
+    monarch.calibrated(torch.nn.Linear(16, 16), 4, "monarch", name="layer", model=None, original=None,
+                       calibration=type("Calibration", (), {"batches": []})())
+    assert threads_seen == [expected_threads or before] and torch.get_num_threads() == before
