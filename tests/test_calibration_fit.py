@@ -44,6 +44,13 @@ def relative_gradient(loss, factor):
     return float(gradient.norm() / factor.detach().norm())
 
 
+def closed_form_and_objective(shape):
+    """A Monarch layer (closed form, float64) and its calibrated objective on drifted inputs."""
+    dense, statistics, _, _ = layer_and_statistics(*shape)
+    layer = MonarchLinear.from_linear(dense, nblocks=4).double()
+    return layer, _objective(layer, dense.weight.detach(), statistics, damping=1e-3)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_second_factor_matrix_is_the_layers_own_layout(shape):
     layer = MonarchLinear(*shape, nblocks=4).double()
@@ -53,9 +60,7 @@ def test_second_factor_matrix_is_the_layers_own_layout(shape):
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_second_factor_update_is_the_exact_optimum(shape):
-    dense, statistics, _, _ = layer_and_statistics(*shape)
-    layer = MonarchLinear.from_linear(dense, nblocks=4).double()
-    objective = _objective(layer, dense.weight.detach(), statistics, damping=1e-3)
+    layer, objective = closed_form_and_objective(shape)
     blkdiag1 = layer.blkdiag1.detach()
     blkdiag2 = _best_second_factor(blkdiag1, objective).requires_grad_()
     loss = objective_of_factors(objective, blkdiag1, blkdiag2)
@@ -65,9 +70,7 @@ def test_second_factor_update_is_the_exact_optimum(shape):
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_first_factor_update_converges_to_the_exact_optimum(shape):
-    dense, statistics, _, _ = layer_and_statistics(*shape)
-    layer = MonarchLinear.from_linear(dense, nblocks=4).double()
-    objective = _objective(layer, dense.weight.detach(), statistics, damping=1e-3)
+    layer, objective = closed_form_and_objective(shape)
     blkdiag2 = layer.blkdiag2.detach()
     start = relative_gradient(objective_of_factors(objective, layer.blkdiag1, blkdiag2), layer.blkdiag1)
     blkdiag1 = _best_first_factor(layer.blkdiag1.detach(), blkdiag2, objective, steps=200).requires_grad_()
