@@ -65,7 +65,7 @@ def test_second_factor_update_is_the_exact_optimum(shape):
     blkdiag2 = _best_second_factor(blkdiag1, objective).requires_grad_()
     loss = objective_of_factors(objective, blkdiag1, blkdiag2)
     assert relative_gradient(loss, blkdiag2) < 1e-6
-    assert float(loss) < objective.value(_second_factor_matrix(layer.blkdiag2.detach()) @ torch.block_diag(*blkdiag1))
+    assert loss.item() < objective.value(_second_factor_matrix(layer.blkdiag2.detach()) @ torch.block_diag(*blkdiag1))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
