@@ -125,16 +125,19 @@ def verdicts(summary: dict) -> list[dict]:
     return checks
 
 
+def spread_cell(figures: dict, digits: int = 4, unit: str = "") -> str:
+    """``mean ± std [min, max]`` of one figure of ``spread``."""
+    return (f"{figures['mean']:.{digits}f}{unit} ± {figures['std']:.{digits}f} "
+            f"[{figures['min']:.{digits}f}, {figures['max']:.{digits}f}]")
+
+
 def markdown(summary: dict) -> str:
     lines = ["| setting | seeds | dense accuracy | sparse accuracy | points vs dense (paired) | training speed-up |",
              "|---|---|---|---|---|---|"]
     for setting, f in summary.items():
-        def cell(key, scale=1.0, digits=4, unit=""):
-            s = f[key]
-            return (f"{scale * s['mean']:.{digits}f}{unit} ± {scale * s['std']:.{digits}f} "
-                    f"[{scale * s['min']:.{digits}f}, {scale * s['max']:.{digits}f}]")
-        lines.append(f"| {setting} | {f['points']['n']} | {cell('dense_accuracy')} | {cell('sparse_accuracy')} | "
-                     f"{cell('points', digits=2)} | {cell('training_speedup', digits=2, unit='x')} |")
+        lines.append(f"| {setting} | {f['points']['n']} | {spread_cell(f['dense_accuracy'])} | "
+                     f"{spread_cell(f['sparse_accuracy'])} | {spread_cell(f['points'], digits=2)} | "
+                     f"{spread_cell(f['training_speedup'], digits=2, unit='x')} |")
     return "\n".join(lines)
 
 

@@ -30,7 +30,6 @@ import argparse
 import copy
 import itertools
 import json
-import os
 import platform
 import random
 import sys
@@ -56,6 +55,8 @@ from conversion.budget import input_second_moments, plan_budget  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from example_utils import rotten_tomatoes_offline  # noqa: E402
+
+from benchmarks.bench_common import load_average  # noqa: E402
 
 TARGETS = ("mlp", "all")
 NBLOCKS = (2, 4, 8)
@@ -117,12 +118,11 @@ def run(args: argparse.Namespace) -> list[dict]:
         for target in args.targets:
             if method == "calibrated" and target not in args.calibrated_targets:
                 continue
-            for nblocks, settings in itertools.product(args.nblocks, fit_settings_grid(args)):
-                if method != "calibrated" and settings != fit_settings_grid(args)[0]:
-                    continue  # the closed form has no settings
+            settings_grid = fit_settings_grid(args) if method == "calibrated" else [{}]  # the closed form has none
+            for nblocks, settings in itertools.product(args.nblocks, settings_grid):
                 model = copy.deepcopy(original)
                 targets = resolve_targets(model.base_model, [target], {"*": nblocks})
-                load = os.getloadavg()[0]
+                load = load_average()
                 start, start_cpu = time.perf_counter(), time.process_time()
                 layers = project_layers(
                     model, targets, "monarch", method, progress=False, calibration=fitting, original=original,
@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     **({"fit_settings": settings} if method == "calibrated" else {}),
                     "evaluated_on": args.evaluate_on, "evaluation_sentences": evaluation.samples,
                     "calibration_sentences": fitting.samples, "load_average_before": load,
-                    "load_average_after": os.getloadavg()[0],
+                    "load_average_after": load_average(),
                     "mean_relative_error": sum(l.relative_error for l in layers) / len(layers),
                     "parameter_fraction": sum(p.numel() for p in model.parameters()) / parameters,
                     "seconds": seconds,

@@ -231,10 +231,11 @@ class DistillationTrainer(Trainer):
             if outputs.loss is None:
                 raise ValueError("The student computed no task loss: pass `labels` in the training inputs.")
             teacher_logits = cached_logits
-            if cached_logits is None or student_layers is not None:
+            if teacher_logits is None or student_layers is not None:  # layer matching needs the teacher's forward
                 with torch.no_grad():
                     live_logits = self.teacher(**without_labels(inputs)).logits
-                teacher_logits = live_logits if cached_logits is None else cached_logits
+                if teacher_logits is None:
+                    teacher_logits = live_logits
             mask = inputs.get("attention_mask")
             distillation = logit_distillation_loss(outputs.logits, teacher_logits, self.temperature, mask)
             loss = (1 - self.alpha) * outputs.loss + self.alpha * distillation
