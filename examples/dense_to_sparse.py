@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from example_utils import end_distributed_run, parse_arguments, upload  # first: it makes the checkout importable
+from example_utils import end_distributed_run, evaluation_metrics, parse_arguments, upload  # first: it makes the checkout importable
 from finetune_text_classification import (
     DataArguments,
     ModelArguments,
@@ -80,6 +80,11 @@ class SparsificationArguments:
         default="pretrained",
         metadata={"help": "pretrained: project the starting checkpoint (the paper's dense-to-sparse); finetuned: "
                           "project the dense model after its fine-tuning."},
+    )
+    student_learning_rate: Optional[float] = field(
+        default=None,
+        metadata={"help": "Learning rate of the Monarch model's fine-tuning (default: --learning_rate, the dense "
+                          "model's). A model converted from the fine-tuned one starts near a solution: lower suits it."},
     )
     dense_run: Optional[str] = field(
         default=None,
@@ -159,6 +164,21 @@ def convert(source: str, destination: Path, sparse: SparsificationArguments, tas
     return convert_to_monarch(Path(source), destination, settings, overwrite=True, progress=False)
 
 
+def with_test_metrics(row: dict, task, model, training_args: TrainingArguments) -> dict:
+    """A reused dense row scored on the test split too (`--do_predict`), if its run did not score it."""
+    if all(f"test_{metric}" in row for metric in task.metric_names()):
+        return row
+    args = dataclasses.replace(training_args, push_to_hub=False)
+    return {**row, **build_trainer(task, model, args).evaluate(task.splits["test"], metric_key_prefix="test")}
+
+
+def student_training_arguments(training_args: TrainingArguments, sparse: SparsificationArguments) -> TrainingArguments:
+    """The dense run's training arguments (same data, budget and seed), with the student's own learning rate."""
+    if sparse.student_learning_rate is None:
+        return training_args
+    return dataclasses.replace(training_args, learning_rate=sparse.student_learning_rate)
+
+
 def distillation_options(sparse: SparsificationArguments, teacher) -> dict:
     """`finetune`'s trainer arguments: plain `Trainer` unless `--distill`."""
     if not sparse.distill:
@@ -179,7 +199,8 @@ def evaluate_densified(task, monarch: dict, output: Path, training_args: Trainin
     convert_to_dense(output / monarch["model"], destination, overwrite=True)
     model = AutoModelForSequenceClassification.from_pretrained(destination)
     args = dataclasses.replace(training_args, output_dir=str(destination), push_to_hub=False)
-    metrics = build_trainer(task, model, args).evaluate()
+    test = task.splits["test"] if training_args.do_predict else None
+    metrics = evaluation_metrics(build_trainer(task, model, args), test)
     result = with_model_summary({**monarch, "model": "monarch-dense", "parameters": model.num_parameters(),
                                  **{k.removeprefix("eval_"): v for k, v in metrics.items()}}, model)
     notes = ("Fine-tuned as a Monarch model (dense-to-sparse), then made dense again exactly (`m2-convert dense`, "
@@ -198,7 +219,8 @@ def write_results(results: list[dict], output: Path, table: Optional[str] = None
 
 def markdown_table(results: list[dict]) -> str:
     """One row per model; the speed-up is training time relative to the dense run of the same table."""
-    metrics, dense_seconds = results[0]["metrics"], results[0]["train_seconds"]
+    dense_seconds = results[0]["train_seconds"]
+    metrics = [*results[0]["metrics"], *(f"test_{m}" for m in results[0]["metrics"] if f"test_{m}" in results[-1])]
     lines = [f"| model | {' | '.join(metrics)} | train s | speed-up | train samples/s | teacher logits s "
              "| eval samples/s | parameters | non-embedding parameters |", "|---" * (len(metrics) + 8) + "|"]
     for r in results:
@@ -218,11 +240,13 @@ def main() -> None:
         "runs/dense-to-sparse",
     )
     output = Path(training_args.output_dir)
-    task = prepare_task(model_args, data_args)
+    task = prepare_task(model_args, data_args, training_args.do_predict)
     settings = run_settings(model_args, data_args, training_args)
     if sparse.dense_run is not None:
         dense, dense_folder = reused_dense_run(Path(sparse.dense_run), settings)
         dense_model = AutoModelForSequenceClassification.from_pretrained(dense_folder)
+        if training_args.do_predict:
+            dense = with_test_metrics(dense, task, dense_model, training_args)
     else:
         set_seed(training_args.seed)  # the new classification head's initialisation, as `finetune` does for its own
         dense_model = load_classifier(model_args, task.labels, task.task_name)
@@ -247,10 +271,11 @@ def main() -> None:
                   f"temperature {sparse.distill_temperature}, layer-output weight {sparse.distill_hidden_weight}).")
     set_seed(training_args.seed)
     monarch_model = load_classifier(monarch_args, task.labels, task.task_name)
-    monarch = finetune(task, monarch_args, training_args, name="monarch", model=monarch_model, card_notes=notes,
+    monarch = finetune(task, monarch_args, student_training_arguments(training_args, sparse), name="monarch", model=monarch_model, card_notes=notes,
                        **distillation_options(sparse, dense_model))
     if training_args.process_index == 0:
         results = [with_model_summary(dense, dense_model), with_model_summary(monarch, monarch_model)]
+        results[1]["learning_rate"] = student_training_arguments(training_args, sparse).learning_rate
         results[1]["conversion"] = {"method": report["settings"]["method"], "source": sparse.convert_from,
                                     "layers": len(report["layers"]), "seconds": conversion_seconds,
                                     "totals": report["totals"]}

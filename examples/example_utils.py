@@ -213,12 +213,21 @@ def training_arguments_for(training_args: TrainingArguments, name: Optional[str]
     return dataclasses.replace(training_args, **overrides)
 
 
-def train_and_evaluate(trainer: Trainer) -> dict:
-    """Train, evaluate, save; returns the figures that every example reports."""
+def evaluation_metrics(trainer: Trainer, test_dataset=None) -> dict:
+    """`eval_*` metrics of the validation split and, given a test split, `test_*` metrics of it."""
+    metrics = trainer.evaluate()
+    if test_dataset is not None:
+        metrics.update(trainer.evaluate(test_dataset, metric_key_prefix="test"))
+    return metrics
+
+
+def train_and_evaluate(trainer: Trainer, test_dataset=None) -> dict:
+    """Train, evaluate, save; returns the figures that every example reports. With a `test_dataset` (`--do_predict`)
+    its metrics come too, as `test_<metric>`: the held-out split that took no part in choosing any setting."""
     start = time.perf_counter()
     train_result = trainer.train()
     seconds = time.perf_counter() - start
-    metrics = trainer.evaluate()
+    metrics = evaluation_metrics(trainer, test_dataset)
     trainer.save_model()
     model = trainer.model
     # DistillationTrainer's one pass of the teacher over the training set, before `train()`: reported beside it.

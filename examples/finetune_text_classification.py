@@ -85,6 +85,9 @@ class DataArguments:
     dataset_config_name: Optional[str] = field(default=None)
     train_file: Optional[str] = field(default=None, metadata={"help": "CSV or JSON-lines file with a label column."})
     validation_file: Optional[str] = field(default=None, metadata={"help": "CSV or JSON-lines validation file."})
+    test_file: Optional[str] = field(
+        default=None, metadata={"help": "CSV or JSON-lines labelled test file, scored with --do_predict."}
+    )
     label_column_name: str = field(default="label")
     max_seq_length: int = field(default=128, metadata={"help": "Longer inputs are truncated."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Cap on training examples."})
@@ -114,6 +117,8 @@ def load_text_data(data_args: DataArguments):
         if data_args.validation_file is None:
             raise SystemExit("--train_file needs a --validation_file in the same format.")
         files = {"train": data_args.train_file, "validation": data_args.validation_file}
+        if data_args.test_file is not None:
+            files["test"] = data_args.test_file
         extension = Path(data_args.train_file).suffix.lstrip(".")
         if extension not in ("csv", "json", "jsonl"):
             raise SystemExit(f"--train_file must be .csv, .json or .jsonl, got {data_args.train_file}.")
@@ -155,7 +160,20 @@ def label_names(raw, data_args: DataArguments) -> Optional[list[str]]:
     return [str(label) for label in sorted(set(raw["train"][data_args.label_column_name]))]
 
 
-def tokenized_splits(raw, tokenizer, data_args: DataArguments, labels: Optional[list[str]]):
+def check_test_split(raw, data_args: DataArguments) -> None:
+    """`--do_predict` scores a labelled test split; GLUE's test splits have no labels (-1), for example."""
+    if "test" not in raw:
+        raise SystemExit(f"--do_predict needs a test split; the data has {', '.join(raw)}. Pass --test_file, or leave "
+                         "out --do_predict.")
+    column = raw["test"].column_names
+    values = raw["test"][data_args.label_column_name] if data_args.label_column_name in column else []
+    if not values or any(value is None or value == -1 for value in values):
+        raise SystemExit("--do_predict needs test labels, and this test split has none (missing or -1, as in GLUE). "
+                         "Pass a labelled --test_file, or leave out --do_predict.")
+
+
+def tokenized_splits(raw, tokenizer, data_args: DataArguments, labels: Optional[list[str]],
+                     with_test: bool = False):
     first, second = text_columns(raw, data_args)
     # Class labels of a `ClassLabel` column are already ids; plain labels (strings, numbers) are mapped to them.
     already_ids = labels is None or hasattr(raw["train"].features[data_args.label_column_name], "names")
@@ -169,7 +187,10 @@ def tokenized_splits(raw, tokenizer, data_args: DataArguments, labels: Optional[
         return encoded
 
     splits = {}
-    for split, cap in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
+    caps = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples}
+    if with_test:
+        caps["test"] = data_args.max_eval_samples
+    for split, cap in caps.items():
         dataset = raw[split]
         if cap is not None:
             dataset = dataset.select(range(min(cap, len(dataset))))
@@ -204,13 +225,16 @@ class TextTask:
         return metric_names(self.task_name, self.labels is None, 1 if self.labels is None else len(self.labels))
 
 
-def prepare_task(model_args: ModelArguments, data_args: DataArguments) -> TextTask:
+def prepare_task(model_args: ModelArguments, data_args: DataArguments, with_test: bool = False) -> TextTask:
+    """The tokenized splits; with `with_test` (`--do_predict`) also the labelled test split."""
     raw, data_description = load_text_data(data_args)
     check_splits(raw, data_args)
+    if with_test:
+        check_test_split(raw, data_args)
     labels = label_names(raw, data_args)
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path,
                                               trust_remote_code=model_args.trust_remote_code)
-    return TextTask(tokenized_splits(raw, tokenizer, data_args, labels), tokenizer, labels, data_description,
+    return TextTask(tokenized_splits(raw, tokenizer, data_args, labels, with_test), tokenizer, labels, data_description,
                     data_args.task_name)
 
 
@@ -247,7 +271,8 @@ def finetune(task: TextTask, model_args: ModelArguments, training_args: Training
     if model is None:
         model = load_classifier(model_args, task.labels, task.task_name)
     trainer = build_trainer(task, model, training_arguments_for(training_args, name), trainer_class, **trainer_options)
-    result = {"model": name or Path(training_args.output_dir).name, **train_and_evaluate(trainer),
+    test = task.splits["test"] if training_args.do_predict else None
+    result = {"model": name or Path(training_args.output_dir).name, **train_and_evaluate(trainer, test),
               "metrics": list(task.metric_names()), "train_examples": len(task.splits["train"]),
               "validation_examples": len(task.splits["validation"])}
     base_model = model_args.base_model_id or model_args.model_name_or_path
@@ -262,9 +287,10 @@ def main() -> None:
     )
     if data_args.task_name is not None and data_args.task_name not in GLUE_TASK_METRICS:
         raise SystemExit(f"--task_name must be a GLUE task ({', '.join(GLUE_TEXT_COLUMNS)}), got {data_args.task_name}.")
-    result = finetune(prepare_task(model_args, data_args), model_args, training_args)
+    result = finetune(prepare_task(model_args, data_args, training_args.do_predict), model_args, training_args)
     if training_args.process_index == 0:
-        print(json.dumps({k: result[k] for k in ("parameters", "train_seconds", *result["metrics"])}, indent=2))
+        reported = ("parameters", "train_seconds", *result["metrics"], *(f"test_{m}" for m in result["metrics"]))
+        print(json.dumps({k: result[k] for k in reported if k in result}, indent=2))
         output = Path(training_args.output_dir)
         (output / "results.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     end_distributed_run()

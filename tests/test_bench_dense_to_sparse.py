@@ -18,12 +18,14 @@ def bench(monkeypatch):
 
 
 def results(dense_accuracy: float, sparse_accuracy: float, dense_seconds: float = 100.0,
-            sparse_seconds: float = 80.0, reused: bool = False) -> list[dict]:
+            sparse_seconds: float = 80.0, reused: bool = False, test: tuple = ()) -> list[dict]:
     dense = {"model": "dense", "accuracy": dense_accuracy, "f1": 0.5, "train_seconds": dense_seconds}
     if reused:
         dense["reused_from"] = "elsewhere"
     sparse = {"model": "monarch", "accuracy": sparse_accuracy, "f1": 0.5, "train_seconds": sparse_seconds,
               "teacher_logits_seconds": 3.0, "conversion": {"seconds": 9.0}, "train_examples": 10}
+    if test:
+        dense["test_accuracy"], sparse["test_accuracy"] = test
     return [dense, sparse]
 
 
@@ -43,7 +45,23 @@ def test_accuracy_is_paired_by_seed_and_summarised(bench, tmp_path):
     assert summary["points"]["std"] == pytest.approx(0.2828427, rel=1e-6)
     assert summary["training_speedup"]["mean"] == pytest.approx(1.5)
     assert (summary["sparse_accuracy"]["min"], summary["sparse_accuracy"]["max"]) == (0.797, 0.893)
-    assert "| mlp | 2 |" in bench.markdown({"mlp": summary})
+    assert "| mlp | validation | 2 |" in bench.markdown({"mlp": summary})
+    assert "test" not in summary and "| test |" not in bench.markdown({"mlp": summary})
+
+
+def test_the_held_out_test_split_decides_where_every_run_scored_it(bench, tmp_path):
+    write_run(bench, tmp_path, 1, "mlp", results(0.80, 0.80, test=(0.84, 0.83)))
+    write_run(bench, tmp_path, 2, "mlp", results(0.90, 0.90, test=(0.82, 0.82)))
+    summary = bench.summarise(bench.collect(tmp_path, [1, 2], ["mlp"]))
+    assert summary["mlp"]["points"]["mean"] == 0.0
+    assert summary["mlp"]["test_points"]["mean"] == pytest.approx(-0.5)
+    assert summary["mlp"]["dense_test_accuracy"]["mean"] == pytest.approx(0.83)
+    check = bench.verdicts(summary)[0]
+    assert (check["value"], check["verdict"]) == (pytest.approx(-0.5), "PASS") and "test" in check["target"]
+    assert "| mlp | test | 2 | 0.8300" in bench.markdown(summary)
+    write_run(bench, tmp_path, 3, "mlp", results(0.80, 0.79))  # one run without the test split: validation decides
+    summary = bench.summarise(bench.collect(tmp_path, [1, 2, 3], ["mlp"]))
+    assert "test_points" not in summary["mlp"] and "validation" in bench.verdicts(summary)[0]["target"]
 
 
 def test_verdicts_follow_the_issue_goals(bench):

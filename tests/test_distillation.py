@@ -206,7 +206,8 @@ def test_hidden_state_matching_needs_a_teacher_with_the_same_layers(teacher_and_
 
 def test_dense_to_sparse_distill_teaches_the_monarch_model_with_the_fine_tuned_dense_one(tmp_path):
     from test_examples import run_example
-    from test_text_examples import TINY_TRAINING, review_files, write_checkpoint
+    from test_text_examples import (TINY_TRAINING, accuracy_of_saved_model, review_files, write_checkpoint,
+                                    write_reviews)
 
     checkpoint, data = write_checkpoint("dense", tmp_path), review_files(tmp_path)
     results = {}
@@ -282,20 +283,33 @@ def test_cached_logits_need_a_dataset_and_one_prediction_per_example(teacher_and
 def test_dense_to_sparse_reuses_a_dense_run_and_projects_the_fine_tuned_model(tmp_path):
     from safetensors.torch import load_file
     from test_examples import run_example
-    from test_text_examples import TINY_TRAINING, review_files, write_checkpoint
+    from test_text_examples import (TINY_TRAINING, accuracy_of_saved_model, review_files, write_checkpoint,
+                                    write_reviews)
 
     checkpoint, data = write_checkpoint("dense", tmp_path), review_files(tmp_path)
     common = ["--model_name_or_path", str(checkpoint), "--densify", "false", *data, *TINY_TRAINING]
     run_example("dense_to_sparse.py", *common, "--output_dir", str(tmp_path / "first"), cwd=tmp_path)
     first = json.loads((tmp_path / "first/results.json").read_text())[0]
     second_dir = tmp_path / "second"
+    test_file = write_reviews(tmp_path / "test.csv", 20, seed=2)
+    # The student's own learning rate, here 0: it must stay what the conversion made. The reused dense model is
+    # scored on the test split (--do_predict), which its own run did not score.
     stdout = run_example("dense_to_sparse.py", *common, "--output_dir", str(second_dir), "--dense_run",
-                         str(tmp_path / "first"), "--convert_from", "finetuned", "--distill", cwd=tmp_path).stdout
+                         str(tmp_path / "first"), "--convert_from", "finetuned", "--distill", "--student_learning_rate",
+                         "0", "--do_predict", "--test_file", str(test_file), cwd=tmp_path).stdout
     dense, monarch = json.loads((second_dir / "results.json").read_text())
     assert dense["reused_from"] == str(tmp_path / "first") and not (second_dir / "dense").exists()
     assert dense["train_seconds"] == first["train_seconds"] and dense["accuracy"] == first["accuracy"]
     assert monarch["conversion"]["source"] == "finetuned" and monarch["teacher_logits_seconds"] > 0
-    assert "| monarch |" in stdout
+    assert "| monarch |" in stdout and "test_accuracy" not in first
+    assert monarch["learning_rate"] == 0 and monarch["train_examples"] == dense["train_examples"]
+    trained, initial = (load_file(second_dir / f"{name}/model.safetensors") for name in ("monarch", "monarch-init"))
+    assert all(torch.equal(trained[name], initial[name]) for name in initial)
+    for row in (dense, monarch):
+        assert row["test_samples_per_second"] > 0 and 0 <= row["test_accuracy"] <= 1
+    assert dense["test_accuracy"] == pytest.approx(accuracy_of_saved_model(tmp_path / "first/dense", test_file))
+    assert monarch["test_accuracy"] == pytest.approx(accuracy_of_saved_model(second_dir / "monarch", test_file))
+    assert "| accuracy | f1 | test_accuracy | test_f1 | train s |" in stdout
     # The student starts from the fine-tuned dense model: its classifier is the fine-tuned one, not a new head.
     fine_tuned = load_file(tmp_path / "first/dense/model.safetensors")
     projected = load_file(second_dir / "monarch-init/model.safetensors")

@@ -232,4 +232,11 @@ def test_bad_data_gets_an_error_that_names_the_fix(tmp_path):
     error = run_example("finetune_text_classification.py", *common, "--train_file", str(tmp_path / "train.txt"),
                         "--validation_file", str(tmp_path / "dev.csv"), cwd=tmp_path, succeed=False).stderr
     assert "--train_file must be .csv, .json or .jsonl" in error
+    error = run_example("finetune_text_classification.py", *common, *review_files(tmp_path), "--do_predict",
+                        cwd=tmp_path, succeed=False).stderr
+    assert "--do_predict needs a test split; the data has train, validation. Pass --test_file" in error
+    (tmp_path / "test.csv").write_text("sentence,label\na joyful film,-1\n")  # GLUE's unlabelled test splits
+    error = run_example("finetune_text_classification.py", *common, *review_files(tmp_path), "--do_predict",
+                        "--test_file", str(tmp_path / "test.csv"), cwd=tmp_path, succeed=False).stderr
+    assert "--do_predict needs test labels" in error
     assert not (tmp_path / "run").exists()
