@@ -57,7 +57,9 @@ from .monarch import (
     MonarchLinear,
     blockdiag_factor_shape,
     blockdiag_multiply,
+    clear_measured_inference_paths,
     dense_weight_and_bias,
+    measured_inference_paths,
     monarch_factor_shapes,
     monarch_multiply,
     project_blockdiag,
@@ -156,6 +158,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "BlockdiagLinear",
+    "clear_measured_inference_paths",
+    "measured_inference_paths",
     "FilterCache",
     "MonarchBertConfig",
     "MonarchDistilBertConfig",

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import weakref
-from typing import Literal, NamedTuple, Optional
+from typing import Callable, Literal, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -66,8 +67,8 @@ AUTO_BACKENDS: dict[str, str] = {"cuda": "torch"}
 _PATH_NAMES = {"torch": "PyTorch multiply (two bmm)", "triton": "Triton kernel"}
 _auto_choices_logged: set[str] = set()
 
-InferencePath = Literal["auto", "structured", "dense"]
-_INFERENCE_PATHS = ("auto", "structured", "dense")
+InferencePath = Literal["auto", "structured", "dense", "measured"]
+_INFERENCE_PATHS = ("auto", "structured", "dense", "measured")
 
 # What `inference_path="auto"` may spend on one layer's densified weight, the same default as the M2 models' filter
 # cache (160 MiB): every layer of a BERT-large-sized model (4096x1024 float32 = 16 MiB) fits many times over.
@@ -90,6 +91,44 @@ DEFAULT_DENSE_WEIGHT_MAX_BYTES = 160 * 2**20
 AUTO_MIN_FLOP_SAVING = 2.0
 AUTO_MIN_DENSE_FLOPS = 2**28
 AUTO_SMALL_CALL_MAX_WEIGHT_BYTES = 4 * 2**20
+
+# `inference_path="measured"` times both exact paths on the first inference call of each layer shape, device, dtype
+# and call size (row counts grouped by powers of two), and applies the faster from then on, in every layer of that
+# shape in the process. Opt-in, because which path wins on a shared machine can change from run to run (the two
+# results differ by float rounding only). Each path runs once to warm up, then MEASURED_REPEATS times, interleaved;
+# the minimum counts.
+MEASURED_REPEATS = 3
+_measured_paths: dict[tuple, str] = {}
+
+
+def measured_inference_paths() -> dict[tuple, str]:
+    """The choices of ``inference_path="measured"`` so far: ``{(layer class, in_features, out_features, nblocks,
+    device type, dtype, rows up to): "structured" or "dense"}``."""
+    return dict(_measured_paths)
+
+
+def clear_measured_inference_paths() -> None:
+    """Forget the measured choices (the next calls measure again), for example after moving to a quieter machine."""
+    _measured_paths.clear()
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
+
+
+def _fastest(paths: dict[str, Callable[[], object]], device: torch.device, repeats: int) -> str:
+    """The name of the fastest of ``paths`` (callables), each warmed up once, then timed ``repeats`` times in turn."""
+    best = dict.fromkeys(paths, math.inf)
+    for round_ in range(repeats + 1):
+        for name, run in paths.items():
+            _synchronize(device)
+            start = time.perf_counter()
+            run()
+            _synchronize(device)
+            if round_:
+                best[name] = min(best[name], time.perf_counter() - start)
+    return min(best, key=best.get)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -486,9 +525,9 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
 def _check_inference_path(value, name: str = "inference_path") -> None:
     if value not in _INFERENCE_PATHS:
         raise ValueError(
-            f"`{name}` must be one of {_INFERENCE_PATHS}, got {value!r}: 'auto' picks the faster exact path "
-            f"per layer, 'structured' always runs the structured multiply, 'dense' always applies the densified weight "
-            f"outside training and tracing."
+            f"`{name}` must be one of {_INFERENCE_PATHS}, got {value!r}: 'auto' picks the exact path that the layer's "
+            f"shape predicts faster, 'structured' always runs the structured multiply, 'dense' always applies the "
+            f"densified weight outside training and tracing, 'measured' times both on the first call of each size."
         )
 
 
@@ -594,6 +633,9 @@ class _StructuredLinear(nn.Module):
         weight = self.inference_dense_weight(x)
         if weight is not None:
             return F.linear(x, weight, self.bias)
+        return self._structured_forward(x)
+
+    def _structured_forward(self, x: torch.Tensor) -> torch.Tensor:
         batch_shape = x.shape[:-1]
         if self.in_features_padded != self.in_features:
             x = F.pad(x, (0, self.in_features_padded - self.in_features))
@@ -619,11 +661,15 @@ class _StructuredLinear(nn.Module):
         """Memory of this layer's densified weight."""
         return self.in_features * self.out_features * getattr(self, self._FACTORS[0]).element_size()
 
-    def prefers_dense_weight(self, rows: Optional[int] = None) -> bool:
+    def prefers_dense_weight(self, rows: Optional[int] = None) -> Optional[bool]:
         """Whether ``inference_path`` asks for the densified weight in inference on ``rows`` input rows (None: many).
+        ``"measured"``: what was measured faster for calls of that size (None: not measured yet, or ``rows`` None).
         ``"auto"``: where the weight takes at most ``dense_weight_max_bytes`` and the structured multiply saves fewer
         than ``AUTO_MIN_FLOP_SAVING`` times the FLOPs, or the call is smaller than ``AUTO_MIN_DENSE_FLOPS`` and the
         weight at most ``AUTO_SMALL_CALL_MAX_WEIGHT_BYTES``."""
+        if self.inference_path == "measured":
+            choice = None if rows is None else self._measured_paths_for(rows)
+            return None if choice is None else choice == "dense"
         if self.inference_path != "auto":
             return self.inference_path == "dense"
         weight_bytes = self.dense_weight_bytes()
@@ -642,8 +688,40 @@ class _StructuredLinear(nn.Module):
         hold a tensor computed outside it). The weight is computed once and reused until a factor changes.
         """
         # Tracing first: the row count of a traced input may be symbolic, and reading it would specialise the graph.
-        if is_traced() or records_autograd(self, x) or not self.prefers_dense_weight(x.numel() // self.in_features):
+        if is_traced() or records_autograd(self, x):
             return None
+        rows = x.numel() // self.in_features
+        if self.inference_path == "measured":
+            return self._measured_dense_weight(x, rows)
+        return self._cached_dense_weight() if self.prefers_dense_weight(rows) else None
+
+    def _measurement_key(self, rows: int, device: torch.device, dtype: torch.dtype) -> tuple:
+        return (type(self).__name__, self.in_features, self.out_features, self.nblocks, device.type, dtype,
+                1 << max(rows - 1, 0).bit_length())
+
+    def _measured_paths_for(self, rows: int) -> Optional[str]:
+        reference = getattr(self, self._FACTORS[0])
+        return _measured_paths.get(self._measurement_key(rows, reference.device, reference.dtype))
+
+    def _measured_dense_weight(self, x: torch.Tensor, rows: int) -> Optional[torch.Tensor]:
+        """``inference_path="measured"``: the densified weight where it was timed faster on calls of this size."""
+        limit = self.dense_weight_max_bytes
+        if limit is not None and self.dense_weight_bytes() > limit:
+            return None
+        key = self._measurement_key(rows, x.device, getattr(self, self._FACTORS[0]).dtype)
+        if key not in _measured_paths:
+            weight = self._cached_dense_weight()
+            if weight is None:
+                return None
+            _measured_paths[key] = _fastest(
+                {"structured": lambda: self._structured_forward(x), "dense": lambda: F.linear(x, weight, self.bias)},
+                x.device, MEASURED_REPEATS,
+            )
+        return self._cached_dense_weight() if _measured_paths[key] == "dense" else None
+
+    def _cached_dense_weight(self) -> Optional[torch.Tensor]:
+        """The densified weight, computed once and reused until a factor changes; None where a factor's changes
+        cannot be seen (created in inference mode)."""
         factors = tuple(getattr(self, name) for name in self._FACTORS)
         state = _tensor_state(factors)
         if state is None:
@@ -748,9 +826,12 @@ class MonarchLinear(_StructuredLinear):
             ``"auto"``: the densified weight where the structured multiply saves fewer than ``AUTO_MIN_FLOP_SAVING``
             times the FLOPs and the weight fits in ``dense_weight_max_bytes``, else the structured multiply. Both
             paths are exact (equal up to floating-point rounding). Training and tracing always run the structured
-            multiply. ``set_structured_inference_path`` sets it for a whole model.
-        dense_weight_max_bytes (`int` or `None`, defaults to 160 MiB): the most memory ``"auto"`` may spend on the
-            densified weight (``in_features * out_features`` elements); None for no limit. ``"dense"`` ignores it.
+            multiply. ``"measured"``: whichever of the two was faster when timed on the first inference call of this
+            shape and size (``MEASURED_REPEATS``; opt-in, since the winner may differ between runs on a busy machine).
+            ``set_structured_inference_path`` sets it for a whole model.
+        dense_weight_max_bytes (`int` or `None`, defaults to 160 MiB): the most memory ``"auto"`` and ``"measured"``
+            may spend on the densified weight (``in_features * out_features`` elements); None for no limit.
+            ``"dense"`` ignores it.
 
     Parameters ``blkdiag1`` ``(b, q, p)`` and ``blkdiag2`` ``(b, s, q)`` with ``b = nblocks``, ``p = ⌈in/b⌉``,
     ``s = ⌈out/b⌉``, ``q = min(p, s)``. The layer computes ``y = x Wᵀ + bias`` with
@@ -850,9 +931,12 @@ class BlockdiagLinear(_StructuredLinear):
             ``"auto"``: the densified weight where the structured multiply saves fewer than ``AUTO_MIN_FLOP_SAVING``
             times the FLOPs and the weight fits in ``dense_weight_max_bytes``, else the structured multiply. Both
             paths are exact (equal up to floating-point rounding). Training and tracing always run the structured
-            multiply. ``set_structured_inference_path`` sets it for a whole model.
-        dense_weight_max_bytes (`int` or `None`, defaults to 160 MiB): the most memory ``"auto"`` may spend on the
-            densified weight (``in_features * out_features`` elements); None for no limit. ``"dense"`` ignores it.
+            multiply. ``"measured"``: whichever of the two was faster when timed on the first inference call of this
+            shape and size (``MEASURED_REPEATS``; opt-in, since the winner may differ between runs on a busy machine).
+            ``set_structured_inference_path`` sets it for a whole model.
+        dense_weight_max_bytes (`int` or `None`, defaults to 160 MiB): the most memory ``"auto"`` and ``"measured"``
+            may spend on the densified weight (``in_features * out_features`` elements); None for no limit.
+            ``"dense"`` ignores it.
 
     ``weight`` has shape ``(b, ⌈out/b⌉, ⌈in/b⌉)``, exactly as the released M2-BERT checkpoints store it; input block k
     is features ``[k·⌈in/b⌉, (k+1)·⌈in/b⌉)`` and output block k is the next ``⌈out/b⌉`` outputs, so the dense weight
@@ -946,6 +1030,6 @@ def set_structured_inference_path(
         layer.inference_path = inference_path
         if dense_weight_max_bytes is not _KEEP:
             layer.dense_weight_max_bytes = dense_weight_max_bytes
-        if not layer.prefers_dense_weight():
+        if layer.inference_path == "structured" or (layer.inference_path == "auto" and not layer.prefers_dense_weight()):
             layer._dense_weight_cache = None
     return len(layers)

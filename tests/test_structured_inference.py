@@ -10,7 +10,17 @@ import pytest
 import torch
 from torch import nn
 
-from m2_hf import BlockdiagLinear, M2BertConfig, M2BertModel, M2GPTConfig, MonarchLinear, set_structured_inference_path
+import m2_hf.monarch
+from m2_hf import (
+    BlockdiagLinear,
+    M2BertConfig,
+    M2BertModel,
+    M2GPTConfig,
+    MonarchLinear,
+    clear_measured_inference_paths,
+    measured_inference_paths,
+    set_structured_inference_path,
+)
 from m2_hf.monarch import AUTO_MIN_DENSE_FLOPS, AUTO_SMALL_CALL_MAX_WEIGHT_BYTES
 from test_m2_bert import tiny_model as tiny_bert
 
@@ -195,6 +205,70 @@ def test_auto_densifies_where_the_structured_multiply_saves_too_few_flops_or_the
     assert wide.dense_weight_bytes() > AUTO_SMALL_CALL_MAX_WEIGHT_BYTES and not wide.prefers_dense_weight(1)
 
 
+@pytest.fixture
+def measured(monkeypatch):
+    """A clean table of measured choices, and a record of the timings taken."""
+    clear_measured_inference_paths()
+    timings = []
+    fastest = m2_hf.monarch._fastest
+    monkeypatch.setattr(m2_hf.monarch, "_fastest", lambda paths, *args: timings.append(set(paths)) or fastest(
+        paths, *args))
+    yield timings
+    clear_measured_inference_paths()
+
+
+def slowed(function, seconds=0.01):
+    def slow(*args, **kwargs):
+        import time
+
+        time.sleep(seconds)
+        return function(*args, **kwargs)
+
+    return slow
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_measured_path_applies_the_faster_exact_path_once_timed_per_shape_and_call_size(cls, measured, monkeypatch):
+    torch.manual_seed(0)
+    layer, twin = cls(16, 16, 4, inference_path="measured"), cls(16, 16, 4, inference_path="measured")
+    x = torch.randn(24, 16)
+    assert layer.prefers_dense_weight(24) is None  # nothing measured yet
+    monkeypatch.setattr(layer, "_structured_forward", slowed(layer._structured_forward))
+    with torch.no_grad():
+        out = layer(x)
+    torch.testing.assert_close(out, structured_output(layer, x), rtol=1e-5, atol=1e-6)
+    assert measured == [{"structured", "dense"}] and layer._dense_weight_cache is not None
+    assert measured_inference_paths() == {(cls.__name__, 16, 16, 4, "cpu", torch.float32, 32): "dense"}
+    assert layer.prefers_dense_weight(17) and layer.prefers_dense_weight(32) and layer.prefers_dense_weight(33) is None
+    with torch.no_grad():
+        twin(x[:20])  # same shape, same size group: the choice is reused, not timed again
+    assert len(measured) == 1 and twin._dense_weight_cache is not None
+    # Another call size is timed on its own; here the densified weight is the slow one.
+    monkeypatch.setattr(m2_hf.monarch.F, "linear", slowed(m2_hf.monarch.F.linear))
+    fresh = cls(16, 16, 4, inference_path="measured")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x[:3]), structured_output(fresh, x[:3]), rtol=1e-5, atol=1e-6)
+    assert len(measured) == 2 and measured_inference_paths()[(cls.__name__, 16, 16, 4, "cpu", torch.float32, 4)] == (
+        "structured")
+    assert fresh._dense_weight_cache is not None  # computed to be timed ...
+    assert not fresh.prefers_dense_weight(3)  # ... but not applied to calls of that size
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_measured_path_never_times_in_training_tracing_or_over_the_memory_limit(cls, measured):
+    layer = cls(16, 16, 4, inference_path="measured")
+    x = torch.randn(8, 16)
+    layer(x).sum().backward()  # autograd records: the structured multiply, untimed
+    with torch.no_grad():
+        torch.export.export(layer, (x,))  # a graph being captured computes from the factors
+    limited = cls(16, 16, 4, inference_path="measured", dense_weight_max_bytes=16 * 16 * 4 - 1)
+    with torch.no_grad():
+        limited(x)
+    assert measured == [] and measured_inference_paths() == {} and limited._dense_weight_cache is None
+    with pytest.raises(ValueError, match="'measured' times both"):
+        cls(16, 16, 4, inference_path="timed")
+
+
 def test_memory_limit_applies_to_auto_and_not_to_dense():
     x = torch.randn(4, 64)
     layer = MonarchLinear(64, 64, 2, dense_weight_max_bytes=64 * 64 * 4 - 1)
@@ -251,7 +325,7 @@ def test_m2_mlp_fast_path_applies_the_densified_weight():
 
 @pytest.mark.parametrize("cls", CLASSES)
 def test_bad_inference_settings_are_refused_with_the_choices(cls):
-    with pytest.raises(ValueError, match=r"`inference_path` must be one of \('auto', 'structured', 'dense'\)"):
+    with pytest.raises(ValueError, match=r"`inference_path` must be one of \('auto', 'structured', 'dense', 'measured'\)"):
         cls(16, 16, 4, inference_path="fast")
     layer = cls(16, 16, 4)
     with pytest.raises(ValueError, match="`inference_path` must be one of"):
