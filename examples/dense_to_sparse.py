@@ -6,8 +6,8 @@
    (`m2-convert monarch`, `nblocks` 4, the MLPs by default or every linear layer of the encoder), fine-tuned with the
    same data, settings and budget. With `--distill`, it also learns from the fine-tuned dense model as its teacher
    (`m2_hf.distillation.DistillationTrainer`: logit distillation, the teacher's predictions computed once before
-   training, and with `--distill_hidden_weight` the output of each Monarch layer pulled towards the dense layer it
-   replaces). `--convert_from finetuned` projects the fine-tuned dense model instead of the starting checkpoint, so
+   training, with `--distill_hidden_weight` the output of each Monarch layer pulled towards the dense layer it
+   replaces, with `--distill_feature_weight` the features the classifier reads pulled towards the teacher's). `--convert_from finetuned` projects the fine-tuned dense model instead of the starting checkpoint, so
    that the student starts from the teacher's solution.
 3. `monarch-dense` (`--densify`, on by default): the fine-tuned Monarch model materialised back into a plain dense
    checkpoint (`m2-convert dense`, reverse sparsification) and evaluated: same predictions, loads without m2-hf.
@@ -72,6 +72,14 @@ class SparsificationArguments:
     distill_temperature: float = field(default=2.0, metadata={"help": "Softening of both models' predictions."})
     distill_hidden_weight: float = field(
         default=0.0, metadata={"help": "Weight of each Monarch layer's output error against the dense layer's."}
+    )
+    distill_feature_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the error of the features the head classifies, against the teacher's."}
+    )
+    distill_feature_module: str = field(
+        default="dropout",
+        metadata={"help": "Module whose input is matched by --distill_feature_weight (BERT classifiers: `dropout`, "
+                          "the pooled output before the head's dropout)."},
     )
     distill_cache_teacher_logits: bool = field(
         default=True, metadata={"help": "Compute the teacher's predictions once, before training, not at every step."}
@@ -185,6 +193,7 @@ def distillation_options(sparse: SparsificationArguments, teacher) -> dict:
         return {}
     return dict(trainer_class=DistillationTrainer, teacher_model=teacher, alpha=sparse.distill_alpha,
                 temperature=sparse.distill_temperature, hidden_weight=sparse.distill_hidden_weight,
+                feature_weight=sparse.distill_feature_weight, feature_module=sparse.distill_feature_module,
                 cache_teacher_logits=sparse.distill_cache_teacher_logits)
 
 
@@ -268,7 +277,8 @@ def main() -> None:
              "the same fine-tuning as the dense baseline.")
     if sparse.distill:
         notes += (f" It learned from the fine-tuned dense model as teacher (distillation weight {sparse.distill_alpha}, "
-                  f"temperature {sparse.distill_temperature}, layer-output weight {sparse.distill_hidden_weight}).")
+                  f"temperature {sparse.distill_temperature}, layer-output weight {sparse.distill_hidden_weight}, "
+                  f"head-feature weight {sparse.distill_feature_weight}).")
     set_seed(training_args.seed)
     monarch_model = load_classifier(monarch_args, task.labels, task.task_name)
     monarch = finetune(task, monarch_args, student_training_arguments(training_args, sparse), name="monarch", model=monarch_model, card_notes=notes,
@@ -282,6 +292,8 @@ def main() -> None:
         if sparse.distill:
             results[1]["distillation"] = {"alpha": sparse.distill_alpha, "temperature": sparse.distill_temperature,
                                           "hidden_weight": sparse.distill_hidden_weight,
+                                          "feature_weight": sparse.distill_feature_weight,
+                                          "feature_module": sparse.distill_feature_module,
                                           "cached_teacher_logits": sparse.distill_cache_teacher_logits}
         if sparse.densify:
             results.append(evaluate_densified(task, monarch, output, training_args, monarch_args.base_model_id))

@@ -11,6 +11,9 @@ The student's loss is a mix of three terms:
 - optionally, ``hidden_weight`` times the mean over the student's structured layers of their output error relative
   to the same-named layer of the teacher (``|s - t|^2 / |t|^2``): each Monarch layer is pulled towards the dense
   layer it replaces, on the task's own inputs.
+- optionally, ``feature_weight`` times the relative error (``|s - t|^2 / |t|^2``) of the features the head
+  classifies (the input of the module ``feature_module``, by default ``classifier``: BERT's pooled output): a
+  binary classifier's two logits say little about what the teacher computed, its hundreds of features more.
 
 Token-level outputs (``[batch, length, classes]``, as in masked or causal language models and token classification)
 are distilled at the positions the attention mask keeps.
@@ -27,7 +30,8 @@ Usage with `Trainer` (the teacher is typically the dense model fine-tuned on the
 The frozen teacher gives every example the same logits in every epoch, so with ``cache_teacher_logits=True`` they
 are computed once, before training, into a ``teacher_logits`` column of the training set: the student's steps then
 cost what they cost without distillation (the teacher's live forward would add about a third of a dense training
-step to each of them). The one pass over the training set is timed in ``trainer.teacher_logits_seconds``.
+step to each of them). The one pass over the training set is timed in ``trainer.teacher_logits_seconds``. The
+teacher's head features (``feature_weight``) are cached with them, as a ``teacher_features`` column.
 """
 
 from __future__ import annotations
@@ -79,6 +83,7 @@ def logit_distillation_loss(
 
 
 TEACHER_LOGITS = "teacher_logits"
+TEACHER_FEATURES = "teacher_features"
 
 
 def without_labels(inputs: dict) -> dict:
@@ -118,6 +123,29 @@ class LayerOutputRecorder:
         self.outputs.clear()
 
 
+class ModuleInputRecorder:
+    """Keeps the latest (first) input of one named submodule (a forward pre-hook): the features a head classifies."""
+
+    def __init__(self, model: nn.Module, name: str, role: str) -> None:
+        modules = dict(model.named_modules())
+        if name not in modules:
+            heads = [n for n, m in model.named_children() if any(isinstance(c, nn.Linear) for c in m.modules())]
+            raise ValueError(
+                f"The {role} has no module named {name!r}, whose input feature matching distils. Name the head that "
+                f"classifies the features with feature_module (top-level modules with linear layers: "
+                f"{', '.join(heads) or 'none'})."
+            )
+        self.input: Optional[torch.Tensor] = None
+        self._handle = modules[name].register_forward_pre_hook(self._record)
+
+    def _record(self, module, inputs) -> None:
+        self.input = inputs[0]
+
+    def remove(self) -> None:
+        self._handle.remove()
+        self.input = None
+
+
 def relative_layer_error(
     student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], mask: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
@@ -142,10 +170,13 @@ class DistillationTrainer(Trainer):
         temperature: softening of both output distributions.
         hidden_weight: weight of the structured layers' output error relative to the teacher's same-named layers
             (0 turns it off).
+        feature_weight: weight of the error of the student's head features (the input of ``feature_module``)
+            relative to the teacher's (0 turns it off). One feature vector per example (sequence classification).
+        feature_module: the module whose input is matched, named as in the student and the teacher.
         cache_teacher_logits: compute the teacher's logits for the whole training set (a `datasets.Dataset`) once,
             before training, instead of running the teacher at every step. For one prediction per example
             (sequence classification or regression); with ``hidden_weight > 0`` the teacher still runs at every step
-            for its layer outputs.
+            for its layer outputs. With ``feature_weight > 0`` the teacher's features are cached with the logits.
         All other arguments are `Trainer`'s.
     """
 
@@ -156,6 +187,8 @@ class DistillationTrainer(Trainer):
         alpha: float = 0.5,
         temperature: float = 2.0,
         hidden_weight: float = 0.0,
+        feature_weight: float = 0.0,
+        feature_module: str = "classifier",
         cache_teacher_logits: bool = False,
         **kwargs,
     ) -> None:
@@ -163,16 +196,23 @@ class DistillationTrainer(Trainer):
             raise ValueError(f"alpha weighs the distillation loss against the task loss: use 0 <= alpha <= 1, got {alpha}.")
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}.")
-        if hidden_weight < 0:
-            raise ValueError(f"hidden_weight must be >= 0, got {hidden_weight}.")
+        for name, weight in (("hidden_weight", hidden_weight), ("feature_weight", feature_weight)):
+            if weight < 0:
+                raise ValueError(f"{name} must be >= 0, got {weight}.")
         super().__init__(*args, **kwargs)
         # The mixed loss is a mean over the batch: Trainer must divide it for gradient accumulation itself.
         self.model_accepts_loss_kwargs = False
         self.teacher = teacher_model.to(self.args.device).eval().requires_grad_(False)
         self.alpha, self.temperature, self.hidden_weight = alpha, temperature, hidden_weight
+        self.feature_weight, self.feature_module = feature_weight, feature_module
         self._matched_layers = structured_layer_names(self.model) if hidden_weight > 0 else []
         if hidden_weight > 0 and not self._matched_layers:
             raise ValueError("hidden_weight > 0 matches the student's Monarch/block-diagonal layers, and it has none.")
+        self._student_features = self._teacher_features = None
+        if feature_weight > 0:
+            self._student_features = ModuleInputRecorder(self.accelerator.unwrap_model(self.model), feature_module,
+                                                         "student")
+            self._teacher_features = ModuleInputRecorder(self.teacher, feature_module, "teacher")
         self.teacher_logits_seconds = 0.0
         if cache_teacher_logits:
             start = time.perf_counter()
@@ -193,7 +233,7 @@ class DistillationTrainer(Trainer):
         collate = self.data_collator
         loader = DataLoader(features, batch_size=self.args.per_device_eval_batch_size, shuffle=False,
                             collate_fn=lambda rows: collate([without_labels(row) for row in rows]))
-        logits = []
+        logits, features = [], []
         with torch.inference_mode():
             for batch in loader:
                 batch_logits = self.teacher(**self._prepare_inputs(batch)).logits
@@ -204,12 +244,25 @@ class DistillationTrainer(Trainer):
                         "heads, whose cached logits would not fit in memory."
                     )
                 logits.extend(batch_logits.float().cpu().tolist())
-        return dataset.add_column(TEACHER_LOGITS, logits)
+                if self._teacher_features is not None:
+                    features.extend(self._checked_features(self._teacher_features.input).float().cpu().tolist())
+        dataset = dataset.add_column(TEACHER_LOGITS, logits)
+        return dataset.add_column(TEACHER_FEATURES, features) if features else dataset
+
+    def _checked_features(self, features: torch.Tensor) -> torch.Tensor:
+        if features.dim() != 2:
+            raise ValueError(
+                f"feature_weight > 0 matches one feature vector per example, and the input of "
+                f"{self.feature_module!r} has shape {tuple(features.shape)}: name a module that takes pooled features "
+                "(batch, features) with feature_module, or feature_weight=0."
+            )
+        return features
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
-        if TEACHER_LOGITS not in self._signature_columns:  # Trainer would drop the column: the model doesn't take it
-            self._signature_columns.append(TEACHER_LOGITS)
+        for column in (TEACHER_LOGITS, TEACHER_FEATURES):  # Trainer would drop them: the model doesn't take them
+            if column not in self._signature_columns:
+                self._signature_columns.append(column)
 
     @contextmanager
     def _recording(self, model: nn.Module) -> Iterator[tuple[Optional[LayerOutputRecorder], ...]]:
@@ -226,6 +279,7 @@ class DistillationTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cached_logits = inputs.pop(TEACHER_LOGITS, None)
+        teacher_features = inputs.pop(TEACHER_FEATURES, None)
         with self._recording(model) as (student_layers, teacher_layers):
             outputs = model(**inputs)
             if outputs.loss is None:
@@ -236,10 +290,16 @@ class DistillationTrainer(Trainer):
                     live_logits = self.teacher(**without_labels(inputs)).logits
                 if teacher_logits is None:
                     teacher_logits = live_logits
+                if teacher_features is None and self._teacher_features is not None:
+                    teacher_features = self._checked_features(self._teacher_features.input)
             mask = inputs.get("attention_mask")
             distillation = logit_distillation_loss(outputs.logits, teacher_logits, self.temperature, mask)
             loss = (1 - self.alpha) * outputs.loss + self.alpha * distillation
             if student_layers is not None:
                 layer_error = relative_layer_error(student_layers.outputs, teacher_layers.outputs, mask)
                 loss = loss + self.hidden_weight * layer_error
+            if self._student_features is not None:
+                student_features = {self.feature_module: self._checked_features(self._student_features.input)}
+                feature_error = relative_layer_error(student_features, {self.feature_module: teacher_features})
+                loss = loss + self.feature_weight * feature_error
         return (loss, outputs) if return_outputs else loss

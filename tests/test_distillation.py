@@ -204,6 +204,59 @@ def test_hidden_state_matching_needs_a_teacher_with_the_same_layers(teacher_and_
         trainer.train()
 
 
+def pooled_features(model, inputs) -> torch.Tensor:
+    """What the classifier head of a BERT classifier reads: the pooled output."""
+    with torch.no_grad():
+        return model.bert(**inputs).pooler_output
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_feature_matching_pulls_the_student_features_towards_the_teacher_and_caches_them(
+        teacher_and_student_folders, tmp_path, cached):
+    dense, monarch = teacher_and_student_folders
+    teacher, student, plain = load(dense), load(monarch), load(monarch)
+    torch.manual_seed(4)
+    with torch.no_grad():  # a teacher whose features differ clearly from the student's
+        teacher.bert.pooler.dense.weight.add_(torch.randn_like(teacher.bert.pooler.dense.weight))
+    batch = dataset(rows=8)[:]
+    inputs = {key: torch.tensor(batch[key]) for key in ("input_ids", "attention_mask")}
+
+    def error(model) -> float:
+        s, t = pooled_features(model, inputs), pooled_features(teacher, inputs)
+        return ((s - t).pow(2).sum() / t.pow(2).sum()).item()
+
+    initial = error(student)
+    common = dict(teacher_model=teacher, alpha=0.0, cache_teacher_logits=cached,
+                  args=arguments(tmp_path, max_steps=20, learning_rate=5e-3), train_dataset=dataset())
+    trainer = DistillationTrainer(model=student, feature_weight=10.0, **common)
+    calls = count_forward_calls(teacher)
+    trainer.train()
+    teacher_calls = len(calls)
+    DistillationTrainer(model=plain, **common).train()  # the task loss alone
+    assert error(student) < 0.5 * initial and error(student) < 0.5 * error(plain)
+    if cached:  # computed once, before training, with the logits: the teacher never ran during training
+        assert teacher_calls == 0
+        expected = pooled_features(teacher, {k: v[:3] for k, v in
+                                             {k: torch.tensor(dataset()[k]) for k in inputs}.items()})
+        assert torch.allclose(torch.tensor(trainer.train_dataset["teacher_features"][:3]), expected, atol=1e-5)
+    else:
+        assert teacher_calls == 20 and "teacher_features" not in trainer.train_dataset.column_names
+
+
+def test_feature_matching_needs_a_module_that_takes_pooled_features(teacher_and_student_folders, tmp_path):
+    dense, monarch = teacher_and_student_folders
+    with pytest.raises(ValueError, match="The student has no module named 'head'.*classifier"):
+        DistillationTrainer(model=load(monarch), teacher_model=load(dense), feature_weight=1.0, feature_module="head",
+                            args=arguments(tmp_path), train_dataset=dataset())
+    with pytest.raises(ValueError, match=r"input of 'bert.encoder' has shape \(3, 12, 32\)"):
+        DistillationTrainer(model=load(monarch), teacher_model=load(dense), feature_weight=1.0,
+                            feature_module="bert.encoder", cache_teacher_logits=True,
+                            args=arguments(tmp_path, per_device_eval_batch_size=3), train_dataset=dataset())
+    with pytest.raises(ValueError, match="feature_weight must be >= 0"):
+        DistillationTrainer(model=load(monarch), teacher_model=load(dense), feature_weight=-1.0,
+                            args=arguments(tmp_path), train_dataset=dataset())
+
+
 def test_dense_to_sparse_distill_teaches_the_monarch_model_with_the_fine_tuned_dense_one(tmp_path):
     from test_examples import run_example
     from test_text_examples import (TINY_TRAINING, accuracy_of_saved_model, review_files, write_checkpoint,
@@ -212,13 +265,14 @@ def test_dense_to_sparse_distill_teaches_the_monarch_model_with_the_fine_tuned_d
     checkpoint, data = write_checkpoint("dense", tmp_path), review_files(tmp_path)
     results = {}
     for run, options in (("plain", []), ("distill", ["--distill", "--distill_alpha", "1.0", "--distill_hidden_weight",
-                                                       "1.0"])):
+                                                       "1.0", "--distill_feature_weight", "2.0"])):
         output = tmp_path / run
         run_example("dense_to_sparse.py", "--model_name_or_path", str(checkpoint), "--output_dir", str(output),
                     "--densify", "false", *data, *TINY_TRAINING, *options, cwd=tmp_path)
         results[run] = {r["model"]: r for r in json.loads((output / "results.json").read_text())}
     plain, distilled = results["plain"], results["distill"]
     assert distilled["monarch"]["distillation"] == {"alpha": 1.0, "temperature": 2.0, "hidden_weight": 1.0,
+                                                    "feature_weight": 2.0, "feature_module": "dropout",
                                                     "cached_teacher_logits": True}
     assert "distillation" not in plain["monarch"]
     # The same dense teacher; a student trained on another loss.
