@@ -41,7 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # lets `python benchmarks/bench_monarch.py` work without an installed package
     sys.path.insert(0, str(REPO_ROOT))
 
-from m2_hf.monarch import MonarchLinear  # noqa: E402
+from m2_hf.monarch import _INFERENCE_PATHS, MonarchLinear  # noqa: E402
 from bench_common import (  # noqa: E402  (the script's folder is on sys.path)
     available_cores,
     cpu_model,
@@ -250,11 +250,14 @@ def time_interleaved(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def build_modules(layer: LayerShape, choices: list[BlockChoice]) -> tuple[nn.Linear, dict[int, tuple[nn.Module, ...]]]:
+def build_modules(
+    layer: LayerShape, choices: list[BlockChoice], inference_path: str = "auto"
+) -> tuple[nn.Linear, dict[int, tuple[nn.Module, ...]]]:
     linear = nn.Linear(layer.in_features, layer.out_features)
     pairs = {}
     for choice in choices:
-        monarch = MonarchLinear(layer.in_features, layer.out_features, choice.nblocks, backend="torch")
+        monarch = MonarchLinear(layer.in_features, layer.out_features, choice.nblocks, backend="torch",
+                                inference_path=inference_path)
         pairs[choice.nblocks] = (TwoBmmMonarch(monarch), monarch)
     return linear, pairs
 
@@ -315,10 +318,11 @@ def result_rows(
                 "nblocks_divides": choice.divides,
                 "nblocks_label": choice.label,
                 "mode": mode,
-                # What MonarchLinear(inference_path="auto") applied: only the forward (no autograd) may densify.
+                # What MonarchLinear's inference_path applied: only the forward (no autograd) may densify.
                 "monarch_path": (
                     "dense" if mode == "fwd" and pairs[choice.nblocks][1].prefers_dense_weight(tokens) else "structured"
                 ),
+                "inference_path": pairs[choice.nblocks][1].inference_path,
                 "repeats": repeats,
                 "median_ms": {"linear": linear_ms, "two_bmm": two_bmm_ms, "monarch": monarch_ms},
                 "samples_ms": {name: samples[key] for name, key in keys.items()},
@@ -353,7 +357,7 @@ def benchmark_layer(layer: LayerShape, args: argparse.Namespace, progress: str, 
         return []
     # Seeded per layer: reruns with the same options time identical tensors.
     torch.manual_seed(layer.in_features * 31 + layer.out_features)
-    linear, pairs = build_modules(layer, choices)
+    linear, pairs = build_modules(layer, choices, args.inference_path)
     x = torch.randn(args.tokens, layer.in_features)
     grad_output = torch.randn(args.tokens, layer.out_features)
     check_baseline_matches(layer, pairs, x)
@@ -395,6 +399,7 @@ def run_metadata(args: argparse.Namespace) -> dict:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cores": available_cores(),
         "threads": torch.get_num_threads(),
+        "inference_path": args.inference_path,
         "load_average_1m_at_start": load_average(),
         "dtype": "float32",
         "tokens": args.tokens,
@@ -411,7 +416,8 @@ def run_metadata(args: argparse.Namespace) -> dict:
 def print_header(meta: dict) -> None:
     print("MonarchLinear vs nn.Linear vs two-bmm baseline (float32, CPU)")
     print(f"  date {meta['date']}   torch {meta['torch_version']}   python {meta['python_version']}")
-    print(f"  cpu {meta['cpu']} ({meta['cpu_capability']}), {meta['cores']} cores, torch threads {meta['threads']}")
+    print(f"  cpu {meta['cpu']} ({meta['cpu_capability']}), {meta['cores']} cores, torch threads {meta['threads']}, "
+          f"inference_path {meta.get('inference_path', 'auto')}")
     print(f"  tokens per batch {meta['tokens']}, repeats {meta['repeats_requested']} (median; fewer for big layers)")
     load = meta["load_average_1m_at_start"]
     if load is not None:
@@ -477,7 +483,7 @@ def print_table(rows: list[dict]) -> None:
     print("speed-up = linear ms / monarch ms; FLOP pred = dense FLOPs / Monarch FLOPs; mon/2bmm < 1 means")
     print("MonarchLinear is faster than the naive baseline; GF/s counts fwd+bwd as 3x the forward FLOPs.")
     print("* nblocks does not divide the features: inputs are zero-padded and the padded FLOPs are counted.")
-    print("path: what MonarchLinear(inference_path='auto') applied (dense: its cached densified weight).")
+    print("path: what MonarchLinear's inference_path applied (dense: its cached densified weight).")
     busy = [r for r in rows if r["load_average_1m"] is not None and r["load_average_1m"] > busy_load_threshold()]
     if busy:
         print(
@@ -652,6 +658,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         help="seconds of timed rounds per (size, shape, mode) before repeats are cut, never below 3 "
         "(default: %(default)s)",
     )
+    parser.add_argument("--inference-path", choices=_INFERENCE_PATHS, default="auto",
+                        help="MonarchLinear's inference_path (default: %(default)s; `measured` times both exact paths "
+                             "in the warm-up call)")
     parser.add_argument("--threads", type=positive_int, help="torch threads (default: all available cores)")
     parser.add_argument("--json", type=Path, help="JSON output (default benchmarks/out/bench_monarch.json)")
     parser.add_argument("--plot", type=Path, help="PNG output (default benchmarks/out/bench_monarch.png)")
