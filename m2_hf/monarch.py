@@ -717,7 +717,10 @@ class _StructuredLinear(nn.Module):
                 {"structured": lambda: self._structured_forward(x), "dense": lambda: F.linear(x, weight, self.bias)},
                 x.device, MEASURED_REPEATS,
             )
-        return self._cached_dense_weight() if _measured_paths[key] == "dense" else None
+        if _measured_paths[key] == "dense":
+            return self._cached_dense_weight()
+        self._dense_weight_cache = None  # computed to be timed; not kept where it lost
+        return None
 
     def _cached_dense_weight(self) -> Optional[torch.Tensor]:
         """The densified weight, computed once and reused until a factor changes; None where a factor's changes
@@ -1017,7 +1020,7 @@ _KEEP = object()
 def set_structured_inference_path(
     model: nn.Module, inference_path: InferencePath, *, dense_weight_max_bytes: Optional[int] = _KEEP
 ) -> int:
-    """Set ``inference_path`` (``"auto"``, ``"structured"`` or ``"dense"``) of every ``MonarchLinear`` and
+    """Set ``inference_path`` (``"auto"``, ``"structured"``, ``"dense"`` or ``"measured"``) of every ``MonarchLinear`` and
     ``BlockdiagLinear`` in ``model``, and their ``dense_weight_max_bytes`` if given (None: no limit).
 
     Returns the number of layers changed. Cached densified weights of layers that no longer use them are freed.
