@@ -179,8 +179,8 @@ def print_report(meta: dict, rows: list[dict], verdicts: list[dict]) -> None:
           f"at end {meta['load_average_end']}")
     print(f"  converted layers' inference_path: {meta['inference_path']}")
     for choice in meta.get("measured_inference_paths", []):
-        print(f"    measured {choice['in_features']}->{choice['out_features']} nblocks {choice['nblocks']}, calls of up "
-              f"to {choice['rows_up_to']} rows: {choice['path']}")
+        shape = f"{choice['in_features']}->{choice['out_features']} nblocks {choice['nblocks']}"
+        print(f"    measured {shape}, calls of up to {choice['rows_up_to']} rows: {choice['path']}")
     print()
     print(f"{'shape':10} {'mode':9} {'variant':7} {'batch':>9} {'params M':>8} {'median s':>9} {'speed-up':>8} "
           f"{'spread':>7}")

@@ -7,7 +7,8 @@
    same data, settings and budget. With `--distill`, it also learns from the fine-tuned dense model as its teacher
    (`m2_hf.distillation.DistillationTrainer`: logit distillation, the teacher's predictions computed once before
    training, with `--distill_hidden_weight` the output of each Monarch layer pulled towards the dense layer it
-   replaces, with `--distill_feature_weight` the features the classifier reads pulled towards the teacher's). `--convert_from finetuned` projects the fine-tuned dense model instead of the starting checkpoint, so
+   replaces, with `--distill_feature_weight` the features the classifier reads pulled towards the teacher's).
+   `--convert_from finetuned` projects the fine-tuned dense model instead of the starting checkpoint, so
    that the student starts from the teacher's solution.
 3. `monarch-dense` (`--densify`, on by default): the fine-tuned Monarch model materialised back into a plain dense
    checkpoint (`m2-convert dense`, reverse sparsification) and evaluated: same predictions, loads without m2-hf.
@@ -37,7 +38,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from example_utils import end_distributed_run, evaluation_metrics, parse_arguments, upload  # first: it makes the checkout importable
+from example_utils import (  # first: it makes the checkout importable
+    end_distributed_run,
+    evaluation_metrics,
+    parse_arguments,
+    upload,
+)
 from finetune_text_classification import (
     DataArguments,
     ModelArguments,
@@ -74,7 +80,8 @@ class SparsificationArguments:
         default=0.0, metadata={"help": "Weight of each Monarch layer's output error against the dense layer's."}
     )
     distill_feature_weight: float = field(
-        default=0.0, metadata={"help": "Weight of the error of the features the head classifies, against the teacher's."}
+        default=0.0,
+        metadata={"help": "Weight of the error of the features the head classifies, against the teacher's."},
     )
     distill_feature_module: str = field(
         default="dropout",
@@ -92,7 +99,7 @@ class SparsificationArguments:
     student_learning_rate: Optional[float] = field(
         default=None,
         metadata={"help": "Learning rate of the Monarch model's fine-tuning (default: --learning_rate, the dense "
-                          "model's). A model converted from the fine-tuned one starts near a solution: lower suits it."},
+                          "model's): the model converted from the fine-tuned one starts near a solution."},
     )
     dense_run: Optional[str] = field(
         default=None,
@@ -281,11 +288,12 @@ def main() -> None:
                   f"head-feature weight {sparse.distill_feature_weight}).")
     set_seed(training_args.seed)
     monarch_model = load_classifier(monarch_args, task.labels, task.task_name)
-    monarch = finetune(task, monarch_args, student_training_arguments(training_args, sparse), name="monarch", model=monarch_model, card_notes=notes,
+    student_args = student_training_arguments(training_args, sparse)
+    monarch = finetune(task, monarch_args, student_args, name="monarch", model=monarch_model, card_notes=notes,
                        **distillation_options(sparse, dense_model))
     if training_args.process_index == 0:
         results = [with_model_summary(dense, dense_model), with_model_summary(monarch, monarch_model)]
-        results[1]["learning_rate"] = student_training_arguments(training_args, sparse).learning_rate
+        results[1]["learning_rate"] = student_args.learning_rate
         results[1]["conversion"] = {"method": report["settings"]["method"], "source": sparse.convert_from,
                                     "layers": len(report["layers"]), "seconds": conversion_seconds,
                                     "totals": report["totals"]}

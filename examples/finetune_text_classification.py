@@ -91,7 +91,9 @@ class DataArguments:
     label_column_name: str = field(default="label")
     max_seq_length: int = field(default=128, metadata={"help": "Longer inputs are truncated."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Cap on training examples."})
-    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Cap on validation (and --do_predict test) examples."})
+    max_eval_samples: Optional[int] = field(
+        default=None, metadata={"help": "Cap on validation (and --do_predict test) examples."}
+    )
 
 
 def default_training_arguments(output_dir: str = "runs/finetune-text-classification") -> list[str]:

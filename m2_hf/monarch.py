@@ -1020,8 +1020,8 @@ _KEEP = object()
 def set_structured_inference_path(
     model: nn.Module, inference_path: InferencePath, *, dense_weight_max_bytes: Optional[int] = _KEEP
 ) -> int:
-    """Set ``inference_path`` (``"auto"``, ``"structured"``, ``"dense"`` or ``"measured"``) of every ``MonarchLinear`` and
-    ``BlockdiagLinear`` in ``model``, and their ``dense_weight_max_bytes`` if given (None: no limit).
+    """Set ``inference_path`` (``"auto"``, ``"structured"``, ``"dense"``, ``"measured"``) of every ``MonarchLinear``
+    and ``BlockdiagLinear`` in ``model``, and their ``dense_weight_max_bytes`` if given (None: no limit).
 
     Returns the number of layers changed. Cached densified weights of layers that no longer use them are freed.
     """
@@ -1033,6 +1033,9 @@ def set_structured_inference_path(
         layer.inference_path = inference_path
         if dense_weight_max_bytes is not _KEEP:
             layer.dense_weight_max_bytes = dense_weight_max_bytes
-        if layer.inference_path == "structured" or (layer.inference_path == "auto" and not layer.prefers_dense_weight()):
+        unused = layer.inference_path == "structured" or (
+            layer.inference_path == "auto" and not layer.prefers_dense_weight()
+        )
+        if unused:
             layer._dense_weight_cache = None
     return len(layers)
