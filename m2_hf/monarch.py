@@ -927,19 +927,9 @@ class BlockdiagLinear(_StructuredLinear):
         out_features (`int`): size of each output sample.
         nblocks (`int`, defaults to 4): number of diagonal blocks, between 1 and ``min(in, out)``.
         bias (`bool`, defaults to `True`): whether to add a learnable bias.
-        inference_path (`str`, defaults to `"auto"`): how the layer applies itself where autograd records nothing and
-            no graph is being captured (``torch.compile``, ``torch.export``, ONNX). ``"structured"``: the structured
-            multiply; ``"dense"``: the densified weight, computed once, cached on the layer (not in its state dict)
-            and recomputed when a factor changes (in place, by reassignment, by ``load_state_dict`` or ``.to()``);
-            ``"auto"``: the densified weight where the structured multiply saves fewer than ``AUTO_MIN_FLOP_SAVING``
-            times the FLOPs and the weight fits in ``dense_weight_max_bytes``, else the structured multiply. Both
-            paths are exact (equal up to floating-point rounding). Training and tracing always run the structured
-            multiply. ``"measured"``: whichever of the two was faster when timed on the first inference call of this
-            shape and size (``MEASURED_REPEATS``; opt-in, since the winner may differ between runs on a busy machine).
-            ``set_structured_inference_path`` sets it for a whole model.
-        dense_weight_max_bytes (`int` or `None`, defaults to 160 MiB): the most memory ``"auto"`` and ``"measured"``
-            may spend on the densified weight (``in_features * out_features`` elements); None for no limit.
-            ``"dense"`` ignores it.
+        inference_path (`str`, defaults to `"auto"`), dense_weight_max_bytes (`int` or `None`, defaults to 160 MiB):
+            the choice between the block-diagonal multiply and the densified weight in inference, as for
+            `MonarchLinear`.
 
     ``weight`` has shape ``(b, ⌈out/b⌉, ⌈in/b⌉)``, exactly as the released M2-BERT checkpoints store it; input block k
     is features ``[k·⌈in/b⌉, (k+1)·⌈in/b⌉)`` and output block k is the next ``⌈out/b⌉`` outputs, so the dense weight
