@@ -25,13 +25,31 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message}; see `{self.prog} --help`")
 
 
-def _positive_int(text: str) -> int:
+def _whole_number(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    return _whole_number(text, 1)
+
+
+def _non_negative_int(text: str) -> int:
+    return _whole_number(text, 0)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number such as 1e-4, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
     return value
 
 
@@ -77,6 +95,8 @@ def _monarch(args: argparse.Namespace) -> dict:
         targets=args.targets, nblocks=_nblocks(args.nblocks or ["4"]), structure=args.structure, method=args.method,
         calibration_file=args.calibration_file, calibration_samples=args.calibration_samples,
         evaluation_file=args.evaluation_file, budget=args.budget, budget_of=args.budget_of or "parameters",
+        refine_steps=args.refine_steps,
+        **({} if args.refine_learning_rate is None else {"refine_learning_rate": args.refine_learning_rate}),
     )
     report = convert_to_monarch(
         args.source, args.destination, settings, overwrite=args.overwrite, dry_run=args.dry_run,
@@ -180,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "it should differ from the calibration text (held-out text)")
     monarch.add_argument("--calibration-samples", type=_positive_int, default=1000, metavar="N",
                          help="lines used from each text file (default: 1000)")
+    monarch.add_argument("--refine-steps", type=_non_negative_int, default=0, metavar="N",
+                         help="after projection, train the structured layers together for N Adam steps (one batch of "
+                              "32 calibration samples each) so that the model's hidden states match the original's on "
+                              "the calibration text; needs --calibration-file (default: 0, none)")
+    monarch.add_argument("--refine-learning-rate", type=_positive_float, metavar="LR",
+                         help="Adam learning rate of --refine-steps (default: 1e-4)")
     monarch.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the finished folder to this Hub repo")
 
     dense = _subcommand(

@@ -54,6 +54,7 @@ from .checkpoints import (
     read_config,
     resolve_source,
 )
+from .refinement import REFINE_LEARNING_RATE, refine, teacher_states
 
 PRESETS = ("mlp", "attention", "all")
 # A module (by attribute or class name) of attention: self-, cross- or fused-QKV attention of any architecture.
@@ -398,6 +399,11 @@ def format_report(report: dict) -> str:
         f"linear FLOPs/tok {totals['linear_flops_per_token_before']:,} -> {totals['linear_flops_per_token_after']:,} "
         f"({totals['linear_flops_per_token_after'] / totals['linear_flops_per_token_before']:.3f}x)",
     ]
+    if "refinement" in report:
+        refinement = report["refinement"]
+        lines.append(f"refinement       {refinement['steps']} steps, hidden-state error "
+                     f"{refinement['hidden_state_error_before']:.4f} -> {refinement['hidden_state_error_after']:.4f} "
+                     f"({refinement['seconds']:.0f} s)")
     for key, value in report.get("calibration", {}).items():
         lines.append(f"{key:16} {value:.4f}" if isinstance(value, float) else f"{key:16} {value}")
     for preset, names in (report.get("presets") or {}).items():  # --dry-run: what each preset would select
@@ -574,6 +580,10 @@ class MonarchSettings:
     # (`conversion/budget.py`) and `nblocks` is not used.
     budget: Optional[float] = None
     budget_of: str = "parameters"
+    # After projection, Adam steps that train the structured layers together towards the original's hidden states on
+    # the calibration text (`conversion/refinement.py`); 0: none.
+    refine_steps: int = 0
+    refine_learning_rate: float = REFINE_LEARNING_RATE
 
 
 def converted_config(model: nn.Module, layers: dict[str, int], structure: str):
@@ -605,6 +615,7 @@ def _model_card(report: dict, model: nn.Module):
         "monarch-converted", data, source=report["source"], architecture=type(model).__name__,
         base_type=base_type, settings=report["settings"], totals=report["totals"], layers=report["layers"],
         layer_table=format_layer_table(report["layers"]), calibration=report.get("calibration"),
+        refinement=report.get("refinement"),
         model_type=model.config.model_type,
     )
 
@@ -627,6 +638,12 @@ def _check_settings(settings: MonarchSettings) -> None:
         raise ConversionError(f"--method {settings.method} fits layers to activations: pass --calibration-file.")
     if settings.budget is not None:
         check_budget(settings.budget, settings.budget_of)
+    if settings.refine_steps < 0:
+        raise ConversionError(f"--refine-steps must be 0 or more, got {settings.refine_steps}.")
+    if settings.refine_steps and settings.calibration_file is None:
+        raise ConversionError("--refine-steps trains the converted layers on text: pass --calibration-file.")
+    if not settings.refine_learning_rate > 0:
+        raise ConversionError(f"--refine-learning-rate must be positive, got {settings.refine_learning_rate}.")
     if settings.calibration_samples is not None and settings.calibration_samples < 1:
         raise ConversionError(f"--calibration-samples must be at least 1, got {settings.calibration_samples}.")
 
@@ -679,6 +696,7 @@ def convert_to_monarch(
             targets = {name: nblocks for name, nblocks in plan["choices"].items() if nblocks is not None}
         presets = preset_layers(base) if dry_run else None
         reference = reference_outputs(model, evaluation) if evaluation is not None else None
+        teacher = teacher_states(model, calibration.batches) if settings.refine_steps else None
         parameters_before, flops_before = sum(p.numel() for p in model.parameters()), linear_flops_per_token(base)
         # The calibrated method compares each layer's inputs with those of the untouched original.
         original = copy.deepcopy(model) if settings.method == "calibrated" else None
@@ -686,6 +704,9 @@ def convert_to_monarch(
             model, targets, settings.structure, settings.method, progress, calibration=calibration, original=original
         )
         del original
+        refinement = (refine(model, calibration.batches, teacher, settings.refine_steps, settings.refine_learning_rate)
+                      if teacher is not None else None)
+        del teacher
         report = {
             "command": "monarch",
             "source": source.name,
@@ -696,6 +717,8 @@ def convert_to_monarch(
                 "calibration_file": None if settings.calibration_file is None else Path(settings.calibration_file).name,
                 "evaluation_file": None if settings.evaluation_file is None else Path(settings.evaluation_file).name,
                 "budget": settings.budget, "budget_of": settings.budget_of if settings.budget is not None else None,
+                "refine_steps": settings.refine_steps,
+                "refine_learning_rate": settings.refine_learning_rate if settings.refine_steps else None,
             },
             "layers": [layer.__dict__ for layer in layers],
             "totals": {
@@ -708,6 +731,8 @@ def convert_to_monarch(
         }
         if plan is not None:
             report["budget"] = plan["report"]
+        if refinement is not None:
+            report["refinement"] = refinement
         if evaluation is not None:
             report["calibration"] = compare_to_reference(model, evaluation, reference)
         model = _as_converted_model(model, targets, settings.structure)

@@ -57,6 +57,7 @@ from finetune_text_classification import (
 from transformers import AutoModelForSequenceClassification, TrainingArguments, set_seed
 
 from conversion.monarch import MonarchSettings, convert_to_dense, convert_to_monarch
+from conversion.refinement import REFINE_LEARNING_RATE
 from m2_hf import BlockdiagLinear, MonarchLinear
 from m2_hf.distillation import DistillationTrainer
 
@@ -71,7 +72,16 @@ class SparsificationArguments:
         default="closed-form",
         metadata={"help": "closed-form (the paper's projection) or calibrated (fitted to the training text)."},
     )
-    calibration_samples: int = field(default=1000, metadata={"help": "Training sentences used by `calibrated`."})
+    calibration_samples: int = field(
+        default=1000, metadata={"help": "Training sentences used by `calibrated` and by --refine_steps."}
+    )
+    refine_steps: int = field(
+        default=0,
+        metadata={"help": "After projection, Adam steps that train the Monarch layers together towards the dense "
+                          "model's hidden states on the training text (`m2-convert monarch --refine-steps`)."},
+    )
+    refine_learning_rate: float = field(default=REFINE_LEARNING_RATE,
+                                        metadata={"help": "Learning rate of --refine_steps."})
     densify: bool = field(default=True, metadata={"help": "Also evaluate the fine-tuned model made dense again."})
     distill: bool = field(default=False, metadata={"help": "The Monarch model learns from the fine-tuned dense one."})
     distill_alpha: float = field(default=0.5, metadata={"help": "Weight of the distillation loss (task loss: 1 - it)."})
@@ -137,7 +147,8 @@ def structured_layer_count(model) -> int:
 
 
 def calibration_file(task, folder: Path, samples: int) -> Path:
-    """Training text, one sentence per line, for the calibrated projection (validation text stays unseen)."""
+    """Training text, one sentence per line, for the calibrated projection and refinement (validation text stays
+    unseen)."""
     texts = task.tokenizer.batch_decode(task.splits["train"]["input_ids"][:samples], skip_special_tokens=True)
     path = folder / "calibration.txt"
     path.write_text("\n".join(t.replace("\n", " ") for t in texts) + "\n", encoding="utf-8")
@@ -170,9 +181,10 @@ def reused_dense_run(folder: Path, settings: dict) -> tuple[dict, Path]:
 def convert(source: str, destination: Path, sparse: SparsificationArguments, task) -> dict:
     settings = MonarchSettings(
         targets=sparse.targets, nblocks={"*": sparse.nblocks}, structure=sparse.structure,
-        method=sparse.conversion_method,
+        method=sparse.conversion_method, refine_steps=sparse.refine_steps,
+        refine_learning_rate=sparse.refine_learning_rate,
     )
-    if sparse.conversion_method != "closed-form":
+    if sparse.conversion_method != "closed-form" or sparse.refine_steps:
         destination.parent.mkdir(parents=True, exist_ok=True)
         settings.calibration_file = calibration_file(task, destination.parent, sparse.calibration_samples)
         settings.calibration_samples = sparse.calibration_samples
@@ -282,6 +294,9 @@ def main() -> None:
     notes = (f"Dense-to-sparse: the {sparse.conversion_method} Monarch projection of the linear layers "
              f"({', '.join(sparse.targets)}, nblocks {sparse.nblocks}) of the {sparse.convert_from} dense model, then "
              "the same fine-tuning as the dense baseline.")
+    if sparse.refine_steps:
+        notes = notes.replace(", then the same", f", refined for {sparse.refine_steps} steps towards the dense model's "
+                              "hidden states on the training text, then the same")
     if sparse.distill:
         notes += (f" It learned from the fine-tuned dense model as teacher (distillation weight {sparse.distill_alpha}, "
                   f"temperature {sparse.distill_temperature}, layer-output weight {sparse.distill_hidden_weight}, "
@@ -296,7 +311,7 @@ def main() -> None:
         results[1]["learning_rate"] = student_args.learning_rate
         results[1]["conversion"] = {"method": report["settings"]["method"], "source": sparse.convert_from,
                                     "layers": len(report["layers"]), "seconds": conversion_seconds,
-                                    "totals": report["totals"]}
+                                    "totals": report["totals"], "refinement": report.get("refinement")}
         if sparse.distill:
             results[1]["distillation"] = {"alpha": sparse.distill_alpha, "temperature": sparse.distill_temperature,
                                           "hidden_weight": sparse.distill_hidden_weight,

@@ -265,6 +265,54 @@ def test_calibrated_method_reproduces_layer_outputs_better_than_the_closed_form(
     assert results["calibrated"]["token_cosine"] > results["closed-form"]["token_cosine"]
 
 
+def structured_and_other_weights(folder: Path) -> tuple[dict, dict]:
+    """The weights of the converted layers, and all others (keys carry the head model's prefix, e.g. `bert.`)."""
+    weights = load_file(folder / "model.safetensors")
+    layers = json.loads((folder / "config.json").read_text())["monarch_layers"]
+    structured = {k: v for k, v in weights.items()
+                  if any(("." + k.rsplit(".", 1)[0]).endswith("." + name) for name in layers)}
+    return structured, {k: v for k, v in weights.items() if k not in structured}
+
+
+@pytest.mark.parametrize("model_type,head", [("bert", "BertForMaskedLM"), ("gpt2", "GPT2LMHeadModel")])
+def test_refinement_pulls_hidden_states_towards_the_original_training_only_structured_layers(model_type, head, tmp_path):
+    source, _ = write_source(tmp_path, model_type, head)
+    calibration = write_calibration(tmp_path)
+    reports = {}
+    for name, steps in (("projected", 0), ("refined", 40), ("again", 40)):
+        settings = MonarchSettings(targets=["all"], nblocks={"*": 4}, calibration_file=calibration,
+                                   refine_steps=steps, refine_learning_rate=3e-3)
+        reports[name] = convert_to_monarch(source, tmp_path / name, settings, progress=False)
+    refinement = reports["refined"]["refinement"]
+    assert "refinement" not in reports["projected"]
+    assert refinement["steps"] == 40
+    assert refinement["hidden_state_error_after"] < 0.7 * refinement["hidden_state_error_before"]
+    before, after = reports["projected"]["calibration"], reports["refined"]["calibration"]
+    assert after["token_cosine"] > before["token_cosine"]
+    assert after["perplexity_after"] < before["perplexity_after"]
+
+    projected_structured, projected_other = structured_and_other_weights(tmp_path / "projected")
+    refined_structured, refined_other = structured_and_other_weights(tmp_path / "refined")
+    assert projected_other.keys() == refined_other.keys() and projected_other
+    assert len(projected_structured) == 3 * len(reports["projected"]["layers"])  # blkdiag1, blkdiag2, bias
+    assert all(torch.equal(projected_other[k], refined_other[k]) for k in projected_other)
+    assert all(not torch.equal(projected_structured[k], refined_structured[k]) for k in projected_structured)
+    assert folder_digest(tmp_path / "again")["model.safetensors"] == folder_digest(tmp_path / "refined")["model.safetensors"]
+    assert "refined with the other converted layers for 40 Adam steps" in (tmp_path / "refined" / "README.md").read_text()
+    assert reports["refined"]["settings"]["refine_steps"] == 40
+    model = AutoModel.from_pretrained(tmp_path / "refined")
+    assert isinstance(model.get_submodule(reports["refined"]["layers"][0]["name"]), MonarchLinear)
+
+
+def test_refinement_keeps_a_half_precision_model_in_its_dtype(tmp_path):
+    source, model = write_source(tmp_path, "bert", "BertModel")
+    model.to(torch.bfloat16).save_pretrained(source)
+    settings = MonarchSettings(calibration_file=write_calibration(tmp_path), refine_steps=3)
+    report = convert_to_monarch(source, tmp_path / "out", settings, progress=False)
+    assert report["refinement"]["hidden_state_error_after"] < report["refinement"]["hidden_state_error_before"]
+    assert {tensor.dtype for tensor in load_file(tmp_path / "out" / "model.safetensors").values()} == {torch.bfloat16}
+
+
 @pytest.mark.parametrize("drift", [0.0, 0.3])
 def test_calibrated_fit_lowers_the_output_error_of_a_layer(drift):
     from conversion.calibration import LayerStatistics, fit_to_statistics
@@ -332,6 +380,9 @@ def test_bad_inputs_name_the_problem_and_write_nothing(tmp_path, capsys):
     assert "TARGET=N" in run_failing(["monarch", str(source), out, "--nblocks", "mlp=x"], capsys)
     assert "not among the targets" in run_failing(["monarch", str(source), out, "--nblocks", "attention=2"], capsys)
     assert "calibration-file" in run_failing(["monarch", str(source), out, "--method", "calibrated"], capsys)
+    assert "calibration-file" in run_failing(["monarch", str(source), out, "--refine-steps", "5"], capsys)
+    assert "at least 0" in run_failing(["monarch", str(source), out, "--refine-steps", "-1"], capsys)
+    assert "must be positive" in run_failing(["monarch", str(source), out, "--refine-learning-rate", "0"], capsys)
     assert "never modifies its source" in run_failing(["monarch", str(source), str(source)], capsys)
 
     unknown = tmp_path / "unknown"

@@ -350,11 +350,16 @@ def test_dense_to_sparse_reuses_a_dense_run_and_projects_the_fine_tuned_model(tm
     # scored on the test split (--do_predict), which its own run did not score.
     stdout = run_example("dense_to_sparse.py", *common, "--output_dir", str(second_dir), "--dense_run",
                          str(tmp_path / "first"), "--convert_from", "finetuned", "--distill", "--student_learning_rate",
-                         "0", "--do_predict", "--test_file", str(test_file), cwd=tmp_path).stdout
+                         "0", "--do_predict", "--test_file", str(test_file), "--refine_steps", "4",
+                         "--refine_learning_rate", "1e-3", cwd=tmp_path).stdout
     dense, monarch = json.loads((second_dir / "results.json").read_text())
     assert dense["reused_from"] == str(tmp_path / "first") and not (second_dir / "dense").exists()
     assert dense["train_seconds"] == first["train_seconds"] and dense["accuracy"] == first["accuracy"]
     assert monarch["conversion"]["source"] == "finetuned" and monarch["teacher_logits_seconds"] > 0
+    # The projection was refined on the training text before fine-tuning.
+    refinement = monarch["conversion"]["refinement"]
+    assert refinement["steps"] == 4 and refinement["hidden_state_error_after"] < refinement["hidden_state_error_before"]
+    assert (second_dir / "calibration.txt").read_text().count("\n") >= 20
     assert "| monarch |" in stdout and "test_accuracy" not in first
     assert monarch["learning_rate"] == 0 and monarch["train_examples"] == dense["train_examples"]
     trained, initial = (load_file(second_dir / f"{name}/model.safetensors") for name in ("monarch", "monarch-init"))
