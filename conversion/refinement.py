@@ -24,7 +24,7 @@ from torch import nn
 
 from m2_hf import BlockdiagLinear, MonarchLinear
 
-REFINE_LEARNING_RATE = 1e-4
+REFINE_LEARNING_RATE = 3e-4
 REFINE_SEED = 0
 
 

@@ -31,3 +31,9 @@ def test_settings_grid_is_every_combination():
     bench = load_benchmark()
     grid = bench.fit_settings_grid(argparse.Namespace(damping=[1e-3, 1e-2], alternations=[5], first_factor_steps=[5, 10]))
     assert len(grid) == 4 and {"damping": 1e-2, "alternations": 5, "first_factor_steps": 10} in grid
+
+
+def test_refine_grid_runs_no_refinement_once():
+    bench = load_benchmark()
+    grid = bench.refine_grid(argparse.Namespace(refine_steps=[0, 64, 128], refine_learning_rate=[1e-4, 3e-4]))
+    assert grid == [(0, 0.0), (64, 1e-4), (64, 3e-4), (128, 1e-4), (128, 3e-4)]
