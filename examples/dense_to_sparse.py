@@ -165,6 +165,9 @@ def reused_dense_run(folder: Path, settings: dict) -> tuple[dict, Path]:
     results = folder / "results.json"
     dense = next((row for row in json.loads(results.read_text()) if row["model"] == "dense"), None) \
         if results.is_file() else None
+    earlier = Path(dense.get("reused_from", folder)) if dense is not None else folder
+    if earlier != folder and not (folder / "dense" / "config.json").is_file():  # that run reused one too: follow it
+        return reused_dense_run(earlier, settings)
     if dense is None or not (folder / "dense" / "config.json").is_file():
         raise SystemExit(f"--dense_run {folder}: no finished dense run there (results.json with a dense row and the "
                          "dense/ model folder); pass the output_dir of an earlier dense_to_sparse.py run.")

@@ -373,9 +373,10 @@ def test_dense_to_sparse_reuses_a_dense_run_and_projects_the_fine_tuned_model(tm
     fine_tuned = load_file(tmp_path / "first/dense/model.safetensors")
     projected = load_file(second_dir / "monarch-init/model.safetensors")
     assert torch.equal(projected["classifier.weight"], fine_tuned["classifier.weight"])
-    # Another seed is another dense baseline: refused, naming the difference.
+    # Another seed is another dense baseline: refused, naming the difference. The second run reused the first's dense
+    # model, and naming it leads to the first's (whose settings are compared).
     error = run_example("dense_to_sparse.py", *common, "--output_dir", str(tmp_path / "third"), "--dense_run",
-                        str(tmp_path / "first"), "--seed", "7", cwd=tmp_path, succeed=False).stderr
+                        str(second_dir), "--seed", "7", cwd=tmp_path, succeed=False).stderr
     assert "seed: 42 there, 7 here" in error
     error = run_example("dense_to_sparse.py", *common, "--output_dir", str(tmp_path / "fourth"), "--dense_run",
                         str(tmp_path / "nowhere"), cwd=tmp_path, succeed=False).stderr
