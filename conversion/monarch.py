@@ -404,6 +404,9 @@ def format_report(report: dict) -> str:
         lines.append(f"refinement       {refinement['steps']} steps, hidden-state error "
                      f"{refinement['hidden_state_error_before']:.4f} -> {refinement['hidden_state_error_after']:.4f} "
                      f"({refinement['seconds']:.0f} s)")
+        if refinement["kept_projection"]:
+            lines.append("                 not lower: the projection was kept (try more steps or a lower "
+                         "--refine-learning-rate)")
     for key, value in report.get("calibration", {}).items():
         lines.append(f"{key:16} {value:.4f}" if isinstance(value, float) else f"{key:16} {value}")
     for preset, names in (report.get("presets") or {}).items():  # --dry-run: what each preset would select

@@ -57,17 +57,23 @@ def structured_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def _hidden_state_error(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
-    """Mean over the layers' output hidden states (not the embeddings, which no conversion changes) of ``‖s − t‖² / ‖t‖²`` (summed over the batch's real tokens)."""
+    """Mean over the layers' output hidden states (not the embeddings, which no conversion changes) of
+    ``‖s − t‖² / ‖t‖²``, summed over the batch's real tokens."""
     errors = [(s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12) for s, t in zip(student[1:], teacher[1:])]
     return torch.stack(errors).mean()
 
 
 def refine(
-    model: nn.Module, batches: list[dict[str, torch.Tensor]], teacher: TeacherStates, steps: int, learning_rate: float = REFINE_LEARNING_RATE, seed: int = REFINE_SEED,
+    model: nn.Module, batches: list[dict[str, torch.Tensor]], teacher: TeacherStates, steps: int,
+    learning_rate: float = REFINE_LEARNING_RATE, seed: int = REFINE_SEED,
 ) -> dict:
     """Train the structured layers of ``model`` (in place) for ``steps`` Adam steps, one calibration batch per step
     (the batches in a seeded random order, every batch once per pass). Returns the mean hidden-state error over the
-    batches before and after, and the seconds taken."""
+    batches before and after, and the seconds taken.
+
+    Refinement never leaves the model worse on the calibration text than the projection: if the error after the
+    steps is not lower (too few steps for Adam's first, large moves to pay off, or too high a learning rate), the
+    projected weights are restored and ``kept_projection`` is true."""
     if steps < 1:
         raise ValueError(f"Refinement takes at least one step, got {steps}.")
     parameters = structured_parameters(model)
@@ -83,6 +89,7 @@ def refine(
         for p in parameters:
             p.requires_grad_(True)
         error_before = _mean_error(model, batches, teacher)
+        projected = [p.detach().clone() for p in parameters]
         optimizer = torch.optim.Adam(parameters, lr=learning_rate)
         generator = torch.Generator().manual_seed(seed)
         order: list[int] = []
@@ -95,12 +102,18 @@ def refine(
             loss.backward()
             optimizer.step()
         error_after = _mean_error(model, batches, teacher)
+        kept_projection = not error_after < error_before
+        if kept_projection:
+            with torch.no_grad():
+                for p, value in zip(parameters, projected):
+                    p.copy_(value)
     finally:
         for p, requires_grad in trainable.items():
             p.requires_grad_(requires_grad)
         model.to(dtype).train(was_training)
     return {"steps": steps, "learning_rate": learning_rate, "hidden_state_error_before": error_before,
-            "hidden_state_error_after": error_after, "seconds": time.perf_counter() - start}
+            "hidden_state_error_after": error_after, "kept_projection": kept_projection,
+            "seconds": time.perf_counter() - start}
 
 
 @torch.no_grad()

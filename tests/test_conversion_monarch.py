@@ -279,12 +279,17 @@ def test_refinement_pulls_hidden_states_towards_the_original_training_only_struc
     source, _ = write_source(tmp_path, model_type, head)
     calibration = write_calibration(tmp_path)
     reports = {}
-    for name, steps in (("projected", 0), ("refined", 40), ("again", 40)):
+    for name, steps, rate in (("projected", 0, 3e-3), ("refined", 40, 3e-3), ("again", 40, 3e-3), ("diverged", 2, 1.0)):
         settings = MonarchSettings(targets=["all"], nblocks={"*": 4}, calibration_file=calibration,
-                                   refine_steps=steps, refine_learning_rate=3e-3)
+                                   refine_steps=steps, refine_learning_rate=rate)
         reports[name] = convert_to_monarch(source, tmp_path / name, settings, progress=False)
     refinement = reports["refined"]["refinement"]
-    assert "refinement" not in reports["projected"]
+    assert "refinement" not in reports["projected"] and not refinement["kept_projection"]
+    # A refinement that made things worse leaves the projection as it was, and says so.
+    diverged = reports["diverged"]["refinement"]
+    assert diverged["kept_projection"] and diverged["hidden_state_error_after"] > diverged["hidden_state_error_before"]
+    assert folder_digest(tmp_path / "diverged")["model.safetensors"] == folder_digest(tmp_path / "projected")["model.safetensors"]
+    assert "the projection was kept" in (tmp_path / "diverged" / "README.md").read_text()
     assert refinement["steps"] == 40
     assert refinement["hidden_state_error_after"] < 0.7 * refinement["hidden_state_error_before"]
     before, after = reports["projected"]["calibration"], reports["refined"]["calibration"]
