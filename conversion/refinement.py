@@ -24,6 +24,8 @@ from torch import nn
 
 from m2_hf import BlockdiagLinear, MonarchLinear
 
+from .checkpoints import ConversionError
+
 REFINE_LEARNING_RATE = 3e-4
 REFINE_SEED = 0
 
@@ -39,7 +41,8 @@ class TeacherStates:
 def _hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     outputs = model.base_model(**batch, output_hidden_states=True)
     if outputs.hidden_states is None:
-        raise ValueError(f"{type(model.base_model).__name__} returns no hidden_states, which --refine-steps matches.")
+        raise ConversionError(f"{type(model.base_model).__name__} returns no hidden_states, which --refine-steps "
+                              "matches: leave out --refine-steps for this architecture.")
     real = batch["attention_mask"].bool()
     return [state[real].float() for state in outputs.hidden_states]
 
@@ -75,10 +78,11 @@ def refine(
     steps is not lower (too few steps for Adam's first, large moves to pay off, or too high a learning rate), the
     projected weights are restored and ``kept_projection`` is true."""
     if steps < 1:
-        raise ValueError(f"Refinement takes at least one step, got {steps}.")
+        raise ConversionError(f"Refinement takes at least one step, got {steps}.")
     parameters = structured_parameters(model)
     if not parameters:
-        raise ValueError("The model has no Monarch or block-diagonal layers to refine.")
+        raise ConversionError("The model has no Monarch or block-diagonal layers to refine (a --budget can keep every "
+                              "layer dense): leave out --refine-steps.")
     dtype, was_training = next(model.parameters()).dtype, model.training
     trainable = {p: p.requires_grad for p in model.parameters()}
     start = time.perf_counter()
