@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoTokenizer, BertConfig, DistilBertConfig, GPT2Config, RobertaConfig
 
 import conversion.monarch
+import conversion.refinement
 import m2_hf
 from conversion.cli import main
 from conversion.monarch import MonarchSettings, convert_to_monarch
@@ -309,11 +310,15 @@ def test_refinement_pulls_hidden_states_towards_the_original_training_only_struc
     assert isinstance(model.get_submodule(reports["refined"]["layers"][0]["name"]), MonarchLinear)
 
 
-def test_refinement_keeps_a_half_precision_model_in_its_dtype(tmp_path):
+def test_refinement_keeps_a_half_precision_model_in_its_dtype(tmp_path, capsys):
     source, model = write_source(tmp_path, "bert", "BertModel")
     model.to(torch.bfloat16).save_pretrained(source)
-    settings = MonarchSettings(calibration_file=write_calibration(tmp_path), refine_steps=3)
-    report = convert_to_monarch(source, tmp_path / "out", settings, progress=False)
+    assert main(["monarch", str(source), str(tmp_path / "out"), "--calibration-file", str(write_calibration(tmp_path)),
+                 "--refine-steps", "3"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["settings"]["refine_learning_rate"] == conversion.refinement.REFINE_LEARNING_RATE
+    assert "refinement       3 steps, hidden-state error" in captured.err
     assert report["refinement"]["hidden_state_error_after"] < report["refinement"]["hidden_state_error_before"]
     assert {tensor.dtype for tensor in load_file(tmp_path / "out" / "model.safetensors").values()} == {torch.bfloat16}
 
