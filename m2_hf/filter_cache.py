@@ -22,23 +22,9 @@ import torch
 from torch import nn
 
 from .configuration_m2_common import DEFAULT_FILTER_CACHE_BYTES, check_filter_cache_bytes
-from .m2_mixer import HyenaFilter
-from .monarch import _autocast_dtype, _tensor_state
+from .m2_mixer import HyenaFilter, filter_dependencies
 
 __all__ = ["DEFAULT_FILTER_CACHE_BYTES", "FilterCache", "FilterCacheMixin", "filter_dependencies"]
-
-
-def filter_dependencies(module: nn.Module) -> Optional[tuple]:
-    """What ``module``'s outputs depend on besides their length: every parameter and buffer (which tensor, its
-    in-place version, shape, dtype and device) and the autocast dtype of its device; None where that cannot be
-    known (tensors created under `torch.inference_mode()` have no version)."""
-    named = [*module.named_parameters(), *module.named_buffers()]
-    names, tensors = [name for name, _ in named], tuple(t for _, t in named)
-    states = _tensor_state(tensors)
-    if states is None:
-        return None
-    device_type = tensors[0].device.type if tensors else "cpu"
-    return (_autocast_dtype(device_type),) + tuple(zip(names, states))
 
 
 class _Entry(NamedTuple):

@@ -32,6 +32,7 @@ from .monarch import (
     BlockdiagLinear,
     MonarchLinear,
     _autocast_dtype,
+    _tensor_state,
     blockdiag_multiply,
     is_traced,
     records_autograd,
@@ -209,6 +210,19 @@ def causal_depthwise_conv(
     return y
 
 
+def filter_dependencies(module: nn.Module) -> Optional[tuple]:
+    """What ``module``'s outputs depend on besides their length: every parameter and buffer (which tensor, its
+    in-place version, shape, dtype and device) and the autocast dtype of its device; None where that cannot be
+    known (tensors created under `torch.inference_mode()` have no version)."""
+    named = [*module.named_parameters(), *module.named_buffers()]
+    names, tensors = [name for name, _ in named], tuple(t for _, t in named)
+    states = _tensor_state(tensors)
+    if states is None:
+        return None
+    device_type = tensors[0].device.type if tensors else "cpu"
+    return (_autocast_dtype(device_type),) + tuple(zip(names, states))
+
+
 class _PositionalFeatures(nn.Module):
     """Time plus sine/cosine features of each position: the input of the implicit filter MLP.
 
@@ -312,6 +326,15 @@ class HyenaFilter(nn.Module):
     def bidirectional(self) -> bool:
         return hasattr(self, "implicit_filter_rev")
 
+    @property
+    def max_length(self) -> int:
+        """The longest kernel this filter has positional features for (the config's ``long_conv_l_max``)."""
+        return self.pos_emb.z.shape[1]
+
+    def records_autograd(self) -> bool:
+        """Whether autograd records this filter's kernels now (then nothing computed from them may be reused)."""
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+
     def forward(self, length: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``(k_forward, k_reverse)`` of shape ``[H, length]`` (``k_reverse`` is None when causal)."""
         z, t = self.pos_emb(length)
@@ -340,7 +363,7 @@ class HyenaFilter(nn.Module):
     def _reused_in_inference(self, kind: str, length: int, reference, inference) -> torch.Tensor:
         """``reference()`` (with the graph) while autograd records this filter; else ``inference()``, through the
         owning model's `FilterCache` if there is one."""
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+        if self.records_autograd():
             if self.filter_cache is not None:
                 self.filter_cache.discard(self)  # about to change: the memory is better spent on training
             return reference()
@@ -506,13 +529,40 @@ class ConvolutionState:
     to ``ROLLBACK_LIMIT`` more are kept so that `crop` can roll decoding back) and every input of the long
     convolutions so far, ``[C, length, B]`` (C = H, or 2H with the residual long convolution; time before batch, so
     that a decoding step is one batched product of each channel's reversed filter with its history), in a buffer that
-    grows by doubling. Padded positions are stored as zeros, as the full forward sees them."""
+    grows by doubling. Padded positions are stored as zeros, as the full forward sees them.
+
+    It also keeps each long filter's reversed taps for the decoding steps (see `reversed_taps`): they belong to one
+    generation, as the history does, so they take nothing from the model's filter-cache budget."""
 
     def __init__(self) -> None:
         self._projections: Optional[torch.Tensor] = None  # [3H, B, capacity], the first `_stored` columns in use
         self._stored = 0
         self._inputs: Optional[torch.Tensor] = None
         self.length = 0
+        self._taps: dict[int, tuple[tuple, torch.Tensor]] = {}  # filter position -> (its dependencies, taps)
+
+    def reversed_taps(self, position: int, filter_fn: HyenaFilter, length: int, dtype: torch.dtype) -> torch.Tensor:
+        """``filter_fn.reversed_kernel(length)`` in ``dtype``: the taps of a one-token step over ``length`` stored
+        inputs. Computed for twice the length (up to the filter's maximum) and reused while the filter is unchanged,
+        so a generation computes each filter's taps a logarithmic number of times instead of at every step (a whole
+        filter MLP over thousands of positions per block and token)."""
+        if filter_fn.records_autograd():
+            return filter_fn.reversed_kernel(length).to(dtype)
+        dependencies = filter_dependencies(filter_fn)
+        kept = self._taps.get(position)
+        if dependencies is not None:
+            dependencies = (dtype, *dependencies)
+        if dependencies is None:  # cannot tell whether the filter changes: nothing is kept
+            return self._computed_taps(filter_fn, length, dtype)
+        if kept is None or kept[0] != dependencies or kept[1].shape[-1] < length:
+            kept = (dependencies, self._computed_taps(filter_fn, min(filter_fn.max_length, 2 * length), dtype))
+            self._taps[position] = kept
+        return kept[1][:, -length:]
+
+    @staticmethod
+    @torch.no_grad()
+    def _computed_taps(filter_fn: HyenaFilter, length: int, dtype: torch.dtype) -> torch.Tensor:
+        return filter_fn(length)[0].flip(-1).to(dtype).contiguous()
 
     def long_conv_inputs(self) -> torch.Tensor:
         """``[C, length, B]``."""
@@ -586,9 +636,11 @@ class ConvolutionState:
 
     def move_to(self, device) -> None:
         self._map_batch(lambda x, dim: x.to(device, non_blocking=True))
+        self._taps.clear()  # recomputed where the next step runs
 
     def clear(self) -> None:
         self._projections, self._inputs, self._stored, self.length = None, None, 0, 0
+        self._taps.clear()
 
 
 def _gated_sum(convolved: list[torch.Tensor], x2: torch.Tensor) -> torch.Tensor:
@@ -691,10 +743,11 @@ class M2SequenceMixer(nn.Module):
         x1, x2, v = convolved[..., taps - 1 :].chunk(3)
         state.append(z, torch.cat(self._long_conv_inputs(v, x1, u.permute(2, 0, 1), new_mask)))
         outputs = []
-        for f, x in zip(self.long_conv_filters(), state.long_conv_inputs().split(hidden)):  # x: [H, total, B]
+        filters_and_inputs = zip(self.long_conv_filters(), state.long_conv_inputs().split(hidden))  # x: [H, total, B]
+        for position, (f, x) in enumerate(filters_and_inputs):
             if new == 1:
                 # y[t] = Σ_s k[t - s] x[s] + D x[t]: per channel, the newest `total` reversed taps times the inputs.
-                taps_reversed = f.reversed_kernel(f.pos_emb.z.shape[1])[:, -total:].to(x.dtype)
+                taps_reversed = state.reversed_taps(position, f, total, x.dtype)
                 y = _dot_with_history(taps_reversed, x).addcmul_(x[:, -1:], f.bias.to(x.dtype)[:, None, None])
                 y = y.permute(0, 2, 1)  # [H, B, 1]
             else:

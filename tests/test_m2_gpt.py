@@ -158,6 +158,49 @@ def test_one_token_steps_use_the_direct_convolution(monkeypatch):
     assert calls == []
 
 
+@pytest.mark.parametrize("filter_cache_bytes", [0, None])
+def test_one_token_steps_compute_each_filter_a_logarithmic_number_of_times(monkeypatch, filter_cache_bytes):
+    """A generation keeps its filters' taps: with a filter-cache budget too small for them (0) as with none, 30 steps
+    compute each filter's kernel a few times (the taps grow by doubling), not once per step."""
+    from m2_hf.m2_mixer import HyenaFilter
+
+    model = tiny_model(max_position_embeddings=64, filter_cache_bytes=filter_cache_bytes)
+    calls = []
+    forward = HyenaFilter.forward
+
+    def counted(module, length):
+        calls.append((id(module), length))
+        return forward(module, length)
+
+    monkeypatch.setattr(HyenaFilter, "forward", counted)
+    ids = random_ids(2, 34)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        calls.clear()
+        incremental, _ = incremental_logits(model, ids, prompt_length=4)
+    torch.testing.assert_close(incremental, full, rtol=1e-4, atol=1e-4)
+    per_filter = {}
+    for owner, length in calls:
+        per_filter.setdefault(owner, []).append(length)
+    assert len(per_filter) == 2  # one causal filter per block
+    # The prompt's spectrum (4 tokens) is computed by channel chunks, without the filter's forward.
+    assert all(lengths == [10, 22, 46] for lengths in per_filter.values()), per_filter
+
+
+def test_kept_taps_follow_in_place_changes_of_the_filter():
+    model = tiny_model()
+    ids = random_ids(1, 20)
+    with torch.no_grad():
+        out = model(ids[:, :10], use_cache=True)
+        out = model(ids[:, 10:11], cache=out.cache)  # the taps are now kept in the cache
+        for module in model.modules():
+            if hasattr(module, "modulation"):
+                module.modulation.deltas.mul_(3.0)
+        stepped = model(ids[:, 11:12], cache=out.cache).logits
+        expected = model(ids[:, :12], use_cache=False).logits[:, -1:]
+    torch.testing.assert_close(stepped, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_crop_rolls_decoding_back_exactly():
     model = tiny_model(residual_long_conv=True)
     ids = random_ids(2, 30)
