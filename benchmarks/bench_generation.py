@@ -61,6 +61,7 @@ GPT2_FUSED = "gpt2-fused-loss"
 GPT2_STATIC = "gpt2-static-cache"
 GPT2_DECODERS = ("gpt2", GPT2_STATIC)  # DynamicCache, StaticCache
 GPT2_TRAINERS = (GPT2_FUSED, "gpt2")  # fused loss, Transformers' loss on materialised logits
+PARTS = ("decode", "training")
 # Sizes of a full run and of --quick (tiny models, a smoke test); options given on the command line win.
 PRESETS = {
     "full": dict(contexts=[512, 2048, 8192], train_lengths=[1024, 4096, 8192], train_tokens=4096, decode_steps=8),
@@ -257,6 +258,8 @@ def parse_arguments(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--train-tokens", type=positive_int, help="tokens per training step (default 4096; at least "
                                                                     "one sequence)")
     parser.add_argument("--repeats", type=positive_int, default=2)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="what to measure (default: both; e.g. decoding again after a change to it)")
     parser.add_argument("--json", type=Path, default=REPO_ROOT / "benchmarks/out/bench_generation.json")
     parser.add_argument("--child-train", nargs=4, metavar=("MODEL", "LENGTH", "BATCH", "REPEATS"),
                         help=argparse.SUPPRESS)
@@ -334,10 +337,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     log(f"baseline checks: {json.dumps(checks['fused_loss'])}; static cache same tokens "
         f"{checks['static_cache']['same_tokens']} (max logit difference "
         f"{checks['static_cache']['max_logit_difference']:.1e})")
-    rows, verdicts = decode_rows(models, args)
+    rows, verdicts = decode_rows(models, args) if "decode" in args.parts else ([], [])
     del models
-    training, training_verdicts = training_rows(args)
-    rows, verdicts = rows + training, verdicts + training_verdicts
+    if "training" in args.parts:
+        training, training_verdicts = training_rows(args)
+        rows, verdicts = rows + training, verdicts + training_verdicts
 
     print()
     for entry in verdicts:

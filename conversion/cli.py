@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .checkpoints import ConversionError
+from .refinement import REFINE_LEARNING_RATE
 
 PROG = "m2-convert"
 
@@ -205,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "32 calibration samples each) so that the model's hidden states match the original's on "
                               "the calibration text; needs --calibration-file (default: 0, none)")
     monarch.add_argument("--refine-learning-rate", type=_positive_float, metavar="LR",
-                         help="Adam learning rate of --refine-steps (default: 3e-4)")
+                         help=f"Adam learning rate of --refine-steps (default: {REFINE_LEARNING_RATE:g})")
     monarch.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the finished folder to this Hub repo")
 
     dense = _subcommand(

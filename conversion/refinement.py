@@ -10,7 +10,7 @@ averaged over the outputs of every layer, at the real tokens.
 
 The original's hidden states are computed once, before projection, and kept for the whole refinement: in float32,
 at the real tokens only, without the embeddings (which no conversion changes): 1000 snippets of about 20 words are
-26,904 tokens, x 6 layer outputs x 384 features x 4 bytes = 248 MB for all-MiniLM-L6-v2 (about 1 GB for BERT-base). The model trains in float32 (and returns to its dtype afterwards), in eval
+26,904 tokens, x 6 layer outputs x 384 features x 4 bytes = 248 MB for all-MiniLM-L6-v2 (about 1 GB for BERT-base). The model trains in float32 (and each tensor returns to its dtype afterwards), in eval
 mode, so that dropout does not make the targets noisy.
 """
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from m2_hf import BlockdiagLinear, MonarchLinear
+from m2_hf import structured_layers
 
 from .checkpoints import ConversionError
 
@@ -55,8 +55,7 @@ def teacher_states(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> 
 
 def structured_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters of every Monarch and block-diagonal layer: what refinement trains."""
-    return [p for module in model.modules() if isinstance(module, (MonarchLinear, BlockdiagLinear))
-            for p in module.parameters(recurse=False)]
+    return [p for layer in structured_layers(model).values() for p in layer.parameters(recurse=False)]
 
 
 def _hidden_state_error(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
@@ -83,7 +82,7 @@ def refine(
     if not parameters:
         raise ConversionError("The model has no Monarch or block-diagonal layers to refine (a --budget can keep every "
                               "layer dense): leave out --refine-steps.")
-    dtype, was_training = next(model.parameters()).dtype, model.training
+    dtypes, was_training = _floating_dtypes(model), model.training
     trainable = {p: p.requires_grad for p in model.parameters()}
     start = time.perf_counter()
     model.float().eval()
@@ -114,10 +113,30 @@ def refine(
     finally:
         for p, requires_grad in trainable.items():
             p.requires_grad_(requires_grad)
-        model.to(dtype).train(was_training)
+        _restore_dtypes(model, dtypes)
+        model.train(was_training)
     return {"steps": steps, "learning_rate": learning_rate, "hidden_state_error_before": error_before,
             "hidden_state_error_after": error_after, "kept_projection": kept_projection,
             "seconds": time.perf_counter() - start}
+
+
+def _floating_dtypes(model: nn.Module) -> dict[str, torch.dtype]:
+    """The dtype of each floating-point parameter and buffer, by name: a model may keep some modules in float32 while
+    the rest is in half precision (Transformers' `_keep_in_fp32_modules`)."""
+    named = [*model.named_parameters(), *model.named_buffers()]
+    return {name: tensor.dtype for name, tensor in named if tensor.is_floating_point()}
+
+
+def _restore_dtypes(model: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
+    """Give every tensor named in ``dtypes`` its dtype back (the same Parameter objects, new data)."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if name not in dtypes or tensor.dtype == dtypes[name]:
+            continue
+        if isinstance(tensor, nn.Parameter):
+            tensor.data = tensor.data.to(dtypes[name])
+        else:
+            module_name, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(module_name), attribute, tensor.to(dtypes[name]))
 
 
 @torch.no_grad()

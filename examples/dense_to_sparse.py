@@ -58,7 +58,7 @@ from transformers import AutoModelForSequenceClassification, TrainingArguments, 
 
 from conversion.monarch import MonarchSettings, convert_to_dense, convert_to_monarch
 from conversion.refinement import REFINE_LEARNING_RATE
-from m2_hf import BlockdiagLinear, MonarchLinear
+from m2_hf import structured_layers
 from m2_hf.distillation import DistillationTrainer
 
 
@@ -143,7 +143,7 @@ def non_embedding_parameters(model) -> int:
 
 
 def structured_layer_count(model) -> int:
-    return sum(isinstance(m, (MonarchLinear, BlockdiagLinear)) for m in model.modules())
+    return len(structured_layers(model))
 
 
 def calibration_file(task, folder: Path, samples: int) -> Path:

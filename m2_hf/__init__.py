@@ -67,6 +67,7 @@ from .monarch import (
     projection_error,
     set_monarch_backend,
     set_structured_inference_path,
+    structured_layers,
 )
 
 __version__ = "0.1.0"
@@ -198,4 +199,5 @@ __all__ = [
     "projection_error",
     "set_monarch_backend",
     "set_structured_inference_path",
+    "structured_layers",
 ]

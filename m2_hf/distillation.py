@@ -46,7 +46,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
-from .monarch import BlockdiagLinear, MonarchLinear
+from .monarch import structured_layers
 
 
 def logit_distillation_loss(
@@ -89,11 +89,6 @@ TEACHER_FEATURES = "teacher_features"
 def without_labels(inputs: dict) -> dict:
     """The model inputs of a batch or example, without its labels (the teacher predicts, it is not scored)."""
     return {key: value for key, value in inputs.items() if key not in ("labels", "label", "label_ids")}
-
-
-def structured_layer_names(model: nn.Module) -> list[str]:
-    """Names of the Monarch and block-diagonal layers of ``model``: the layers a conversion replaced."""
-    return [name for name, module in model.named_modules() if isinstance(module, (MonarchLinear, BlockdiagLinear))]
 
 
 class LayerOutputRecorder:
@@ -205,7 +200,7 @@ class DistillationTrainer(Trainer):
         self.teacher = teacher_model.to(self.args.device).eval().requires_grad_(False)
         self.alpha, self.temperature, self.hidden_weight = alpha, temperature, hidden_weight
         self.feature_weight, self.feature_module = feature_weight, feature_module
-        self._matched_layers = structured_layer_names(self.model) if hidden_weight > 0 else []
+        self._matched_layers = list(structured_layers(self.model)) if hidden_weight > 0 else []
         if hidden_weight > 0 and not self._matched_layers:
             raise ValueError("hidden_weight > 0 matches the student's Monarch/block-diagonal layers, and it has none.")
         self._student_features = self._teacher_features = None

@@ -38,7 +38,7 @@ class _Entry(NamedTuple):
 
 
 class FilterCache:
-    """Filter spectra (or reversed kernels) reused across inference forwards, within ``max_bytes`` (None: no limit).
+    """Filter spectra reused across inference forwards, within ``max_bytes`` (None: no limit).
 
     When a new entry does not fit, entries of other lengths are evicted, least recently used first. Entries of the
     same length are not evicted for each other: a forward visits every filter in turn, so evicting the least recently

@@ -349,17 +349,6 @@ class HyenaFilter(nn.Module):
             "spectrum", length, lambda: kernel_spectrum(*self.forward(length)), lambda: self._spectrum_by_channels(length)
         )
 
-    def reversed_kernel(self, length: int) -> torch.Tensor:
-        """``k_forward`` of a causal filter for ``length`` tokens, reversed: ``[H, length]`` with ``k[j]`` at column
-        ``length - 1 - j``, so that the taps for the newest ``m`` inputs are its last ``m`` columns (a contiguous
-        slice, for direct convolutions during incremental decoding)."""
-        if self.bidirectional:
-            raise ValueError("Incremental decoding needs a causal filter; this one is bidirectional.")
-        def compute() -> torch.Tensor:
-            return self.forward(length)[0].flip(-1).contiguous()
-
-        return self._reused_in_inference("reversed", length, compute, compute)
-
     def _reused_in_inference(self, kind: str, length: int, reference, inference) -> torch.Tensor:
         """``reference()`` (with the graph) while autograd records this filter; else ``inference()``, through the
         owning model's `FilterCache` if there is one."""
@@ -514,55 +503,114 @@ SHORT_FILTER_TAPS = 3
 ROLLBACK_LIMIT = 256
 
 
-def _dot_with_history(taps: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
-    """``[C, 1, B]``: per channel, ``taps`` (``[C, t]``) times ``history`` (``[C, t, B]``). The step reads both
-    once, so it is bound by memory bandwidth: with one sequence, a fused dot product per channel streams them about
-    1.6x faster than ``bmm``'s matrix-vector path; with several, ``bmm`` reuses each tap for the whole batch."""
-    if history.shape[-1] == 1:
-        return torch.linalg.vecdot(taps, history[..., 0])[:, None, None]
-    return torch.bmm(taps[:, None], history)
+# Decoding flushes the newest inputs' contributions to later outputs in tiles (see `ConvolutionState`); a tile of at
+# most this many (inputs x outputs) is a gathered Toeplitz block times the inputs, a larger one an FFT convolution.
+_DIRECT_TILE = 1024
+# The shortest window of future outputs a decoding state computes from the whole history at once.
+_MIN_WINDOW = 64
+
+
+def contributions_to_following_outputs(x: torch.Tensor, kernel: torch.Tensor, width: int) -> torch.Tensor:
+    """What the inputs ``x`` (``[H, T, B]``, time in the middle) add to the ``width`` outputs that follow them through
+    the causal convolution with ``kernel`` (``[H, >= T + width]``): ``out[:, j] = Σ_s kernel[:, T + j - s] x[:, s]``,
+    ``[H, width, B]``."""
+    channels, steps, _ = x.shape
+    if steps * width <= _DIRECT_TILE:
+        lags = steps + torch.arange(width, device=x.device)[:, None] - torch.arange(steps, device=x.device)
+        return torch.bmm(kernel[:, lags.flatten()].view(channels, width, steps), x)
+    # A circular convolution of T + width points: the products that wrap around land past the outputs kept.
+    size = steps + width
+    spectrum = torch.fft.rfft(kernel[:, :size], n=size, dim=1)[..., None]
+    return torch.fft.irfft(torch.fft.rfft(x, n=size, dim=1) * spectrum, n=size, dim=1)[:, steps:]
+
+
+class _FutureOutputs:
+    """A decoding state's window of future outputs of one long filter: ``outputs[:, j]`` (``[H, width, B]``) is what
+    the inputs so far contribute to the output at position ``start + j``; ``next`` is the position it expects next."""
+
+    def __init__(self, dependencies: tuple, start: int, outputs: torch.Tensor) -> None:
+        self.dependencies, self.start, self.next, self.outputs = dependencies, start, start, outputs
+
+    def continues(self, position: int, dependencies: tuple) -> bool:
+        """Whether this window can give the output at ``position`` of an unchanged filter."""
+        return position == self.next and dependencies == self.dependencies and position < self.start + self.outputs.shape[1]
+
+    def add_newest_inputs(self, history: torch.Tensor, kernel: torch.Tensor, newest: int) -> None:
+        """After the output at ``newest``: add the contribution of the last ``U`` inputs to the next ``U`` outputs (those
+        inside the window; a later window takes the rest from the whole history)."""
+        step = newest - self.start + 1
+        size = step & -step  # the largest power of two dividing the step number
+        width = min(size, self.start + self.outputs.shape[1] - newest - 1)
+        if width > 0:
+            tile = history[:, newest - size + 1 : newest + 1].to(kernel.dtype)
+            offset = newest + 1 - self.start
+            self.outputs[:, offset : offset + width] += contributions_to_following_outputs(tile, kernel, width)
+        self.next = newest + 1
+
+    def map_batch(self, function) -> None:
+        self.outputs = function(self.outputs, 2)
 
 
 class ConvolutionState:
     """What a causal M2 mixer keeps of earlier tokens for incremental decoding: the recent outputs of the input
     projection (channel-major ``[3H, B, n]``; the short convolution reads the last ``SHORT_FILTER_TAPS - 1``, and up
     to ``ROLLBACK_LIMIT`` more are kept so that `crop` can roll decoding back) and every input of the long
-    convolutions so far, ``[C, length, B]`` (C = H, or 2H with the residual long convolution; time before batch, so
-    that a decoding step is one batched product of each channel's reversed filter with its history), in a buffer that
-    grows by doubling. Padded positions are stored as zeros, as the full forward sees them.
+    convolutions so far, ``[C, length, B]`` (C = H, or 2H with the residual long convolution; time before batch), in a
+    buffer that grows by doubling. Padded positions are stored as zeros, as the full forward sees them.
 
-    It also keeps each long filter's reversed taps for the decoding steps (see `reversed_taps`): they belong to one
-    generation, as the history does, so they take nothing from the model's filter-cache budget."""
+    One-token steps do not read the whole history (that would cost as much as attention's keys and values): for each
+    long filter the state keeps its kernel and a window of *future* outputs holding what the inputs so far contribute
+    to them. A step reads its output from the window, adds its own input's share, and then adds what the newest inputs
+    contribute to the next outputs, in tiles that double in size (at the i-th step of a window, the last ``U`` inputs
+    to the next ``U`` outputs, ``U`` the largest power of two dividing ``i``): every (input, output) pair is counted
+    exactly once, and a step costs O(log² length) amortised instead of O(length): the tiling of relaxed convolution
+    (Oncescu et al., "Flash Inference", arXiv:2410.12982). When the window runs out it is recomputed from the whole
+    history (one FFT), twice as long; several tokens at once, `crop` or a changed filter start a new one.
+    """
 
     def __init__(self) -> None:
         self._projections: Optional[torch.Tensor] = None  # [3H, B, capacity], the first `_stored` columns in use
         self._stored = 0
         self._inputs: Optional[torch.Tensor] = None
         self.length = 0
-        self._taps: dict[int, tuple[tuple, torch.Tensor]] = {}  # filter position -> (its dependencies, taps)
+        self._kernels: dict[int, tuple[tuple, torch.Tensor]] = {}  # filter position -> (its dependencies, kernel)
+        self._windows: dict[int, _FutureOutputs] = {}  # filter position -> its window of future outputs
 
-    def reversed_taps(self, position: int, filter_fn: HyenaFilter, length: int, dtype: torch.dtype) -> torch.Tensor:
-        """``filter_fn.reversed_kernel(length)`` in ``dtype``: the taps of a one-token step over ``length`` stored
-        inputs. Computed for twice the length (up to the filter's maximum) and reused while the filter is unchanged,
-        so a generation computes each filter's taps a logarithmic number of times instead of at every step (a whole
-        filter MLP over thousands of positions per block and token)."""
-        if filter_fn.records_autograd():
-            return filter_fn.reversed_kernel(length).to(dtype)
-        dependencies = filter_dependencies(filter_fn)
-        kept = self._taps.get(position)
-        if dependencies is not None:
-            dependencies = (dtype, *dependencies)
-        if dependencies is None:  # cannot tell whether the filter changes: nothing is kept
-            return self._computed_taps(filter_fn, length, dtype)
+    def newest_output(self, position: int, filter_fn: HyenaFilter, history: torch.Tensor) -> torch.Tensor:
+        """``filter_fn``'s causal convolution of ``history`` (``[H, t, B]``: every input so far, the newest last), with
+        its D term, at the newest position: ``[H, 1, B]`` in ``history``'s dtype."""
+        newest = history.shape[1] - 1
+        dtype = _fft_dtype(history.dtype)
+        dependencies = (dtype, id(filter_fn)) + (filter_dependencies(filter_fn) or (object(),))  # unknown: no reuse
+        window = self._windows.get(position)
+        if window is None or not window.continues(newest, dependencies):
+            width = min(max(newest, _MIN_WINDOW), filter_fn.max_length - newest)
+            kernel = self._kernel(position, filter_fn, newest + width, dependencies)
+            window = self._windows[position] = _FutureOutputs(
+                dependencies, newest, contributions_to_following_outputs(history[:, :newest].to(dtype), kernel, width)
+            )
+        else:
+            kernel = self._kernel(position, filter_fn, newest + 1, dependencies)
+        own_share = (kernel[:, :1] + filter_fn.bias.to(dtype)[:, None])[..., None]  # k[0] + D, [H, 1, 1]
+        offset = newest - window.start
+        y = window.outputs[:, offset : offset + 1] + history[:, newest:].to(dtype) * own_share
+        window.add_newest_inputs(history, kernel, newest)
+        return y.to(history.dtype)
+
+    def _kernel(self, position: int, filter_fn: HyenaFilter, length: int, dependencies: tuple) -> torch.Tensor:
+        """``filter_fn``'s kernel ``[H, >= length]`` in the dtype that ``dependencies`` starts with, computed for twice
+        the length (up to the filter's maximum) and reused while nothing it depends on changes."""
+        kept = self._kernels.get(position)
         if kept is None or kept[0] != dependencies or kept[1].shape[-1] < length:
-            kept = (dependencies, self._computed_taps(filter_fn, min(filter_fn.max_length, 2 * length), dtype))
-            self._taps[position] = kept
-        return kept[1][:, -length:]
+            with torch.no_grad():
+                kernel = filter_fn(min(filter_fn.max_length, 2 * length))[0].to(dependencies[0])
+            kept = self._kernels[position] = (dependencies, kernel)
+        return kept[1]
 
-    @staticmethod
-    @torch.no_grad()
-    def _computed_taps(filter_fn: HyenaFilter, length: int, dtype: torch.dtype) -> torch.Tensor:
-        return filter_fn(length)[0].flip(-1).to(dtype).contiguous()
+    def forget_future_outputs(self) -> None:
+        """Drop the windows of future outputs (after several tokens at once, a crop or a move): the next one-token
+        step recomputes them from the history."""
+        self._windows.clear()
 
     def long_conv_inputs(self) -> torch.Tensor:
         """``[C, length, B]``."""
@@ -618,12 +666,15 @@ class ConvolutionState:
             )
         self._stored -= tokens
         self.length -= tokens
+        self.forget_future_outputs()  # they hold the dropped tokens' contributions
 
     def _map_batch(self, function) -> None:
         """``function(tensor, batch_dim)`` on every stored tensor: beam reordering, selection, repetition, moves."""
         if self._projections is not None:
             self._projections = function(self._recent_projections(), 1)
             self._inputs = function(self.long_conv_inputs(), 2)
+        for window in self._windows.values():
+            window.map_batch(function)
 
     def reorder(self, indices: torch.Tensor) -> None:
         self._map_batch(lambda x, dim: x.index_select(dim, indices.to(x.device)))
@@ -636,11 +687,12 @@ class ConvolutionState:
 
     def move_to(self, device) -> None:
         self._map_batch(lambda x, dim: x.to(device, non_blocking=True))
-        self._taps.clear()  # recomputed where the next step runs
+        self._kernels.clear()  # recomputed where the next step runs
 
     def clear(self) -> None:
         self._projections, self._inputs, self._stored, self.length = None, None, 0, 0
-        self._taps.clear()
+        self._kernels.clear()
+        self.forget_future_outputs()
 
 
 def _gated_sum(convolved: list[torch.Tensor], x2: torch.Tensor) -> torch.Tensor:
@@ -729,8 +781,9 @@ class M2SequenceMixer(nn.Module):
         holds, which it then holds too. ``mask`` covers all of them (``[B, length + n]``) or is None.
 
         The same computation as ``forward`` over the whole sequence, restricted to the new outputs: one new token
-        costs a direct convolution over the stored inputs (O(length x hidden), no FFT); several new tokens (a
-        prompt) one FFT convolution over all stored inputs.
+        reads its long convolutions' outputs from the state's windows of future outputs (O(log² length x hidden)
+        amortised, see `ConvolutionState`); several new tokens (a prompt) cost one FFT convolution over all stored
+        inputs.
         """
         batch, new, hidden = u.shape
         total = state.length + new
@@ -745,14 +798,13 @@ class M2SequenceMixer(nn.Module):
         outputs = []
         filters_and_inputs = zip(self.long_conv_filters(), state.long_conv_inputs().split(hidden))  # x: [H, total, B]
         for position, (f, x) in enumerate(filters_and_inputs):
-            if new == 1:
-                # y[t] = Σ_s k[t - s] x[s] + D x[t]: per channel, the newest `total` reversed taps times the inputs.
-                taps_reversed = state.reversed_taps(position, f, total, x.dtype)
-                y = _dot_with_history(taps_reversed, x).addcmul_(x[:, -1:], f.bias.to(x.dtype)[:, None, None])
-                y = y.permute(0, 2, 1)  # [H, B, 1]
+            if new == 1 and not f.records_autograd():
+                y = state.newest_output(position, f, x).permute(0, 2, 1)  # [H, B, 1]
             else:
                 y = fft_conv(x.permute(0, 2, 1), f.spectrum(total), f.bias)[..., -new:]
             outputs.append(y)
+        if new > 1:
+            state.forget_future_outputs()
         return self.out_linear(_gated_sum(outputs, x2).permute(1, 2, 0))
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "records_autograd",
     "set_monarch_backend",
     "set_structured_inference_path",
+    "structured_layers",
 ]
 
 logger = logging.getLogger(__name__)
@@ -80,9 +81,10 @@ DEFAULT_DENSE_WEIGHT_MAX_BYTES = 160 * 2**20
 # differently from run to run, and a choice between two exact paths should not. From benchmarks/bench_monarch.py on
 # CPU (benchmarks/RESULTS.md, 2026-11-28 and 2026-12-03): at 1.6x fewer FLOPs (n->4n, nblocks 2) the structured
 # multiply does not beat nn.Linear, because its GEMMs are narrower and its permutations cost memory traffic that the
-# FLOP count omits; at 2x (square, nblocks 4) it does for 1024- and 3072-wide layers at 4096 tokens but not for
-# 768-wide ones (0.69x), nor with blocks under about 64 wide: the rule is known to be too optimistic for small blocks,
-# and a block-width efficiency term is the missing piece (RESULTS.md). On small calls (256-wide layers,
+# FLOP count omits; at 2x (square, nblocks 4) and more it does, on every layer shape of the benchmark at 4096 tokens
+# (quiet machine: 1.02x for 768-wide layers at nblocks 4, 1.23-5.1x elsewhere, 27-wide blocks included). On a machine
+# loaded several times over its cores, layers under 1024 wide lost (0.35-0.74x): each of the multiply's five
+# operations is a parallel region that waits for a descheduled thread. On small calls (256-wide layers,
 # 512 tokens: 67 MFLOP) its five operations, each a parallel region, cost more than the one GEMM they save, twice so on
 # a loaded machine. Small calls of layers whose dense weight exceeds AUTO_SMALL_CALL_MAX_WEIGHT_BYTES (decoding steps
 # of wide layers) stay structured: there reading the weight dominates, and the factors are several times smaller.
@@ -991,6 +993,12 @@ def _log_auto_choice_once(device_type: str, path: str) -> None:
     logger.info(message + ".")
 
 
+def structured_layers(model: nn.Module) -> dict[str, "_StructuredLinear"]:
+    """The ``MonarchLinear`` and ``BlockdiagLinear`` layers of ``model`` by module name, in ``named_modules`` order
+    (after a conversion: the layers it replaced)."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, _StructuredLinear)}
+
+
 def set_monarch_backend(model: nn.Module, backend: Backend) -> int:
     """Set the multiply backend (``"auto"``, ``"torch"`` or ``"triton"``) of every ``MonarchLinear`` in ``model``.
 
@@ -1018,7 +1026,7 @@ def set_structured_inference_path(
     _check_inference_path(inference_path)
     if dense_weight_max_bytes is not _KEEP:
         _check_dense_weight_max_bytes(dense_weight_max_bytes)
-    layers = [module for module in model.modules() if isinstance(module, _StructuredLinear)]
+    layers = list(structured_layers(model).values())
     for layer in layers:
         layer.inference_path = inference_path
         if dense_weight_max_bytes is not _KEEP:

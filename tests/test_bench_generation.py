@@ -156,6 +156,16 @@ def test_quick_run_writes_every_sample_and_its_baseline_checks(tmp_path, monkeyp
     assert training["ratio_to_faster_gpt2"] == pytest.approx(training["tokens_per_s"]["m2-gpt"] / fastest)
 
 
+def test_decode_only_run_measures_no_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "training_in_fresh_process", lambda *args: pytest.fail("training was measured"))
+    output = tmp_path / "generation.json"
+    bench.main(["--quick", "--contexts", "16", "--batches", "1", "--decode-steps", "2", "--repeats", "1",
+                "--parts", "decode", "--json", str(output)])
+    result = json.loads(output.read_text())
+    assert [row["kind"] for row in result["results"]] == ["decode"]
+    assert result["metadata"]["arguments"]["parts"] == ["decode"]
+
+
 def test_child_process_entry_point_prints_one_sample_per_repeat(capsys):
     bench.main(["--child-train", bench.GPT2_FUSED, "16", "1", "3", "--quick"])
     samples = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -323,6 +323,26 @@ def test_refinement_keeps_a_half_precision_model_in_its_dtype(tmp_path, capsys):
     assert {tensor.dtype for tensor in load_file(tmp_path / "out" / "model.safetensors").values()} == {torch.bfloat16}
 
 
+def test_refinement_gives_each_tensor_its_own_dtype_back():
+    """A model may keep some modules in float32 beside half-precision ones (`_keep_in_fp32_modules`); refinement
+    trains in float32 and must hand every parameter and buffer back in the dtype it had."""
+    from conversion.refinement import _floating_dtypes, _restore_dtypes
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), MonarchLinear(4, 4, 2))
+    model[0].to(torch.bfloat16)
+    model[2].to(torch.float16)
+    model[1].register_buffer("scale", torch.ones(2, dtype=torch.float64))
+    model[1].register_buffer("steps", torch.zeros(2, dtype=torch.long), persistent=False)
+    before = {name: t.dtype for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    parameters = list(model.parameters())
+    dtypes = _floating_dtypes(model)
+    model.float()
+    _restore_dtypes(model, dtypes)
+    assert {name: t.dtype for name, t in [*model.named_parameters(), *model.named_buffers()]} == before
+    assert all(a is b for a, b in zip(model.parameters(), parameters))  # the same Parameters (an optimiser's)
+    assert "steps" not in model[1].state_dict()  # a non-persistent buffer stays so
+
+
 @pytest.mark.parametrize("drift", [0.0, 0.3])
 def test_calibrated_fit_lowers_the_output_error_of_a_layer(drift):
     from conversion.calibration import LayerStatistics, fit_to_statistics

@@ -14,7 +14,8 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Trainer, TrainingArguments
 
 from conversion.monarch import MonarchSettings, convert_to_monarch
-from m2_hf.distillation import DistillationTrainer, logit_distillation_loss, structured_layer_names
+from m2_hf import structured_layers
+from m2_hf.distillation import DistillationTrainer, logit_distillation_loss
 
 VOCAB = 120
 
@@ -169,7 +170,7 @@ def test_the_student_moves_towards_its_teacher_and_the_teacher_stays(teacher_and
 def test_hidden_state_matching_pulls_each_monarch_layer_towards_the_dense_one(teacher_and_student_folders, tmp_path):
     dense, monarch = teacher_and_student_folders
     teacher, student = load(dense), load(monarch)
-    names = structured_layer_names(student)
+    names = list(structured_layers(student))
     assert len(names) == 4
     batch = dataset(rows=8)[:]
     inputs = {key: torch.tensor(batch[key]) for key in ("input_ids", "attention_mask")}

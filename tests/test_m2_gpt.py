@@ -143,8 +143,40 @@ def test_incremental_decoding_equals_the_full_forward(overrides, prompt_length, 
     assert isinstance(cache, M2GPTCache) and cache.get_seq_length() == 40
 
 
-def test_one_token_steps_use_the_direct_convolution(monkeypatch):
-    """After the prompt, single tokens must not run an FFT over the history."""
+def test_long_one_token_decoding_equals_the_full_forward_and_rarely_reads_the_whole_history(monkeypatch):
+    """300 one-token steps: every tile size up to 256 and several windows of future outputs. The whole history is
+    convolved (an FFT over it) only when a window runs out, and each filter's kernel is computed a few times."""
+    import m2_hf.m2_mixer as mixer
+
+    model = tiny_model(max_position_embeddings=320, residual_long_conv=True)
+    ids = random_ids(2, 303)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+    windows, kernels = [], []
+    window_class, forward = mixer._FutureOutputs, mixer.HyenaFilter.forward
+
+    class CountedWindow(window_class):
+        def __init__(self, dependencies, start, outputs):
+            windows.append((start, outputs.shape[1]))
+            super().__init__(dependencies, start, outputs)
+
+    def counted_forward(module, length):
+        kernels.append(length)
+        return forward(module, length)
+
+    monkeypatch.setattr(mixer, "_FutureOutputs", CountedWindow)
+    monkeypatch.setattr(mixer.HyenaFilter, "forward", counted_forward)
+    incremental, _ = incremental_logits(model, ids, prompt_length=3)
+    torch.testing.assert_close(incremental, full, rtol=1e-4, atol=1e-4)
+    filters = 2 * model.config.num_hidden_layers  # the residual long convolution doubles them
+    # Each window is computed from the whole history (one FFT) and is as long as that history (at least 64 outputs,
+    # at most up to the filters' length).
+    assert sorted(set(windows)) == [(3, 64), (67, 67), (134, 134), (268, 52)] and len(windows) == 4 * filters
+    assert sorted(kernels) == [134] * filters + [320] * filters  # twice what a window needs, up to the maximum
+
+
+def test_one_token_steps_do_not_run_the_prompt_path(monkeypatch):
+    """After the prompt, single tokens must not run an FFT convolution of the whole sequence (`fft_conv`)."""
     import m2_hf.m2_mixer as mixer
 
     model = tiny_model()
@@ -158,41 +190,12 @@ def test_one_token_steps_use_the_direct_convolution(monkeypatch):
     assert calls == []
 
 
-@pytest.mark.parametrize("filter_cache_bytes", [0, None])
-def test_one_token_steps_compute_each_filter_a_logarithmic_number_of_times(monkeypatch, filter_cache_bytes):
-    """A generation keeps its filters' taps: with a filter-cache budget too small for them (0) as with none, 30 steps
-    compute each filter's kernel a few times (the taps grow by doubling), not once per step."""
-    from m2_hf.m2_mixer import HyenaFilter
-
-    model = tiny_model(max_position_embeddings=64, filter_cache_bytes=filter_cache_bytes)
-    calls = []
-    forward = HyenaFilter.forward
-
-    def counted(module, length):
-        calls.append((id(module), length))
-        return forward(module, length)
-
-    monkeypatch.setattr(HyenaFilter, "forward", counted)
-    ids = random_ids(2, 34)
-    with torch.no_grad():
-        full = model(ids, use_cache=False).logits
-        calls.clear()
-        incremental, _ = incremental_logits(model, ids, prompt_length=4)
-    torch.testing.assert_close(incremental, full, rtol=1e-4, atol=1e-4)
-    per_filter = {}
-    for owner, length in calls:
-        per_filter.setdefault(owner, []).append(length)
-    assert len(per_filter) == 2  # one causal filter per block
-    # The prompt's spectrum (4 tokens) is computed by channel chunks, without the filter's forward.
-    assert all(lengths == [10, 22, 46] for lengths in per_filter.values()), per_filter
-
-
-def test_kept_taps_follow_in_place_changes_of_the_filter():
+def test_decoding_follows_in_place_changes_of_the_filter():
     model = tiny_model()
     ids = random_ids(1, 20)
     with torch.no_grad():
         out = model(ids[:, :10], use_cache=True)
-        out = model(ids[:, 10:11], cache=out.cache)  # the taps are now kept in the cache
+        out = model(ids[:, 10:11], cache=out.cache)  # the kernels and future outputs are now kept in the cache
         for module in model.modules():
             if hasattr(module, "modulation"):
                 module.modulation.deltas.mul_(3.0)

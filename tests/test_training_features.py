@@ -37,6 +37,7 @@ from m2_hf import (
     M2GPTForSequenceClassification,
     M2ViTForImageClassification,
     MonarchLinear,
+    structured_layers,
 )
 from test_m2_bert import tiny_config as m2_bert_config
 from test_m2_gpt import VOCAB as M2_GPT_VOCAB
@@ -506,14 +507,10 @@ def test_inference_keeps_every_layers_hidden_states(case_name, monkeypatch):
         torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-5, msg=lambda m: f"layer {layer}: {m}")
 
 
-def structured_layer_names(model: nn.Module) -> list[str]:
-    return [name for name, module in model.named_modules() if isinstance(module, (MonarchLinear, BlockdiagLinear))]
-
-
 @pytest.mark.parametrize("case_name", ["m2_bert_sequence_classification", "monarch_bert_sequence_classification"])
 def test_lora_all_linear_leaves_structured_layers_alone(case_name):
     model = CASES[case_name].build()
-    structured = structured_layer_names(model)
+    structured = list(structured_layers(model))
     adapted = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear"))
     assert structured and all(type(layer) in (nn.Linear, Conv1D) for layer in adapted_base_layers(adapted))
-    assert structured_layer_names(model) == structured
+    assert list(structured_layers(model)) == structured
