@@ -32,6 +32,7 @@ from typing import Callable, Literal, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd import forward_ad
 
 from .monarch_triton import monarch_multiply_triton, triton_supported
 
@@ -265,16 +266,85 @@ def _first_factor(x_blocks: torch.Tensor, w1: torch.Tensor, nblocks2: int) -> to
     return _permute_copy(flat, (2, 0, 1))
 
 
-def monarch_multiply(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """The Monarch multiply of a 2-D ``x`` ``(N, k*p)`` by ``w1`` ``(k, q, p)`` and ``w2`` ``(l, s, r)``.
+def monarch_multiply(
+    x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """The Monarch multiply of a 2-D ``x`` ``(N, k*p)`` by ``w1`` ``(k, q, p)`` and ``w2`` ``(l, s, r)``, plus ``bias``
+    (``(l*s,)``) if given.
 
     Returns ``(N, l*s)``. Two ``bmm``, built from PyTorch ops only, so it composes with autograd (including double
     backward), ``torch.func``, ``torch.compile`` and autocast. The activation layouts depend on whether a backward
-    pass will follow: see the two helpers.
+    pass will follow: see the helpers.
     """
-    if torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad or w2.requires_grad):
-        return _monarch_multiply_for_training(x, w1, w2)
-    return _monarch_multiply_for_inference(x, w1, w2)
+    tensors = (x, w1, w2) if bias is None else (x, w1, w2, bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        if _training_product_applies(tensors, w1.shape[1] % w2.shape[0] == 0):
+            return _MonarchTrainingProduct.apply(x, _rows_by_second_block(w1, w2.shape[0]), w2, bias)
+        y = _monarch_multiply_for_training(x, w1, w2)
+        return y if bias is None else y + bias.to(y.dtype)
+    return _monarch_multiply_for_inference(x, w1, w2, bias)
+
+
+def _training_product_applies(tensors: tuple[torch.Tensor, ...], runs_divide: bool) -> bool:
+    """Whether `_MonarchTrainingProduct` may compute the product: plain eager autograd in the tensors' own dtype. Its
+    layouts need ``q`` divisible by ``l``; torch.compile, functorch transforms and forward-mode AD, which trace or
+    transform the ops, and autocast, which would change their dtypes, get the composed ops."""
+    if not runs_divide or is_traced() or _autocast_dtype(tensors[0].device.type) is not None:
+        return False
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return not any(wrapped(t) or forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+class _MonarchTrainingProduct(torch.autograd.Function):
+    """``x W^T + bias`` for training, with ``w1_rows`` = `_rows_by_second_block` of ``w1``: the composed ops move
+    every activation three times in each direction (`_monarch_multiply_for_training`); here ``bmm`` reads the input's
+    block view in place, the output permutation is written together with the bias, and the input gradient block by
+    block straight into its layout: one copy between the factors and one for the output's permutation each way. Its
+    backward is made of differentiable ops where a graph is built (double backward)."""
+
+    @staticmethod
+    def forward(ctx, x, w1_rows, w2, bias):
+        n, (k, q, p), (l, s, r) = x.shape[0], w1_rows.shape, w2.shape
+        x = x.contiguous()
+        h = torch.bmm(x.view(n, k, p).transpose(0, 1), w1_rows.transpose(1, 2))  # (k, n, q)
+        g = h.view(k, n, l, q // l).permute(2, 1, 0, 3).reshape(l, n, r)
+        out = torch.bmm(g, w2.transpose(1, 2)).permute(1, 2, 0)  # (n, s, l) view
+        y = out.new_empty(n, s, l)
+        if bias is None:
+            y.copy_(out)
+        else:
+            torch.add(out, bias.view(s, l).to(out.dtype), out=y)
+        ctx.save_for_backward(x, w1_rows, w2, g)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y.view(n, s * l)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w1_rows, w2, g = ctx.saved_tensors
+        n, (k, q, p), (l, s, r) = x.shape[0], w1_rows.shape, w2.shape
+        if torch.is_grad_enabled():  # double backward: `g` must come from the inputs within the graph
+            g = torch.bmm(x.view(n, k, p).transpose(0, 1), w1_rows.transpose(1, 2))
+            g = g.view(k, n, l, q // l).permute(2, 1, 0, 3).reshape(l, n, r)
+        grad_out = grad.reshape(n, s, l).permute(2, 0, 1).contiguous()  # (l, n, s)
+        grad_w2 = torch.bmm(grad_out.transpose(1, 2), g) if ctx.needs_input_grad[2] else None
+        grad_h = torch.bmm(grad_out, w2).view(l, n, k, q // l).permute(2, 1, 0, 3).reshape(k, n, q)
+        grad_w1 = torch.bmm(grad_h.transpose(1, 2), x.view(n, k, p).transpose(0, 1)) if ctx.needs_input_grad[1] else None
+        grad_x = _blocks_times_weights(grad_h, w1_rows) if ctx.needs_input_grad[0] else None
+        grad_bias = grad.sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[3] else None
+        return grad_x, grad_w1, grad_w2, grad_bias
+
+
+def _blocks_times_weights(blocks: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``(n, k*p)``: block ``κ`` of the columns is ``blocks[κ] @ weights[κ]`` (``(k, n, q)`` by ``(k, q, p)``). Without a
+    graph each product is written into its columns (no transposed copy); with one, composed of differentiable ops."""
+    k, n, _ = blocks.shape
+    p = weights.shape[-1]
+    if torch.is_grad_enabled():
+        return torch.bmm(blocks, weights).transpose(0, 1).reshape(n, k * p)
+    result = blocks.new_empty(n, k * p)
+    for block in range(k):
+        torch.mm(blocks[block], weights[block], out=result[:, block * p : (block + 1) * p])
+    return result
 
 
 def _monarch_multiply_for_training(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -293,7 +363,9 @@ def _monarch_multiply_for_training(x: torch.Tensor, w1: torch.Tensor, w2: torch.
 _FEW_ROWS = 2
 
 
-def _monarch_multiply_for_inference(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+def _monarch_multiply_for_inference(
+    x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Without a backward pass, ``bmm`` reading the input's block view directly is cheaper than a copy."""
     n = x.shape[0]
     k, q, p = w1.shape
@@ -305,15 +377,22 @@ def _monarch_multiply_for_inference(x: torch.Tensor, w1: torch.Tensor, w2: torch
         # strided view.
         h = torch.bmm(x_blocks, _rows_by_second_block(w1, l).transpose(1, 2))
         g = h.view(k, n, l, q // l).permute(2, 1, 0, 3).reshape(l, n, r)
-        return torch.bmm(g, w2.transpose(1, 2)).permute(1, 2, 0).reshape(n, s * l)
+        out = torch.bmm(g, w2.transpose(1, 2)).permute(1, 2, 0)  # (n, s, l) view
+        if bias is None or is_traced():
+            y = out.reshape(n, s * l)
+            return y if bias is None else y + bias.to(y.dtype)
+        y = out.new_empty(n, s, l)  # the output permutation written together with the bias: one pass, not two
+        return torch.add(out, bias.view(s, l).to(out.dtype), out=y).view(n, s * l)
     if n <= _FEW_ROWS:
         h = torch.bmm(w1, x_blocks.transpose(1, 2)).transpose(1, 2)
     else:
         h = torch.bmm(x_blocks, w1.transpose(1, 2))
     g = h.transpose(0, 1).reshape(n, r, l).permute(2, 0, 1)
     if n <= _FEW_ROWS:
-        return torch.bmm(w2, g.transpose(1, 2)).permute(2, 1, 0).reshape(n, s * l)
-    return torch.bmm(g, w2.transpose(1, 2)).permute(1, 2, 0).reshape(n, s * l)
+        y = torch.bmm(w2, g.transpose(1, 2)).permute(2, 1, 0).reshape(n, s * l)
+    else:
+        y = torch.bmm(g, w2.transpose(1, 2)).permute(1, 2, 0).reshape(n, s * l)
+    return y if bias is None else y + bias.to(y.dtype)
 
 
 def blockdiag_multiply(x: torch.Tensor, weight: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -563,9 +642,10 @@ class _StructuredLinear(nn.Module):
     """What Monarch and block-diagonal layers share: padding, truncation, bias, densification, projection, and the
     choice between the structured multiply and a cached densified weight in inference.
 
-    Subclasses define ``_FACTORS`` (names of the factor parameters), ``_multiply(x)`` (``(N, in_features_padded)`` ->
-    ``(N, out_features_padded)``, no bias), ``_factor_init_bounds()`` and the classmethod ``_from_dense(weight, bias,
-    nblocks, projection_dtype, **kwargs)`` returning ``(layer, relative projection error)``.
+    Subclasses define ``_FACTORS`` (names of the factor parameters), ``_multiply(x, bias=None)``
+    (``(N, in_features_padded)`` -> ``(N, out_features_padded)``, plus ``bias`` if given), ``_factor_init_bounds()``
+    and the classmethod ``_from_dense(weight, bias, nblocks, projection_dtype, **kwargs)`` returning ``(layer,
+    relative projection error)``.
     """
 
     _FACTORS: tuple[str, ...] = ()
@@ -641,13 +721,15 @@ class _StructuredLinear(nn.Module):
         batch_shape = x.shape[:-1]
         if self.in_features_padded != self.in_features:
             x = F.pad(x, (0, self.in_features_padded - self.in_features))
-        y = self._multiply(x.reshape(-1, self.in_features_padded))
+        padded_output = self.out_features_padded != self.out_features
+        # The multiply adds the bias itself where it can (the bias is cast to its output's dtype, so that autocast
+        # decides the dtype, as for nn.Linear); a padded output gets it after the padding is cut off.
+        y = self._multiply(x.reshape(-1, self.in_features_padded), None if padded_output else self.bias)
         y = y.view(*batch_shape, self.out_features_padded)
-        if self.out_features_padded != self.out_features:
+        if padded_output:
             y = y[..., : self.out_features]
-        if self.bias is not None:
-            # Cast so that autocast decides the output dtype, as it does for nn.Linear.
-            y = y + self.bias.to(y.dtype)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
         return y
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -900,14 +982,15 @@ class MonarchLinear(_StructuredLinear):
         _log_auto_choice_once(x.device.type, path)
         return path == "triton" and not torch._C._functorch.is_functorch_wrapped_tensor(x)
 
-    def _multiply(self, x: torch.Tensor) -> torch.Tensor:
+    def _multiply(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         w1, w2 = self.blkdiag1, self.blkdiag2
         if not self._use_triton(x):
-            return monarch_multiply(x, w1, w2)
+            return monarch_multiply(x, w1, w2, bias)
         cast = _autocast_dtype(x.device.type)
         if cast is not None:
             x, w1, w2 = x.to(cast), w1.to(cast), w2.to(cast)
-        return monarch_multiply_triton(x, w1, w2)
+        y = monarch_multiply_triton(x, w1, w2)
+        return y if bias is None else y + bias.to(y.dtype)
 
     @classmethod
     def _from_dense(cls, weight, bias, nblocks, projection_dtype, **kwargs):
@@ -962,8 +1045,9 @@ class BlockdiagLinear(_StructuredLinear):
     def _factor_init_bounds(self) -> dict[str, float]:
         return {"weight": 1.0 / math.sqrt(self.weight.shape[-1])}
 
-    def _multiply(self, x: torch.Tensor) -> torch.Tensor:
-        return blockdiag_multiply(x, self.weight)
+    def _multiply(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        y = blockdiag_multiply(x, self.weight)
+        return y if bias is None else y + bias.to(y.dtype)
 
     @classmethod
     def _from_dense(cls, weight, bias, nblocks, projection_dtype, **kwargs):

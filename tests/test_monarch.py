@@ -293,7 +293,7 @@ def test_bias_init_uses_in_features_like_nn_linear():
 
 
 @pytest.mark.parametrize("cls", [MonarchLinear, BlockdiagLinear])
-@pytest.mark.parametrize("in_features,out_features,nblocks", [(12, 12, 3), (8, 20, 4), (10, 7, 3)])
+@pytest.mark.parametrize("in_features,out_features,nblocks", [(12, 12, 3), (8, 20, 4), (10, 7, 3), (16, 24, 4)])
 def test_gradcheck_float64(cls, in_features, out_features, nblocks):
     torch.manual_seed(8)
     layer = cls(in_features, out_features, nblocks, dtype=torch.float64)
@@ -305,6 +305,47 @@ def test_gradcheck_float64(cls, in_features, out_features, nblocks):
 
     assert torch.autograd.gradcheck(function, (x, *params))
     assert torch.autograd.gradgradcheck(function, (x, *params))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("in_features,out_features,nblocks", [(48, 48, 4), (32, 128, 4), (64, 32, 4), (10, 7, 3)])
+def test_training_product_equals_the_composed_ops(monkeypatch, in_features, out_features, nblocks, bias):
+    """The training multiply's own autograd function against the same product composed of autograd ops: outputs and
+    every gradient, with and without a bias, and with a padded output (whose bias is added after the cut)."""
+    import m2_hf.monarch as monarch
+
+    torch.manual_seed(15)
+    layer = MonarchLinear(in_features, out_features, nblocks, bias=bias)
+    x = torch.randn(2, 9, in_features, requires_grad=True)
+    upstream = torch.randn(2, 9, out_features)
+    applied = []
+    product = monarch._MonarchTrainingProduct.apply
+    monkeypatch.setattr(monarch._MonarchTrainingProduct, "apply", lambda *a: applied.append(1) or product(*a))
+    results = {}
+    for name, fused in (("fused", True), ("composed", False)):
+        monkeypatch.setattr(monarch, "_training_product_applies", lambda tensors, runs_divide, f=fused: f)
+        y = layer(x)
+        results[name] = (y, *torch.autograd.grad(y, (x, *layer.parameters()), upstream))
+    assert len(applied) == 1
+    for fused, composed in zip(results["fused"], results["composed"]):
+        torch.testing.assert_close(fused, composed, rtol=1e-5, atol=1e-5)
+
+
+def test_training_product_is_used_only_where_it_applies():
+    import m2_hf.monarch as monarch
+
+    layer = MonarchLinear(48, 48, 4)
+    x = torch.randn(5, 48, requires_grad=True)
+    w1, w2 = layer.blkdiag1, layer.blkdiag2
+    assert monarch._training_product_applies((x, w1, w2), True)
+    assert not monarch._training_product_applies((x, w1, w2), False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not monarch._training_product_applies((x, w1, w2), True)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, torch.randn_like(x))
+        assert not monarch._training_product_applies((dual, w1, w2), True)
+    forward_gradient = torch.func.jvp(lambda v: layer(v), (x.detach(),), (torch.ones_like(x),))[1]
+    torch.testing.assert_close(forward_gradient, torch.ones(5, 48) @ layer.dense_weight().t())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
