@@ -533,11 +533,12 @@ class _FutureOutputs:
 
     def continues(self, position: int, dependencies: tuple) -> bool:
         """Whether this window can give the output at ``position`` of an unchanged filter."""
-        return position == self.next and dependencies == self.dependencies and position < self.start + self.outputs.shape[1]
+        inside = position < self.start + self.outputs.shape[1]
+        return inside and position == self.next and dependencies == self.dependencies
 
     def add_newest_inputs(self, history: torch.Tensor, kernel: torch.Tensor, newest: int) -> None:
-        """After the output at ``newest``: add the contribution of the last ``U`` inputs to the next ``U`` outputs (those
-        inside the window; a later window takes the rest from the whole history)."""
+        """After the output at ``newest``: add the contribution of the last ``U`` inputs to the next ``U`` outputs
+        (those inside the window; a later window takes the rest from the whole history)."""
         step = newest - self.start + 1
         size = step & -step  # the largest power of two dividing the step number
         width = min(size, self.start + self.outputs.shape[1] - newest - 1)
@@ -608,7 +609,7 @@ class ConvolutionState:
         return kept[1]
 
     def forget_future_outputs(self) -> None:
-        """Drop the windows of future outputs (after several tokens at once, a crop or a move): the next one-token
+        """Drop the windows of future outputs (after several tokens at once or a crop): the next one-token
         step recomputes them from the history."""
         self._windows.clear()
 

@@ -4,7 +4,8 @@ GPT-style pre-LayerNorm residual blocks, ``h + mixer(LN(h))`` then ``h + mlp(LN(
 sequence mixer of M2-BERT (`m2_mixer.py`, one implementation) in its causal form and the MLP uses Monarch matrices.
 Generation is incremental: `M2GPTCache` keeps, per block, the inputs of the long convolutions so far, the short
 convolution's last inputs and, per long filter, what the tokens so far contribute to the next outputs, so each new
-token costs O(log² length x hidden) amortised (`m2_mixer.ConvolutionState`) rather than a new FFT over the whole prefix.
+token costs O(log² length x hidden) amortised (`m2_mixer.ConvolutionState`) rather than a new FFT over the whole
+prefix.
 """
 
 from __future__ import annotations

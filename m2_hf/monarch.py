@@ -328,15 +328,17 @@ class _MonarchTrainingProduct(torch.autograd.Function):
         grad_out = grad.reshape(n, s, l).permute(2, 0, 1).contiguous()  # (l, n, s)
         grad_w2 = torch.bmm(grad_out.transpose(1, 2), g) if ctx.needs_input_grad[2] else None
         grad_h = torch.bmm(grad_out, w2).view(l, n, k, q // l).permute(2, 1, 0, 3).reshape(k, n, q)
-        grad_w1 = torch.bmm(grad_h.transpose(1, 2), x.view(n, k, p).transpose(0, 1)) if ctx.needs_input_grad[1] else None
+        x_blocks = x.view(n, k, p).transpose(0, 1)
+        grad_w1 = torch.bmm(grad_h.transpose(1, 2), x_blocks) if ctx.needs_input_grad[1] else None
         grad_x = _blocks_times_weights(grad_h, w1_rows) if ctx.needs_input_grad[0] else None
         grad_bias = grad.sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[3] else None
         return grad_x, grad_w1, grad_w2, grad_bias
 
 
 def _blocks_times_weights(blocks: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``(n, k*p)``: block ``κ`` of the columns is ``blocks[κ] @ weights[κ]`` (``(k, n, q)`` by ``(k, q, p)``). Without a
-    graph each product is written into its columns (no transposed copy); with one, composed of differentiable ops."""
+    """``(n, k*p)``: block ``κ`` of the columns is ``blocks[κ] @ weights[κ]`` (``(k, n, q)`` by ``(k, q, p)``).
+    Without a graph each product is written into its columns (no transposed copy); with one, composed of
+    differentiable ops."""
     k, n, _ = blocks.shape
     p = weights.shape[-1]
     if torch.is_grad_enabled():
