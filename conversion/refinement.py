@@ -10,8 +10,9 @@ averaged over the outputs of every layer, at the real tokens.
 
 The original's hidden states are computed once, before projection, and kept for the whole refinement: in float32,
 at the real tokens only, without the embeddings (which no conversion changes): 1000 snippets of about 20 words are
-26,904 tokens, x 6 layer outputs x 384 features x 4 bytes = 248 MB for all-MiniLM-L6-v2 (about 1 GB for BERT-base). The model trains in float32 (and each tensor returns to its dtype afterwards), in eval
-mode, so that dropout does not make the targets noisy.
+26,904 tokens, x 6 layer outputs x 384 features x 4 bytes = 248 MB for all-MiniLM-L6-v2 (about 1 GB for BERT-base).
+The model trains in float32 (and each tensor returns to its dtype afterwards), in eval mode, so that dropout does not
+make the targets noisy.
 """
 
 from __future__ import annotations

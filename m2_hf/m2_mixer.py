@@ -532,7 +532,8 @@ class _FutureOutputs:
         self.dependencies, self.start, self.next, self.outputs = dependencies, start, start, outputs
 
     def continues(self, position: int, dependencies: tuple) -> bool:
-        """Whether this window can give the output at ``position`` of an unchanged filter."""
+        """Whether this window can give the output at ``position`` of an unchanged filter: the next position, so no
+        token came in between (several at once go through the FFT path and leave the window behind)."""
         inside = position < self.start + self.outputs.shape[1]
         return inside and position == self.next and dependencies == self.dependencies
 
@@ -609,8 +610,8 @@ class ConvolutionState:
         return kept[1]
 
     def forget_future_outputs(self) -> None:
-        """Drop the windows of future outputs (after several tokens at once or a crop): the next one-token
-        step recomputes them from the history."""
+        """Drop the windows of future outputs (after a crop, whose tokens they hold and which several new tokens at
+        once could bring back to the expected position): the next one-token step recomputes them from the history."""
         self._windows.clear()
 
     def long_conv_inputs(self) -> torch.Tensor:
@@ -804,8 +805,6 @@ class M2SequenceMixer(nn.Module):
             else:
                 y = fft_conv(x.permute(0, 2, 1), f.spectrum(total), f.bias)[..., -new:]
             outputs.append(y)
-        if new > 1:
-            state.forget_future_outputs()
         return self.out_linear(_gated_sum(outputs, x2).permute(1, 2, 0))
 
 

@@ -266,6 +266,32 @@ def _first_factor(x_blocks: torch.Tensor, w1: torch.Tensor, nblocks2: int) -> to
     return _permute_copy(flat, (2, 0, 1))
 
 
+def _second_factor_input(x_blocks: torch.Tensor, w1_rows: torch.Tensor, nblocks2: int) -> torch.Tensor:
+    """The first factor on the input blocks ``(k, N, p)``, in the second factor's layout ``(l, N, r)``: with ``w1_rows``
+    = `_rows_by_second_block` of ``w1``, one copy of contiguous runs of ``q/l`` features."""
+    k, n, _ = x_blocks.shape
+    q = w1_rows.shape[1]
+    h = torch.bmm(x_blocks, w1_rows.transpose(1, 2))  # (k, N, q)
+    return h.view(k, n, nblocks2, q // nblocks2).permute(2, 1, 0, 3).reshape(nblocks2, n, k * q // nblocks2)
+
+
+def _plus_bias(y: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``y + bias``, the bias cast to ``y``'s dtype so that autocast decides the output dtype, as for nn.Linear."""
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+def _permuted_with_bias(out: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The second factor's output ``out`` (``(l, N, s)``) in feature order ``(N, s*l)``, plus ``bias``: the permutation
+    and the bias written in one pass instead of two."""
+    l, n, s = out.shape
+    y = out.new_empty(n, s, l)
+    if bias is None:
+        y.copy_(out.permute(1, 2, 0))
+    else:
+        torch.add(out.permute(1, 2, 0), bias.view(s, l).to(out.dtype), out=y)
+    return y.view(n, s * l)
+
+
 def monarch_multiply(
     x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, bias: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
@@ -280,8 +306,7 @@ def monarch_multiply(
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         if _training_product_applies(tensors, w1.shape[1] % w2.shape[0] == 0):
             return _MonarchTrainingProduct.apply(x, _rows_by_second_block(w1, w2.shape[0]), w2, bias)
-        y = _monarch_multiply_for_training(x, w1, w2)
-        return y if bias is None else y + bias.to(y.dtype)
+        return _plus_bias(_monarch_multiply_for_training(x, w1, w2), bias)
     return _monarch_multiply_for_inference(x, w1, w2, bias)
 
 
@@ -304,31 +329,23 @@ class _MonarchTrainingProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1_rows, w2, bias):
-        n, (k, q, p), (l, s, r) = x.shape[0], w1_rows.shape, w2.shape
+        n, (k, _, p) = x.shape[0], w1_rows.shape
         x = x.contiguous()
-        h = torch.bmm(x.view(n, k, p).transpose(0, 1), w1_rows.transpose(1, 2))  # (k, n, q)
-        g = h.view(k, n, l, q // l).permute(2, 1, 0, 3).reshape(l, n, r)
-        out = torch.bmm(g, w2.transpose(1, 2)).permute(1, 2, 0)  # (n, s, l) view
-        y = out.new_empty(n, s, l)
-        if bias is None:
-            y.copy_(out)
-        else:
-            torch.add(out, bias.view(s, l).to(out.dtype), out=y)
+        g = _second_factor_input(x.view(n, k, p).transpose(0, 1), w1_rows, w2.shape[0])
         ctx.save_for_backward(x, w1_rows, w2, g)
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return y.view(n, s * l)
+        return _permuted_with_bias(torch.bmm(g, w2.transpose(1, 2)), bias)
 
     @staticmethod
     def backward(ctx, grad):
         x, w1_rows, w2, g = ctx.saved_tensors
-        n, (k, q, p), (l, s, r) = x.shape[0], w1_rows.shape, w2.shape
+        n, (k, q, p), (l, s, _) = x.shape[0], w1_rows.shape, w2.shape
+        x_blocks = x.view(n, k, p).transpose(0, 1)
         if torch.is_grad_enabled():  # double backward: `g` must come from the inputs within the graph
-            g = torch.bmm(x.view(n, k, p).transpose(0, 1), w1_rows.transpose(1, 2))
-            g = g.view(k, n, l, q // l).permute(2, 1, 0, 3).reshape(l, n, r)
+            g = _second_factor_input(x_blocks, w1_rows, l)
         grad_out = grad.reshape(n, s, l).permute(2, 0, 1).contiguous()  # (l, n, s)
         grad_w2 = torch.bmm(grad_out.transpose(1, 2), g) if ctx.needs_input_grad[2] else None
         grad_h = torch.bmm(grad_out, w2).view(l, n, k, q // l).permute(2, 1, 0, 3).reshape(k, n, q)
-        x_blocks = x.view(n, k, p).transpose(0, 1)
         grad_w1 = torch.bmm(grad_h.transpose(1, 2), x_blocks) if ctx.needs_input_grad[1] else None
         grad_x = _blocks_times_weights(grad_h, w1_rows) if ctx.needs_input_grad[0] else None
         grad_bias = grad.sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[3] else None
@@ -377,14 +394,10 @@ def _monarch_multiply_for_inference(
         # One copy between the factors, of runs of q/l features (see `_rows_by_second_block`): 1.25-1.6x faster on
         # CPU, in an interleaved microbenchmark of the BERT-base shapes, than letting `bmm` gather the single-feature-
         # strided view.
-        h = torch.bmm(x_blocks, _rows_by_second_block(w1, l).transpose(1, 2))
-        g = h.view(k, n, l, q // l).permute(2, 1, 0, 3).reshape(l, n, r)
-        out = torch.bmm(g, w2.transpose(1, 2)).permute(1, 2, 0)  # (n, s, l) view
-        if bias is None or is_traced():
-            y = out.reshape(n, s * l)
-            return y if bias is None else y + bias.to(y.dtype)
-        y = out.new_empty(n, s, l)  # the output permutation written together with the bias: one pass, not two
-        return torch.add(out, bias.view(s, l).to(out.dtype), out=y).view(n, s * l)
+        out = torch.bmm(_second_factor_input(x_blocks, _rows_by_second_block(w1, l), l), w2.transpose(1, 2))
+        if is_traced():  # a captured graph takes out-of-place ops
+            return _plus_bias(out.permute(1, 2, 0).reshape(n, s * l), bias)
+        return _permuted_with_bias(out, bias)
     if n <= _FEW_ROWS:
         h = torch.bmm(w1, x_blocks.transpose(1, 2)).transpose(1, 2)
     else:
@@ -394,7 +407,7 @@ def _monarch_multiply_for_inference(
         y = torch.bmm(w2, g.transpose(1, 2)).permute(2, 1, 0).reshape(n, s * l)
     else:
         y = torch.bmm(g, w2.transpose(1, 2)).permute(1, 2, 0).reshape(n, s * l)
-    return y if bias is None else y + bias.to(y.dtype)
+    return _plus_bias(y, bias)
 
 
 def blockdiag_multiply(x: torch.Tensor, weight: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -724,14 +737,11 @@ class _StructuredLinear(nn.Module):
         if self.in_features_padded != self.in_features:
             x = F.pad(x, (0, self.in_features_padded - self.in_features))
         padded_output = self.out_features_padded != self.out_features
-        # The multiply adds the bias itself where it can (the bias is cast to its output's dtype, so that autocast
-        # decides the dtype, as for nn.Linear); a padded output gets it after the padding is cut off.
+        # The multiply adds the bias itself where it can; a padded output gets it after the padding is cut off.
         y = self._multiply(x.reshape(-1, self.in_features_padded), None if padded_output else self.bias)
         y = y.view(*batch_shape, self.out_features_padded)
         if padded_output:
-            y = y[..., : self.out_features]
-            if self.bias is not None:
-                y = y + self.bias.to(y.dtype)
+            y = _plus_bias(y[..., : self.out_features], self.bias)
         return y
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -991,8 +1001,7 @@ class MonarchLinear(_StructuredLinear):
         cast = _autocast_dtype(x.device.type)
         if cast is not None:
             x, w1, w2 = x.to(cast), w1.to(cast), w2.to(cast)
-        y = monarch_multiply_triton(x, w1, w2)
-        return y if bias is None else y + bias.to(y.dtype)
+        return _plus_bias(monarch_multiply_triton(x, w1, w2), bias)
 
     @classmethod
     def _from_dense(cls, weight, bias, nblocks, projection_dtype, **kwargs):
@@ -1048,8 +1057,7 @@ class BlockdiagLinear(_StructuredLinear):
         return {"weight": 1.0 / math.sqrt(self.weight.shape[-1])}
 
     def _multiply(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        y = blockdiag_multiply(x, self.weight)
-        return y if bias is None else y + bias.to(y.dtype)
+        return _plus_bias(blockdiag_multiply(x, self.weight), bias)
 
     @classmethod
     def _from_dense(cls, weight, bias, nblocks, projection_dtype, **kwargs):

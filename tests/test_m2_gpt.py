@@ -204,6 +204,23 @@ def test_decoding_follows_in_place_changes_of_the_filter():
     torch.testing.assert_close(stepped, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_crop_then_as_many_tokens_at_once_does_not_reuse_the_dropped_tokens_contributions():
+    """One-token steps, a crop of 3, then 3 other tokens in one call: decoding is back at the position its windows of
+    future outputs expect, but those hold the dropped tokens' contributions."""
+    model = tiny_model()
+    ids, other = random_ids(2, 24), random_ids(2, 3, seed=9)
+    expected_ids = torch.cat([ids[:, :12], other, ids[:, 15:]], dim=1)
+    with torch.no_grad():
+        full = model(expected_ids, use_cache=False).logits
+        cache = model(ids[:, :8], use_cache=True).cache
+        for t in range(8, 15):
+            model(ids[:, t : t + 1], cache=cache)
+        cache.crop(-3)
+        model(other, cache=cache)
+        continued = [model(ids[:, t : t + 1], cache=cache).logits for t in range(15, 24)]
+    torch.testing.assert_close(torch.cat(continued, dim=1), full[:, 15:], rtol=1e-4, atol=1e-4)
+
+
 def test_crop_rolls_decoding_back_exactly():
     model = tiny_model(residual_long_conv=True)
     ids = random_ids(2, 30)
