@@ -45,6 +45,22 @@ def test_equals_transformers_causal_lm_loss(monkeypatch, chunk_rows, loss_kwargs
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_large_logits_do_not_overflow():
+    hidden, weight, labels = inputs()
+    hidden = (hidden.detach() * 60).requires_grad_()  # logits in the hundreds: exp() of them is inf in float32
+    expected = loss_and_grads(lambda: ForCausalLMLoss(hidden @ weight.t(), labels, VOCAB), hidden, weight)
+    fused = loss_and_grads(lambda: fused_linear_cross_entropy(hidden, weight, labels), hidden, weight)
+    assert torch.isfinite(fused[0])
+    for want, got in zip(expected, fused):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows, budget_rows, expected", [(4096, 1335, 1024), (10, 3, 3), (7, 100, 7), (5, 0, 1)])
+def test_chunks_are_of_equal_size_within_the_budget(monkeypatch, rows, budget_rows, expected):
+    monkeypatch.setattr(lm_loss, "_LOGITS_CHUNK_BYTES", 4 * VOCAB * budget_rows)
+    assert lm_loss._rows_per_chunk(rows, VOCAB) == expected
+
+
 def test_shift_labels_and_scaled_upstream_gradient():
     hidden, weight, labels = inputs()
     shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].contiguous()
