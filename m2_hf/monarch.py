@@ -311,10 +311,16 @@ def monarch_multiply(
 
 
 def _training_product_applies(tensors: tuple[torch.Tensor, ...], runs_divide: bool) -> bool:
-    """Whether `_MonarchTrainingProduct` may compute the product: plain eager autograd in the tensors' own dtype. Its
-    layouts need ``q`` divisible by ``l``; torch.compile, functorch transforms and forward-mode AD, which trace or
+    """Whether `_MonarchTrainingProduct` may compute the product: its layouts need ``q`` divisible by ``l``, and see
+    :func:`hand_written_backward_applies`."""
+    return runs_divide and hand_written_backward_applies(tensors)
+
+
+def hand_written_backward_applies(tensors: tuple[torch.Tensor, ...]) -> bool:
+    """Whether an ``autograd.Function`` with a hand-written backward may replace composed ops on ``tensors``: plain
+    eager autograd in the tensors' own dtype. torch.compile, functorch transforms and forward-mode AD, which trace or
     transform the ops, and autocast, which would change their dtypes, get the composed ops."""
-    if not runs_divide or is_traced() or _autocast_dtype(tensors[0].device.type) is not None:
+    if is_traced() or _autocast_dtype(tensors[0].device.type) is not None:
         return False
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     return not any(wrapped(t) or forward_ad.unpack_dual(t).tangent is not None for t in tensors)

@@ -488,3 +488,68 @@ def test_trainer_lowers_the_loss(cls, tmp_path):
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 12
     assert losses[-1] < 0.8 * losses[0]
+
+
+def glu_outputs_and_gradients(mlp, x, upstream):
+    y = mlp(x)
+    return (y, *torch.autograd.grad(y, (x, *mlp.parameters()), upstream))
+
+
+@pytest.mark.parametrize("post_norm", [False, True])  # M2-GPT's and M2-BERT's MLP
+def test_glu_training_function_equals_the_composed_ops(monkeypatch, post_norm):
+    import m2_hf.m2_mixer as mixer_module
+
+    torch.manual_seed(0)
+    mlp = mixer_module.M2GatedMLP(tiny_config(), post_norm=post_norm).train()
+    x = torch.randn(2, 7, 32, requires_grad=True)
+    upstream = torch.randn(2, 7, 32)
+    applied = []
+    product = mixer_module._GeluGatedProduct.apply
+    monkeypatch.setattr(mixer_module._GeluGatedProduct, "apply", lambda h: applied.append(1) or product(h))
+    fused = glu_outputs_and_gradients(mlp, x, upstream)
+    assert len(applied) == 1
+    monkeypatch.setattr(mixer_module, "hand_written_backward_applies", lambda tensors: False)
+    composed = glu_outputs_and_gradients(mlp, x, upstream)
+    assert len(applied) == 1
+    for got, want in zip(fused, composed):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_glu_training_function_has_first_and_second_derivatives():
+    from m2_hf.m2_mixer import _GeluGatedProduct
+
+    hidden = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_GeluGatedProduct.apply, (hidden,))
+    assert torch.autograd.gradgradcheck(_GeluGatedProduct.apply, (hidden,))
+    upstream = torch.randn(3, 5, 4, dtype=torch.float64)
+    # The backward that builds a graph (double backward) is other code than the one that does not: same gradient.
+    plain = torch.autograd.grad(_GeluGatedProduct.apply(hidden), hidden, upstream)[0]
+    graphed = torch.autograd.grad(_GeluGatedProduct.apply(hidden), hidden, upstream, create_graph=True)[0]
+    assert graphed.requires_grad
+    torch.testing.assert_close(graphed, plain)
+
+
+def test_glu_training_function_stays_out_of_hooks_other_activations_and_autocast(monkeypatch):
+    import m2_hf.m2_mixer as mixer_module
+
+    applied = []
+    product = mixer_module._GeluGatedProduct.apply
+    monkeypatch.setattr(mixer_module._GeluGatedProduct, "apply", lambda h: applied.append(1) or product(h))
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 32, requires_grad=True)
+    mlp = mixer_module.M2GatedMLP(tiny_config(), post_norm=False).train()
+    seen = []
+    handle = mlp.act.register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    mlp(x).sum().backward()
+    assert seen == [(2, 7, 64)] and not applied
+    handle.remove()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mlp(x).sum().backward()
+    with torch.no_grad():
+        mlp(x)
+    assert not applied
+    relu = mixer_module.M2GatedMLP(tiny_config(hidden_act="relu"), post_norm=False).train()
+    relu(x).sum().backward()
+    assert not applied
+    mlp(x).sum().backward()
+    assert applied == [1]
