@@ -18,7 +18,8 @@ position table / filters long enough for the longest context.
    plus the steps, written in place).
 2. Training throughput: tokens per second of forward + backward (causal-LM loss over the 50257-token vocabulary,
    included for both) at sequence lengths 1024, 4096 and 8192, with 4096 tokens per step (batch = 4096 // length, at
-   least one sequence). Each model and length runs in a fresh process (a warm-up step, then the measured ones).
+   least one sequence). Each model and length runs in a fresh process: two warm-up steps (`--train-warmup`; a CPU
+   process reaches its steady step time from the third step on), then the measured ones; the JSON keeps both.
    M2-GPT computes its training loss fused with the output layer (`fused_training_loss`, the default). That loss does
    not depend on the architecture, so GPT-2 gets it too (`m2_hf.lm_loss.fused_linear_cross_entropy` on its final
    hidden states and tied output weight), as its own column beside GPT-2 with Transformers' loss on materialised
@@ -211,21 +212,25 @@ def training_seconds_per_step(name: str, model, batch: int, length: int) -> floa
     return time.perf_counter() - start
 
 
-def training_in_fresh_process(name: str, length: int, batch: int, repeats: int, quick: bool) -> list[float]:
-    """Seconds of a warm-up and ``repeats`` training steps of one model, in its own process: a long run's freed
-    activations stay in this process's heap, and GPT-2 at 4096 tokens then ran out of 24 GB."""
-    command = [sys.executable, __file__, "--child-train", name, str(length), str(batch), str(repeats)]
+def training_in_fresh_process(
+    name: str, length: int, batch: int, repeats: int, quick: bool, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Seconds of ``warmup`` and then ``repeats`` training steps of one model (``{"warmup": [...], "steps": [...]}``),
+    in its own process: a long run's freed activations stay in this process's heap, and GPT-2 at 4096 tokens then ran
+    out of 24 GB."""
+    command = [sys.executable, __file__, "--child-train", name, str(length), str(batch), str(repeats), str(warmup)]
     result = subprocess.run(command + (["--quick"] if quick else []), capture_output=True, text=True, cwd=REPO_ROOT)
     if result.returncode != 0:
         raise SystemExit(f"training {name} at {length} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def child_train(name: str, length: int, batch: int, repeats: int, quick: bool) -> None:
+def child_train(name: str, length: int, batch: int, repeats: int, quick: bool, warmup: int = 1) -> None:
     architecture = {UNFUSED: "m2-gpt", GPT2_FUSED: "gpt2"}.get(name, name)
     model = build_models(length, quick, fused_training_loss=name != UNFUSED, names=[architecture])[architecture]
     model.train()
-    print(json.dumps([training_seconds_per_step(name, model, batch, length) for _ in range(repeats + 1)][1:]))
+    seconds = [training_seconds_per_step(name, model, batch, length) for _ in range(warmup + repeats)]
+    print(json.dumps({"warmup": seconds[:warmup], "steps": seconds[warmup:]}))
 
 
 def fair_ratio(rate: dict[str, float], baselines: tuple[str, ...]) -> float:
@@ -258,10 +263,13 @@ def parse_arguments(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--train-tokens", type=positive_int, help="tokens per training step (default 4096; at least "
                                                                     "one sequence)")
     parser.add_argument("--repeats", type=positive_int, default=2)
+    parser.add_argument("--train-warmup", type=positive_int, default=2,
+                        help="unmeasured training steps first (default 2: a CPU process reaches its steady step time "
+                             "at the third step, when the allocator reuses the first steps' freed memory)")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                         help="what to measure (default: both; e.g. decoding again after a change to it)")
     parser.add_argument("--json", type=Path, default=REPO_ROOT / "benchmarks/out/bench_generation.json")
-    parser.add_argument("--child-train", nargs=4, metavar=("MODEL", "LENGTH", "BATCH", "REPEATS"),
+    parser.add_argument("--child-train", nargs=5, metavar=("MODEL", "LENGTH", "BATCH", "REPEATS", "WARMUP"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for option, value in PRESETS["quick" if args.quick else "full"].items():
@@ -306,14 +314,16 @@ def training_rows(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     for length in args.train_lengths:
         batch = max(1, args.train_tokens // length)
         log(f"training length={length} batch={batch}")
-        samples = {name: training_in_fresh_process(name, length, batch, args.repeats, args.quick)
-                   for name in ("m2-gpt", GPT2_FUSED, UNFUSED, "gpt2")}
+        runs = {name: training_in_fresh_process(name, length, batch, args.repeats, args.quick, args.train_warmup)
+                for name in ("m2-gpt", GPT2_FUSED, UNFUSED, "gpt2")}
+        samples = {name: run["steps"] for name, run in runs.items()}
         rate = {name: batch * length / statistics.median(values) for name, values in samples.items()}
         ratio = fair_ratio(rate, GPT2_TRAINERS)
         unfused_ratio = rate[UNFUSED] / rate["gpt2"]
         rows.append({"kind": "training", "length": length, "batch": batch, "tokens_per_s": rate,
                      "ratio_to_faster_gpt2": ratio, "ratio_fused_loss": rate["m2-gpt"] / rate[GPT2_FUSED],
-                     "ratio_unfused_loss": unfused_ratio, "seconds_per_step_samples": samples})
+                     "ratio_unfused_loss": unfused_ratio, "seconds_per_step_samples": samples,
+                     "warmup_seconds": {name: run["warmup"] for name, run in runs.items()}})
         print(f"{length:>8} {batch:>6} {rate['m2-gpt']:>9.1f} {rate[GPT2_FUSED]:>12.1f} {rate['gpt2']:>9.1f}"
               f" {ratio:>25.2f}x {rate[UNFUSED]:>15.1f} {unfused_ratio:>13.2f}x", flush=True)
         if length in TRAINING_TARGETS and not args.quick:
@@ -325,8 +335,8 @@ def training_rows(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_arguments(argv)
     if args.child_train:
-        name, length, batch, repeats = args.child_train
-        return child_train(name, int(length), int(batch), int(repeats), args.quick)
+        name, length, batch, repeats, warmup = args.child_train
+        return child_train(name, int(length), int(batch), int(repeats), args.quick, int(warmup))
     max_length = max(max(args.contexts) + args.decode_steps + 4, max(args.train_lengths))
     models = build_models(max_length, args.quick)
     parameters = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}

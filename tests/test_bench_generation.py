@@ -102,7 +102,7 @@ def test_tables_and_target_verdicts_compare_with_the_faster_gpt2(monkeypatch, ca
     step = {"m2-gpt": 0.1, "gpt2": 0.4, bench.GPT2_STATIC: 0.2}
     monkeypatch.setattr(bench, "decode_step_seconds", lambda name, model, batch, context, steps: [step[name]] * steps)
     train = {"m2-gpt": 1.0, bench.GPT2_FUSED: 3.0, "gpt2": 1.6, bench.UNFUSED: 2.0}
-    monkeypatch.setattr(bench, "training_in_fresh_process", lambda name, *args: [train[name]] * 2)
+    monkeypatch.setattr(bench, "training_in_fresh_process", lambda name, *args: {"warmup": [9.0], "steps": [train[name]] * 2})
     args = bench.parse_arguments(["--contexts", "8192", "--batches", "1", "--train-lengths", "4096"])
     rows, verdicts = bench.decode_rows({"m2-gpt": None, "gpt2": None}, args)
     assert rows[0]["ratio_to_faster_gpt2"] == pytest.approx(2.0)
@@ -121,12 +121,12 @@ def test_sizes_given_with_quick_are_kept():
     assert bench.parse_arguments([]).contexts == bench.PRESETS["full"]["contexts"]
 
 
-def child_training_in_this_process(name: str, length: int, batch: int, repeats: int, quick: bool) -> list[float]:
+def child_training_in_this_process(name: str, length: int, batch: int, repeats: int, quick: bool, warmup: int):
     """What `training_in_fresh_process` returns, without the cost of starting four Pythons: the child's printed
     samples, parsed the same way."""
     output = io.StringIO()
     with contextlib.redirect_stdout(output):
-        bench.child_train(name, length, batch, repeats, quick)
+        bench.child_train(name, length, batch, repeats, quick, warmup)
     return json.loads(output.getvalue().strip().splitlines()[-1])
 
 
@@ -134,7 +134,7 @@ def test_quick_run_writes_every_sample_and_its_baseline_checks(tmp_path, monkeyp
     monkeypatch.setattr(bench, "training_in_fresh_process", child_training_in_this_process)
     output = tmp_path / "generation.json"
     bench.main(["--quick", "--contexts", "16", "--batches", "2", "--decode-steps", "3", "--train-lengths", "32",
-                "--train-tokens", "64", "--repeats", "2", "--json", str(output)])
+                "--train-tokens", "64", "--repeats", "2", "--train-warmup", "3", "--json", str(output)])
     assert "ratio to the faster GPT-2" in capsys.readouterr().out
     result = json.loads(output.read_text())
     checks = result["metadata"]["baseline_checks"]
@@ -152,6 +152,7 @@ def test_quick_run_writes_every_sample_and_its_baseline_checks(tmp_path, monkeyp
     for name, samples in training["seconds_per_step_samples"].items():
         assert len(samples) == 2
         assert training["tokens_per_s"][name] == pytest.approx(2 * 32 / statistics.median(samples))
+        assert len(training["warmup_seconds"][name]) == 3
     fastest = max(training["tokens_per_s"][name] for name in bench.GPT2_TRAINERS)
     assert training["ratio_to_faster_gpt2"] == pytest.approx(training["tokens_per_s"]["m2-gpt"] / fastest)
 
@@ -166,10 +167,11 @@ def test_decode_only_run_measures_no_training(tmp_path, monkeypatch):
     assert result["metadata"]["arguments"]["parts"] == ["decode"]
 
 
-def test_child_process_entry_point_prints_one_sample_per_repeat(capsys):
-    bench.main(["--child-train", bench.GPT2_FUSED, "16", "1", "3", "--quick"])
-    samples = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert len(samples) == 3 and all(s > 0 for s in samples)
+def test_child_process_entry_point_prints_the_warmup_and_one_sample_per_repeat(capsys):
+    bench.main(["--child-train", bench.GPT2_FUSED, "16", "1", "3", "1", "--quick"])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(printed["steps"]) == 3 and len(printed["warmup"]) == 1
+    assert all(s > 0 for s in printed["steps"] + printed["warmup"])
 
 
 def test_timing_summary_keeps_every_sample():
