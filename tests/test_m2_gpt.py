@@ -548,6 +548,8 @@ def test_glu_training_function_stays_out_of_hooks_other_activations_and_autocast
     with torch.no_grad():
         mlp(x)
     assert not applied
+    tangent = torch.func.jvp(lambda v: mlp(v), (x.detach(),), (torch.ones_like(x),))[1]  # forward-mode AD
+    assert torch.isfinite(tangent).all() and not applied
     relu = mixer_module.M2GatedMLP(tiny_config(hidden_act="relu"), post_norm=False).train()
     relu(x).sum().backward()
     assert not applied
