@@ -213,7 +213,7 @@ def training_seconds_per_step(name: str, model, batch: int, length: int) -> floa
 
 
 def training_in_fresh_process(
-    name: str, length: int, batch: int, repeats: int, quick: bool, warmup: int = 1
+    name: str, length: int, batch: int, repeats: int, quick: bool, warmup: int
 ) -> dict[str, list[float]]:
     """Seconds of ``warmup`` and then ``repeats`` training steps of one model (``{"warmup": [...], "steps": [...]}``),
     in its own process: a long run's freed activations stay in this process's heap, and GPT-2 at 4096 tokens then ran
@@ -225,7 +225,7 @@ def training_in_fresh_process(
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def child_train(name: str, length: int, batch: int, repeats: int, quick: bool, warmup: int = 1) -> None:
+def child_train(name: str, length: int, batch: int, repeats: int, quick: bool, warmup: int) -> None:
     architecture = {UNFUSED: "m2-gpt", GPT2_FUSED: "gpt2"}.get(name, name)
     model = build_models(length, quick, fused_training_loss=name != UNFUSED, names=[architecture])[architecture]
     model.train()

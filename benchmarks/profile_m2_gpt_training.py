@@ -18,7 +18,6 @@ import datetime
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,16 +28,10 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.bench_common import available_cores, cpu_model, log, positive_int, write_json  # noqa: E402
-from benchmarks.bench_generation import build_models, gpt2_fused_loss  # noqa: E402
+from benchmarks.bench_generation import GPT2_FUSED, build_models, training_seconds_per_step  # noqa: E402
 
 MATRIX_PRODUCTS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::addmm_")
 LOSS_EVENT = "_FusedLinearCrossEntropy"
-
-
-def training_step(name: str, model, ids: torch.Tensor) -> None:
-    model.zero_grad(set_to_none=True)
-    loss = gpt2_fused_loss(model, ids) if name == "gpt2" else model(ids, labels=ids, use_cache=False).loss
-    loss.backward()
 
 
 def operator_table(prof, rows: int) -> list[dict]:
@@ -73,12 +66,10 @@ def shares(prof) -> dict[str, float]:
 
 def profile_model(name: str, length: int, batch: int, rows: int, quick: bool = False) -> dict:
     model = build_models(length, quick=quick, names=[name])[name].train()
-    ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
-    start = time.perf_counter()
-    training_step(name, model, ids)
-    warm_up = time.perf_counter() - start
+    loss_name = GPT2_FUSED if name == "gpt2" else name  # both with the fused loss
+    warm_up = training_seconds_per_step(loss_name, model, batch, length)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        training_step(name, model, ids)
+        training_seconds_per_step(loss_name, model, batch, length)
     return {"model": name, "warm_up_step_s": warm_up, **shares(prof), "operators": operator_table(prof, rows)}
 
 

@@ -813,7 +813,7 @@ class _GeluGatedProduct(torch.autograd.Function):
     """``gelu(gate) * value`` with ``[gate, value] = hidden.chunk(2, -1)``, for training: composed, autograd keeps the
     GELU's output and forms the gate's and the value's gradients in fresh tensors that it then concatenates; here the
     backward recomputes the GELU and writes both gradients straight into the halves of one tensor (on CPU, at 4096
-    tokens, 140 -> 80 ms for a 3072-wide GLU, forward and backward), and the GELU's output is not kept. Where a graph
+    tokens, about 150 -> 85 ms for a 3072-wide GLU, forward and backward), and the GELU's output is not kept. Where a graph
     of the backward is built (double backward), it is made of differentiable ops."""
 
     @staticmethod
