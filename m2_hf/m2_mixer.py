@@ -56,6 +56,8 @@ __all__ = [
     "fft_long_conv",
     "init_mixer_module",
     "kernel_spectrum",
+    "long_conv_for_training",
+    "padded_kernel",
     "structured_linear",
 ]
 
@@ -65,15 +67,22 @@ def _fft_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def kernel_spectrum(k_forward: torch.Tensor, k_reverse: Optional[torch.Tensor]) -> torch.Tensor:
-    """``rfft`` of the length-``2L`` kernel ``[k_forward, 0] + [0, flip(k_reverse)]``, scaled by ``1/2L``: what
-    :func:`fft_conv` multiplies with. Depends on the filters only, so it can be computed once per length."""
+def padded_kernel(k_forward: torch.Tensor, k_reverse: Optional[torch.Tensor]) -> torch.Tensor:
+    """The circular kernel of length ``2L`` whose convolution with a zero-padded input is the long convolution:
+    ``[k_forward, 0] + [0, flip(k_reverse)]``, in the FFT dtype."""
     length = k_forward.shape[-1]
     dtype = _fft_dtype(k_forward.dtype)
     kernel = F.pad(k_forward.to(dtype), (0, length))
     if k_reverse is not None:
         kernel = kernel + F.pad(k_reverse.to(dtype).flip(-1), (length, 0))
-    return torch.fft.rfft(kernel, n=2 * length) / (2 * length)
+    return kernel
+
+
+def kernel_spectrum(k_forward: torch.Tensor, k_reverse: Optional[torch.Tensor]) -> torch.Tensor:
+    """``rfft`` of the :func:`padded_kernel`, scaled by ``1/2L``: what :func:`fft_conv` multiplies with. Depends on the
+    filters only, so it can be computed once per length."""
+    length = k_forward.shape[-1]
+    return torch.fft.rfft(padded_kernel(k_forward, k_reverse), n=2 * length) / (2 * length)
 
 
 def _per_channel(values: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -164,6 +173,60 @@ def fft_conv(
     return y.to(x.dtype)
 
 
+class _LongConvolution(torch.autograd.Function):
+    """``y = causal_part(x ⊛ kernel) + d x`` for training, with batch-major ``x`` ``[*batch, C, L]``, the time-domain
+    :func:`padded_kernel` ``[C, 2L]`` and ``d`` ``[C]``. Composed, autograd differentiates the spectrum: each real FFT's
+    backward is a complex FFT of twice the size over a zero-filled complex copy, and every step of the padding and
+    scaling keeps or allocates a spectrum-sized tensor. Here both gradients are real FFT convolutions: the input's is
+    the correlation with the kernel, the kernel's the correlation of the output gradient with the input, summed over
+    the batch. Where a graph of the backward is built (double backward), the same formulas run out of place."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, kernel: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        length, size = x.shape[-1], kernel.shape[-1]
+        x_c = x.to(kernel.dtype)
+        x_spectrum, kernel_spectrum_ = torch.fft.rfft(x_c, n=size), torch.fft.rfft(kernel)
+        keep_x_spectrum = ctx.needs_input_grad[1]
+        product = x_spectrum * kernel_spectrum_ if keep_x_spectrum else x_spectrum.mul_(kernel_spectrum_)
+        y = torch.fft.irfft(product, n=size)[..., :length]
+        # The backward multiplies by the conjugates: conjugated here, in place, a conjugate view would be copied there.
+        conjugates = (x_spectrum.conj_physical_() if keep_x_spectrum else None, kernel_spectrum_.conj_physical_())
+        ctx.save_for_backward(x, kernel, d, *conjugates)
+        return torch.addcmul(y, x_c, d.to(x_c.dtype)[:, None]).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, kernel, d, x_conjugate, kernel_conjugate = ctx.saved_tensors
+        length, size = grad.shape[-1], kernel.shape[-1]
+        x_c, grad_c = x.to(kernel.dtype), grad.to(kernel.dtype)
+        graphed = torch.is_grad_enabled()
+        if graphed:  # the spectra must come from the inputs within the graph
+            x_conjugate = torch.fft.rfft(x_c, n=size).conj()
+            kernel_conjugate = torch.fft.rfft(kernel).conj()
+        grad_spectrum = torch.fft.rfft(grad_c, n=size)
+        batch_dims = tuple(range(grad.dim() - 2))
+        grad_x = grad_kernel = grad_d = None
+        if ctx.needs_input_grad[1]:
+            correlation = grad_spectrum * x_conjugate
+            grad_kernel = torch.fft.irfft(correlation.sum(batch_dims) if batch_dims else correlation, n=size)
+        if ctx.needs_input_grad[0]:
+            spectrum = grad_spectrum * kernel_conjugate if graphed else grad_spectrum.mul_(kernel_conjugate)
+            grad_x = torch.fft.irfft(spectrum, n=size)[..., :length]
+            grad_x = torch.addcmul(grad_x, grad_c, d.to(grad_c.dtype)[:, None]).to(x.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_d = (grad_c * x_c).sum(batch_dims + (-1,)).to(d.dtype)
+        return grad_x, grad_kernel, grad_d
+
+
+def long_conv_for_training(x: torch.Tensor, kernel: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """:func:`fft_conv` of batch-major ``x`` ``[B, C, L]`` with the :func:`padded_kernel` ``kernel`` (``[C, 2L]``)
+    while autograd records the kernel: `_LongConvolution` under plain eager autograd, else the composed ops."""
+    if hand_written_backward_applies((x, kernel, d)):
+        return _LongConvolution.apply(x, kernel, d)
+    size = kernel.shape[-1]
+    return fft_conv(x, torch.fft.rfft(kernel, n=size) / size, d, channel_dim=x.dim() - 2)
+
+
 def _inverse_rfft_by_forward_transforms(spectrum: torch.Tensor, length: int) -> torch.Tensor:
     """The first ``length`` points of ``irfft(spectrum, norm="forward")`` (``spectrum``: the ``L + 1`` one-sided bins
     of ``2L`` real points), computed with forward real FFTs: onnxruntime plans the ONNX exporter's inverse DFT with the
@@ -190,25 +253,90 @@ def fft_long_conv(
 
 
 def causal_depthwise_conv(
-    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: Optional[torch.Tensor] = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    out: Optional[torch.Tensor] = None,
+    channel_dim: int = 0,
 ) -> torch.Tensor:
-    """Depthwise causal convolution of channel-major ``x`` ``[C, *batch, L]`` with an ``nn.Conv1d(groups=C)`` weight
-    ``[C, 1, K]``: ``y[t] = bias + Σ_j weight[K-1-j] x[t-j]``, zero before the start; written into ``out`` if given
-    (without autograd).
+    """Depthwise causal convolution of channel-major ``x`` ``[C, *batch, L]`` (or with its channels at
+    ``channel_dim``) with an ``nn.Conv1d(groups=C)`` weight ``[C, 1, K]``: ``y[t] = bias + Σ_j weight[K-1-j] x[t-j]``,
+    zero before the start; written into ``out`` if given (without autograd).
 
     This is ``Conv1d(padding=K-1)`` truncated to the first L outputs, as the official short filter computes it, done as
     K shifted multiply-adds: on CPU about 4x faster than the depthwise convolution kernel, and no layout change.
     """
     taps = weight.shape[-1]
-    weight = _per_channel(weight.view(weight.shape[0], taps), x.dim() + 1).to(x.dtype)
+    ndim = x.dim() - channel_dim
+    weight = _per_channel(weight.view(weight.shape[0], taps), ndim + 1).to(x.dtype)
     if bias is None:
         y = torch.mul(x, weight[..., taps - 1], out=out)
     else:
-        y = torch.addcmul(_per_channel(bias.to(x.dtype), x.dim()), x, weight[..., taps - 1], out=out)
+        y = torch.addcmul(_per_channel(bias.to(x.dtype), ndim), x, weight[..., taps - 1], out=out)
     for shift in range(1, min(taps, x.shape[-1])):
         # In place on a view of y: autograd records it (y itself is not needed by any backward formula).
         y[..., shift:].addcmul_(x[..., :-shift], weight[..., taps - 1 - shift])
     return y
+
+
+class _CausalDepthwiseConvolution(torch.autograd.Function):
+    """:func:`causal_depthwise_conv` of batch-major ``x`` ``[*batch, C, L]`` for training. Through ``nn.Conv1d`` the
+    short filter computes ``L + K - 1`` outputs of which the mixer keeps ``L``, and its backward pads the gradient back
+    to that length and runs the depthwise kernel; here the forward and the input's gradient are K shifted
+    multiply-adds each, and the weight's gradient K dot products per channel. Differentiable ops throughout, so a
+    graph of the backward (double backward) needs no second formula."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        x = x.contiguous()
+        ctx.save_for_backward(x, weight)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return causal_depthwise_conv(x, weight, bias, channel_dim=x.dim() - 2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        taps, length = weight.shape[-1], x.shape[-1]
+        columns = weight.view(weight.shape[0], taps).to(grad.dtype)
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            # The transposed convolution: each input feeds the K outputs at and after it.
+            grad_x = grad * columns[:, taps - 1, None]
+            for shift in range(1, min(taps, length)):
+                grad_x[..., :-shift].addcmul_(grad[..., shift:], columns[:, taps - 1 - shift, None])
+        if ctx.needs_input_grad[1]:
+            per_shift = [
+                _channel_dot(grad[..., shift:], x[..., : length - shift]) if shift < length else None
+                for shift in range(taps)
+            ]
+            zeros = torch.zeros_like(per_shift[0])
+            per_tap = [zeros if p is None else p for p in reversed(per_shift)]
+            grad_weight = torch.stack(per_tap, dim=-1).view_as(weight).to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(tuple(range(grad.dim() - 2)) + (-1,)).to(ctx.bias_dtype)
+        return grad_x, grad_weight, grad_bias
+
+
+def _channel_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``Σ a * b`` per channel of batch-major ``[*batch, C, n]`` tensors, as matrix products (no product tensor)."""
+    channels, n = a.shape[-2], a.shape[-1]
+    a, b = a.reshape(-1, channels, n), b.reshape(-1, channels, n)
+    return sum(torch.bmm(a[i].unsqueeze(1), b[i].unsqueeze(2)).view(channels) for i in range(a.shape[0]))
+
+
+def short_conv_for_training(conv: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """The mixer's causal short filter ``conv`` on batch-major ``z`` ``[B, C, L]``: `_CausalDepthwiseConvolution`
+    where autograd records a plain, hook-free ``nn.Conv1d`` under plain eager autograd, else the module."""
+    tensors = (z, conv.weight) + (() if conv.bias is None else (conv.bias,))
+    if (
+        type(conv) is nn.Conv1d
+        and not has_forward_hooks(conv)
+        and torch.is_grad_enabled()
+        and any(t.requires_grad for t in tensors)
+        and hand_written_backward_applies(tensors)
+    ):
+        return _CausalDepthwiseConvolution.apply(z, conv.weight, conv.bias)
+    return conv(z)[..., : z.shape[-1]]
 
 
 def filter_dependencies(module: nn.Module) -> Optional[tuple]:
@@ -350,12 +478,21 @@ class HyenaFilter(nn.Module):
             "spectrum", length, lambda: kernel_spectrum(*self.forward(length)), lambda: self._spectrum_by_channels(length)
         )
 
+    def padded_kernel(self, length: int) -> torch.Tensor:
+        """The :func:`padded_kernel` for inputs of ``length`` tokens, computed by calling this module (its hooks fire),
+        with autograd's graph: for training."""
+        self._forget_cached()
+        return padded_kernel(*self(length))
+
+    def _forget_cached(self) -> None:
+        if self.filter_cache is not None:
+            self.filter_cache.discard(self)  # about to change: the memory is better spent on training
+
     def _reused_in_inference(self, kind: str, length: int, reference, inference) -> torch.Tensor:
         """``reference()`` (with the graph) while autograd records this filter; else ``inference()``, through the
         owning model's `FilterCache` if there is one."""
         if self.records_autograd():
-            if self.filter_cache is not None:
-                self.filter_cache.discard(self)  # about to change: the memory is better spent on training
+            self._forget_cached()
             return reference()
         if self.filter_cache is None:
             return inference()
@@ -742,7 +879,7 @@ class M2SequenceMixer(nn.Module):
             u = self.layernorm(u)
         mask = None if mask is None else mask[:, None, :]
         z = _zero_padding(self.in_linear(u).transpose(1, 2), mask)
-        x1, x2, v = self.short_filter(z)[..., :length].split(hidden, dim=1)
+        x1, x2, v = short_conv_for_training(self.short_filter, z).split(hidden, dim=1)
         inputs = self._long_conv_inputs(v, x1, u.transpose(1, 2), mask)
         y = _gated_sum([self._long_convolution(f, x) for f, x in zip(self.long_conv_filters(), inputs)], x2)
         return self.out_linear(y.transpose(1, 2))
@@ -761,6 +898,8 @@ class M2SequenceMixer(nn.Module):
     def _long_convolution(self, filter_fn: HyenaFilter, x: torch.Tensor) -> torch.Tensor:
         """``filter_fn``'s convolution (with its D term) of batch-major ``x`` ``[B, hidden, L]``."""
         length = x.shape[-1]
+        if filter_fn.records_autograd() and not is_traced():
+            return long_conv_for_training(x, filter_fn.padded_kernel(length), filter_fn.bias)
         if is_traced() or has_forward_hooks(filter_fn):
             # Called as a module, so that its hooks fire; a traced graph computes it rather than reading a cache.
             spectrum = kernel_spectrum(*filter_fn(length))
