@@ -5,7 +5,7 @@ convolution and the short filter) against the composed PyTorch ops they replace,
     python benchmarks/bench_mixer_training.py                                 # M2-GPT's mixer at 4096 and 8192 tokens
     python benchmarks/bench_mixer_training.py --lengths 8192 --rounds 5 --json PATH
 
-M2-GPT's sequence mixer (hidden 768, float32, batch 1) unless ``--bidirectional`` (M2-BERT's). Each round times
+M2-GPT's sequence mixer (hidden 768, float32, batch 1 unless ``--batch``) unless ``--bidirectional`` (M2-BERT's). Each round times
 ``--steps`` steps of each variant, alternating the variants between rounds; the composed variant is the same module
 with the functions switched off (as under ``torch.compile`` or autocast). The ratio is composed seconds over
 function seconds, both medians of all their steps; every step's seconds are kept in the JSON.
@@ -56,10 +56,10 @@ def step_seconds(mixer, u: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-def measure(length: int, hidden: int, bidirectional: bool, rounds: int, steps: int) -> dict:
+def measure(length: int, hidden: int, bidirectional: bool, rounds: int, steps: int, batch: int = 1) -> dict:
     torch.manual_seed(0)
     mixer = build_mixer(length, hidden, bidirectional)
-    u = torch.randn(1, length, hidden, requires_grad=True)
+    u = torch.randn(batch, length, hidden, requires_grad=True)
     samples: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for name in VARIANTS:  # one warm-up step each
         with variant(name):
@@ -70,7 +70,7 @@ def measure(length: int, hidden: int, bidirectional: bool, rounds: int, steps: i
             with variant(name):
                 samples[name] += [step_seconds(mixer, u) for _ in range(steps)]
     medians = {name: statistics.median(values) for name, values in samples.items()}
-    return {"length": length, "hidden": hidden, "bidirectional": bidirectional, "median_s": medians,
+    return {"length": length, "batch": batch, "hidden": hidden, "bidirectional": bidirectional, "median_s": medians,
             "ratio": medians["composed"] / medians["functions"], "samples_s": samples}
 
 
@@ -78,6 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", nargs="+", type=positive_int, default=[4096, 8192])
     parser.add_argument("--hidden", type=positive_int, default=768)
+    parser.add_argument("--batch", type=positive_int, default=1)
     parser.add_argument("--bidirectional", action="store_true", help="M2-BERT's mixer instead of M2-GPT's")
     parser.add_argument("--rounds", type=positive_int, default=4)
     parser.add_argument("--steps", type=positive_int, default=3, help="steps per variant and round")
@@ -86,8 +87,8 @@ def main() -> None:
 
     rows = []
     for length in args.lengths:
-        log(f"mixer training step at {length} tokens, hidden {args.hidden}")
-        row = measure(length, args.hidden, args.bidirectional, args.rounds, args.steps)
+        log(f"mixer training step at {args.batch} x {length} tokens, hidden {args.hidden}")
+        row = measure(length, args.hidden, args.bidirectional, args.rounds, args.steps, args.batch)
         rows.append(row)
         print(f"length {length:6d}: composed {row['median_s']['composed']:.3f} s, functions"
               f" {row['median_s']['functions']:.3f} s per step: {row['ratio']:.2f}x")

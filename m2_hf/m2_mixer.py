@@ -324,9 +324,10 @@ def _channel_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return sum(torch.bmm(a[i].unsqueeze(1), b[i].unsqueeze(2)).view(channels) for i in range(a.shape[0]))
 
 
-def short_conv_for_training(conv: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """The mixer's causal short filter ``conv`` on batch-major ``z`` ``[B, C, L]``: `_CausalDepthwiseConvolution`
-    where autograd records a plain, hook-free ``nn.Conv1d`` under plain eager autograd, else the module."""
+def causal_short_conv(conv: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """The mixer's causal short filter ``conv`` on batch-major ``z`` ``[B, C, L]`` (the first ``L`` outputs):
+    `_CausalDepthwiseConvolution` where autograd records a plain, hook-free ``nn.Conv1d`` under plain eager autograd
+    (training), else the module."""
     tensors = (z, conv.weight) + (() if conv.bias is None else (conv.bias,))
     if (
         type(conv) is nn.Conv1d
@@ -879,7 +880,7 @@ class M2SequenceMixer(nn.Module):
             u = self.layernorm(u)
         mask = None if mask is None else mask[:, None, :]
         z = _zero_padding(self.in_linear(u).transpose(1, 2), mask)
-        x1, x2, v = short_conv_for_training(self.short_filter, z).split(hidden, dim=1)
+        x1, x2, v = causal_short_conv(self.short_filter, z).split(hidden, dim=1)
         inputs = self._long_conv_inputs(v, x1, u.transpose(1, 2), mask)
         y = _gated_sum([self._long_convolution(f, x) for f, x in zip(self.long_conv_filters(), inputs)], x2)
         return self.out_linear(y.transpose(1, 2))
