@@ -81,8 +81,13 @@ def padded_kernel(k_forward: torch.Tensor, k_reverse: Optional[torch.Tensor]) ->
 def kernel_spectrum(k_forward: torch.Tensor, k_reverse: Optional[torch.Tensor]) -> torch.Tensor:
     """``rfft`` of the :func:`padded_kernel`, scaled by ``1/2L``: what :func:`fft_conv` multiplies with. Depends on the
     filters only, so it can be computed once per length."""
-    length = k_forward.shape[-1]
-    return torch.fft.rfft(padded_kernel(k_forward, k_reverse), n=2 * length) / (2 * length)
+    return _scaled_spectrum(padded_kernel(k_forward, k_reverse))
+
+
+def _scaled_spectrum(kernel: torch.Tensor) -> torch.Tensor:
+    """``rfft`` of a padded kernel scaled by one over its length (:func:`fft_conv` inverts with ``norm="forward"``)."""
+    size = kernel.shape[-1]
+    return torch.fft.rfft(kernel, n=size) / size
 
 
 def _per_channel(values: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -223,8 +228,7 @@ def long_conv_for_training(x: torch.Tensor, kernel: torch.Tensor, d: torch.Tenso
     while autograd records the kernel: `_LongConvolution` under plain eager autograd, else the composed ops."""
     if hand_written_backward_applies((x, kernel, d)):
         return _LongConvolution.apply(x, kernel, d)
-    size = kernel.shape[-1]
-    return fft_conv(x, torch.fft.rfft(kernel, n=size) / size, d, channel_dim=x.dim() - 2)
+    return fft_conv(x, _scaled_spectrum(kernel), d, channel_dim=x.dim() - 2)
 
 
 def _inverse_rfft_by_forward_transforms(spectrum: torch.Tensor, length: int) -> torch.Tensor:

@@ -5,26 +5,17 @@ Tiny models (hidden 64, 2 layers); the end-to-end run trains in this process ins
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import statistics
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmark_scripts import load_benchmark_script
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("bench_generation", ROOT / "benchmarks" / "bench_generation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = load_benchmark()
+bench = load_benchmark_script("bench_generation")
 
 
 @pytest.fixture(scope="module")

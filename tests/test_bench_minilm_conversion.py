@@ -2,17 +2,12 @@
 disjoint, deterministic and of the documented sizes, and the settings grid covers every combination."""
 
 import argparse
-import importlib.util
-from pathlib import Path
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_minilm_conversion.py"
+from benchmark_scripts import load_benchmark_script
 
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location("bench_minilm_conversion", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("bench_minilm_conversion")
 
 
 def test_splits_are_disjoint_deterministic_and_sized():

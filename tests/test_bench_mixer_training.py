@@ -3,25 +3,16 @@ functions and the composed ops), and every step is kept."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
 import m2_hf.m2_mixer as mixer_module
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmark_scripts import load_benchmark_script
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("bench_mixer_training", ROOT / "benchmarks" / "bench_mixer_training.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = load_benchmark()
+bench = load_benchmark_script("bench_mixer_training")
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])

@@ -3,24 +3,13 @@ of the model's. Tiny models (hidden 64, 2 layers)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmark_scripts import load_benchmark_script
 
 
-def load_profiler():
-    spec = importlib.util.spec_from_file_location("profile_m2_gpt_training",
-                                                  ROOT / "benchmarks" / "profile_m2_gpt_training.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-profiler = load_profiler()
+profiler = load_benchmark_script("profile_m2_gpt_training")
 
 
 @pytest.mark.parametrize("name", ["m2-gpt", "gpt2"])
