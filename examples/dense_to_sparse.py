@@ -9,7 +9,8 @@
    training, with `--distill_hidden_weight` the output of each Monarch layer pulled towards the dense layer it
    replaces, with `--distill_feature_weight` the features the classifier reads pulled towards the teacher's).
    `--convert_from finetuned` projects the fine-tuned dense model instead of the starting checkpoint, so
-   that the student starts from the teacher's solution.
+   that the student starts from the teacher's solution; `--student_trains structured` then trains only its Monarch
+   layers (everything else stays the fine-tuned dense model's).
 3. `monarch-dense` (`--densify`, on by default): the fine-tuned Monarch model materialised back into a plain dense
    checkpoint (`m2-convert dense`, reverse sparsification) and evaluated: same predictions, loads without m2-hf.
 
@@ -59,7 +60,7 @@ from transformers import AutoModelForSequenceClassification, TrainingArguments, 
 from conversion.monarch import MonarchSettings, convert_to_dense, convert_to_monarch
 from conversion.refinement import REFINE_LEARNING_RATE
 from m2_hf import structured_layers
-from m2_hf.distillation import DistillationTrainer
+from m2_hf.distillation import DistillationTrainer, train_only_structured_layers
 
 
 @dataclass
@@ -111,6 +112,17 @@ class SparsificationArguments:
         metadata={"help": "Learning rate of the Monarch model's fine-tuning (default: --learning_rate, the dense "
                           "model's): the model converted from the fine-tuned one starts near a solution."},
     )
+    student_trains: str = field(
+        default="all",
+        metadata={"help": "all: every parameter of the Monarch model; structured: only its Monarch layers (and the "
+                          "modules named by --student_also_trains), the rest stays the converted model's: with "
+                          "--convert_from finetuned, the fine-tuned dense model's weights."},
+    )
+    student_also_trains: list[str] = field(
+        default_factory=list,
+        metadata={"help": "With --student_trains structured: regular expressions of module names that train too "
+                          "(for example classifier)."},
+    )
     dense_run: Optional[str] = field(
         default=None,
         metadata={"help": "output_dir of an earlier run with the same data and training settings: its fine-tuned "
@@ -120,9 +132,20 @@ class SparsificationArguments:
     def __post_init__(self):
         if self.convert_from not in CONVERSION_SOURCES:
             raise ValueError(f"--convert_from must be one of {', '.join(CONVERSION_SOURCES)}, got {self.convert_from!r}.")
+        if self.student_trains not in STUDENT_PARAMETERS:
+            raise ValueError(f"--student_trains must be one of {', '.join(STUDENT_PARAMETERS)}, got "
+                             f"{self.student_trains!r}.")
+        if self.student_trains == "structured" and self.convert_from == "pretrained" and not self.student_also_trains:
+            raise ValueError("--student_trains structured freezes the classification head, and a model converted from "
+                             "the pretrained checkpoint has a new, untrained one: add --convert_from finetuned, or "
+                             "--student_also_trains classifier.")
+        if self.student_also_trains and self.student_trains != "structured":
+            raise ValueError("--student_also_trains names what trains besides the Monarch layers: use it with "
+                             "--student_trains structured.")
 
 
 CONVERSION_SOURCES = ("pretrained", "finetuned")
+STUDENT_PARAMETERS = ("all", "structured")
 # What makes two dense baselines the same run: a reused dense model must have been trained with these values.
 RUN_SETTINGS = {
     "model": ("model_name_or_path",), "data": ("task_name", "dataset_name", "train_file", "validation_file",
@@ -300,18 +323,26 @@ def main() -> None:
     if sparse.refine_steps:
         notes = notes.replace(", then the same", f", refined for {sparse.refine_steps} steps towards the dense model's "
                               "hidden states on the training text, then the same")
+    if sparse.student_trains == "structured":
+        also = f" and {', '.join(sparse.student_also_trains)}" if sparse.student_also_trains else ""
+        notes += f" Only its Monarch layers{also} were trained; every other weight is the converted model's."
     if sparse.distill:
         notes += (f" It learned from the fine-tuned dense model as teacher (distillation weight {sparse.distill_alpha}, "
                   f"temperature {sparse.distill_temperature}, layer-output weight {sparse.distill_hidden_weight}, "
                   f"head-feature weight {sparse.distill_feature_weight}).")
     set_seed(training_args.seed)
     monarch_model = load_classifier(monarch_args, task.labels, task.task_name)
+    if sparse.student_trains == "structured":
+        train_only_structured_layers(monarch_model, also=sparse.student_also_trains)
     student_args = student_training_arguments(training_args, sparse)
     monarch = finetune(task, monarch_args, student_args, name="monarch", model=monarch_model, card_notes=notes,
                        **distillation_options(sparse, dense_model))
     if training_args.process_index == 0:
         results = [with_model_summary(dense, dense_model), with_model_summary(monarch, monarch_model)]
         results[1]["learning_rate"] = student_args.learning_rate
+        results[1]["trained_parameters"] = {"which": sparse.student_trains, "also": sparse.student_also_trains,
+                                            "count": sum(p.numel() for p in monarch_model.parameters()
+                                                         if p.requires_grad)}
         results[1]["conversion"] = {"method": report["settings"]["method"], "source": sparse.convert_from,
                                     "layers": len(report["layers"]), "seconds": conversion_seconds,
                                     "totals": report["totals"], "refinement": report.get("refinement")}

@@ -37,8 +37,9 @@ teacher's head features (``feature_weight``) are cached with them, as a ``teache
 from __future__ import annotations
 
 from contextlib import contextmanager
+import re
 import time
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -153,6 +154,32 @@ def relative_layer_error(
             output, target = output[kept], target[kept]
         errors.append((output - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12))
     return torch.stack(errors).mean()
+
+
+def train_only_structured_layers(model: nn.Module, also: Sequence[str] = ()) -> int:
+    """Freeze every parameter of ``model`` except those of its Monarch / block-diagonal layers and of the modules whose
+    names fully match one of the regular expressions ``also`` (for example ``"classifier"``); returns the number of
+    parameters left trainable.
+
+    For a student converted from the fine-tuned dense model: everything but the structured layers is already the
+    teacher's solution, and further task training of it only fits the training set again. `Trainer` gives its optimizer
+    the trainable parameters only, so the frozen ones also cost no gradients and no optimizer state.
+    """
+    layers = structured_layers(model)
+    if not layers:
+        raise ValueError("The model has no Monarch or block-diagonal layers to train: convert it first "
+                         "(`m2-convert monarch`), or train all of its parameters.")
+    patterns = [re.compile(pattern) for pattern in also]
+    named = dict(model.named_modules())
+    for pattern in patterns:
+        if not any(pattern.fullmatch(name) for name in named):
+            raise ValueError(f"No module of the model is named like {pattern.pattern!r}: name modules to keep "
+                             f"trainable as in `model.named_modules()` (top level: {', '.join(n for n, _ in model.named_children())}).")
+    model.requires_grad_(False)
+    for name, module in named.items():
+        if name in layers or any(pattern.fullmatch(name) for pattern in patterns):
+            module.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 class DistillationTrainer(Trainer):

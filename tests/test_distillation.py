@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from conversion.monarch import MonarchSettings, convert_to_monarch
 from m2_hf import structured_layers
-from m2_hf.distillation import DistillationTrainer, logit_distillation_loss
+from m2_hf.distillation import DistillationTrainer, logit_distillation_loss, train_only_structured_layers
 
 VOCAB = 120
 
@@ -382,3 +382,53 @@ def test_dense_to_sparse_reuses_a_dense_run_and_projects_the_fine_tuned_model(tm
     error = run_example("dense_to_sparse.py", *common, "--output_dir", str(tmp_path / "fourth"), "--dense_run",
                         str(tmp_path / "nowhere"), cwd=tmp_path, succeed=False).stderr
     assert "no finished dense run there" in error
+
+
+def test_only_the_structured_layers_train_and_the_optimizer_holds_nothing_else(teacher_and_student_folders, tmp_path):
+    dense, monarch = teacher_and_student_folders
+    student = load(monarch)
+    layers = structured_layers(student)
+    kept = {f"{name}.{p}" for name, layer in layers.items() for p, _ in layer.named_parameters()}
+    kept |= {f"classifier.{p}" for p, _ in student.classifier.named_parameters()}
+    count = train_only_structured_layers(student, also=["classifier"])
+    assert count == sum(student.get_parameter(name).numel() for name in kept)
+    before = copy.deepcopy(student.state_dict())
+    trainer = DistillationTrainer(model=student, teacher_model=load(dense), alpha=0.5, feature_weight=1.0,
+                                  args=arguments(tmp_path, max_steps=3), train_dataset=dataset())
+    trainer.train()
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(student.get_parameter(name)) for name in kept}
+    for name, value in student.state_dict().items():
+        assert torch.equal(value, before[name]) != (name in kept), name
+
+
+def test_training_only_structured_layers_needs_them_and_known_module_names(teacher_and_student_folders):
+    dense, monarch = teacher_and_student_folders
+    with pytest.raises(ValueError, match="no Monarch or block-diagonal layers"):
+        train_only_structured_layers(load(dense))
+    with pytest.raises(ValueError, match="No module of the model is named like 'head'.*top level: bert, dropout"):
+        train_only_structured_layers(load(monarch), also=["head"])
+
+
+def test_dense_to_sparse_can_train_only_the_monarch_layers_of_the_fine_tuned_model(tmp_path):
+    from safetensors.torch import load_file
+    from test_examples import run_example
+    from test_text_examples import TINY_TRAINING, review_files, write_checkpoint
+
+    checkpoint, data = write_checkpoint("dense", tmp_path), review_files(tmp_path)
+    common = ["--model_name_or_path", str(checkpoint), "--densify", "false", *data, *TINY_TRAINING]
+    output = tmp_path / "run"
+    run_example("dense_to_sparse.py", *common, "--output_dir", str(output), "--convert_from", "finetuned",
+                "--student_trains", "structured", cwd=tmp_path)
+    monarch = json.loads((output / "results.json").read_text())[1]
+    trained, initial = (load_file(output / f"{name}/model.safetensors") for name in ("monarch", "monarch-init"))
+    moved = {name for name in initial if not torch.equal(trained[name], initial[name])}
+    monarch_layers = {name.rsplit(".", 1)[0] for name in initial if name.endswith("blkdiag1")}
+    assert len(monarch_layers) == 4  # two blocks' MLPs
+    assert moved == {name for name in initial if name.rsplit(".", 1)[0] in monarch_layers}
+    assert monarch["trained_parameters"] == {"which": "structured", "also": [],
+                                             "count": sum(initial[name].numel() for name in moved)}
+    assert "Only its Monarch layers were trained" in (output / "monarch/README.md").read_text()
+    error = run_example("dense_to_sparse.py", *common, "--output_dir", str(tmp_path / "refused"), "--student_trains",
+                        "structured", cwd=tmp_path, succeed=False).stderr
+    assert "--convert_from finetuned, or --student_also_trains classifier" in error
