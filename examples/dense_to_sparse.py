@@ -332,8 +332,8 @@ def main() -> None:
                   f"head-feature weight {sparse.distill_feature_weight}).")
     set_seed(training_args.seed)
     monarch_model = load_classifier(monarch_args, task.labels, task.task_name)
-    if sparse.student_trains == "structured":
-        train_only_structured_layers(monarch_model, also=sparse.student_also_trains)
+    trained_parameters = (train_only_structured_layers(monarch_model, also=sparse.student_also_trains)
+                          if sparse.student_trains == "structured" else monarch_model.num_parameters())
     student_args = student_training_arguments(training_args, sparse)
     monarch = finetune(task, monarch_args, student_args, name="monarch", model=monarch_model, card_notes=notes,
                        **distillation_options(sparse, dense_model))
@@ -341,8 +341,7 @@ def main() -> None:
         results = [with_model_summary(dense, dense_model), with_model_summary(monarch, monarch_model)]
         results[1]["learning_rate"] = student_args.learning_rate
         results[1]["trained_parameters"] = {"which": sparse.student_trains, "also": sparse.student_also_trains,
-                                            "count": sum(p.numel() for p in monarch_model.parameters()
-                                                         if p.requires_grad)}
+                                            "count": trained_parameters}
         results[1]["conversion"] = {"method": report["settings"]["method"], "source": sparse.convert_from,
                                     "layers": len(report["layers"]), "seconds": conversion_seconds,
                                     "totals": report["totals"], "refinement": report.get("refinement")}
