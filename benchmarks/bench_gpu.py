@@ -3,6 +3,7 @@ BERT-base (SDPA) at long sequence lengths, all measured in one run on one CUDA d
 
     python benchmarks/bench_gpu.py                       # full run (a few minutes on an H200)
     python benchmarks/bench_gpu.py --quick --device cpu  # a smoke test of the script itself, tiny sizes
+    python benchmarks/bench_gpu.py --sections layer      # only the layer timings (also: converted, long_context)
 
 Correctness is checked before anything is timed: the Triton kernel against the PyTorch path (values and gradients),
 both against a float64 dense reference, and M2-BERT on the device against M2-BERT on the CPU. Timings are medians of
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_converted's model builders
 
 from m2_hf import M2BertConfig, M2BertModel, MonarchLinear  # noqa: E402
 from m2_hf.monarch import AUTO_BACKENDS  # noqa: E402
@@ -35,6 +37,7 @@ LAYER_SHAPES = [(1024, 4096), (4096, 16384), (4096, 4096)]
 LAYER_NBLOCKS = [4, 16]
 LENGTHS = [512, 1024, 2048, 4096, 8192, 16384, 32768]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+SECTIONS = ("layer", "converted", "long_context")
 
 
 def timer(device: torch.device, repeats: int) -> Callable[[Callable[[], object]], list[float]]:
@@ -75,7 +78,15 @@ def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+# Largest relative difference between the Triton kernel and the PyTorch path (output, input and weight gradients) that
+# still counts as the same function: float32 runs both in IEEE float32; bfloat16 rounds each factor's product.
+TRITON_AGREEMENT = {"fp32": 1e-4, "bf16": 5e-2}
+
+
 def check_monarch_layer(device: torch.device, tokens: int, backends: list[str]) -> list[dict]:
+    """Each backend against a float64 dense reference and the Triton kernel against the PyTorch path. A backend that
+    raises gets its error recorded instead of values (``<backend>_error``); ``triton_agrees`` says whether the
+    kernel matched the PyTorch path within ``TRITON_AGREEMENT``."""
     rows = []
     for (n_in, n_out), nblocks, (dtype_name, dtype) in [
         ((1024, 4096), 4, ("fp32", torch.float32)),
@@ -87,24 +98,36 @@ def check_monarch_layer(device: torch.device, tokens: int, backends: list[str]) 
         x = torch.randn(tokens, n_in, device=device, dtype=dtype, requires_grad=True)
         grad = torch.randn(tokens, n_out, device=device, dtype=dtype)
         reference = x.detach().double() @ layer.dense_weight().double().t() + layer.bias.double()
+        row = {"shape": f"{n_in}->{n_out}", "nblocks": nblocks, "dtype": dtype_name}
         results = {}
         for backend in backends:
             layer.backend = backend
             x.grad = None
             layer.zero_grad()
-            out = layer(x)
-            out.backward(grad)
+            try:
+                out = layer(x)
+                out.backward(grad)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+            except Exception as error:  # a kernel that fails to compile or launch is a finding, not a crash
+                row[f"{backend}_error"] = f"{type(error).__name__}: {error}"[:2000]
+                continue
             results[backend] = (out.detach(), x.grad.clone(), layer.blkdiag1.grad.clone())
-        row = {"shape": f"{n_in}->{n_out}", "nblocks": nblocks, "dtype": dtype_name}
-        for backend in backends:
-            row[f"{backend}_vs_fp64"] = relative_error(results[backend][0], reference)
-        if len(backends) == 2:
+            row[f"{backend}_vs_fp64"] = relative_error(out, reference)
+        if "torch" in results and "triton" in results:
             torch_out, triton_out = results["torch"], results["triton"]
             row["triton_vs_torch_out"] = relative_error(triton_out[0], torch_out[0])
             row["triton_vs_torch_grad_x"] = relative_error(triton_out[1], torch_out[1])
             row["triton_vs_torch_grad_w1"] = relative_error(triton_out[2], torch_out[2])
+        if "triton" in backends:
+            differences = [row.get(f"triton_vs_torch_{part}", float("nan")) for part in ("out", "grad_x", "grad_w1")]
+            row["triton_agrees"] = all(d <= TRITON_AGREEMENT[dtype_name] for d in differences)  # NaN fails
         rows.append(row)
     return rows
+
+
+def triton_agrees_everywhere(rows: list[dict]) -> bool:
+    return all(row.get("triton_agrees", False) for row in rows)
 
 
 def time_monarch_layer(device: torch.device, tokens: int, repeats: int, shapes, nblocks_list, backends) -> list[dict]:
@@ -119,12 +142,18 @@ def time_monarch_layer(device: torch.device, tokens: int, repeats: int, shapes, 
             layers = {"linear": linear}
             for nblocks in nblocks_list:
                 for backend in backends:
+                    # "structured": inference too runs the multiply of `backend` (not the densified weight).
                     layers[f"monarch{nblocks}_{backend}"] = MonarchLinear(
-                        n_in, n_out, nblocks=nblocks, backend=backend
+                        n_in, n_out, nblocks=nblocks, backend=backend, inference_path="structured"
                     ).to(device=device, dtype=dtype)
+                layers[f"monarch{nblocks}_densified"] = MonarchLinear(
+                    n_in, n_out, nblocks=nblocks, inference_path="dense", dense_weight_max_bytes=None
+                ).to(device=device, dtype=dtype)
             for mode in ("fwd", "fwdbwd"):
                 row = {"dtype": dtype_name, "shape": f"{n_in}->{n_out}", "mode": mode, "tokens": tokens}
                 for name, layer in layers.items():
+                    if mode == "fwdbwd" and name.endswith("_densified"):
+                        continue  # training always runs the structured multiply
                     if mode == "fwd":
                         with torch.no_grad():
                             samples = measure(lambda: layer(x))
@@ -132,7 +161,7 @@ def time_monarch_layer(device: torch.device, tokens: int, repeats: int, shapes, 
                         samples = measure(lambda: layer(x).backward(grad))
                     row[name], row[f"{name}_samples_ms"] = statistics.median(samples), samples
                 rows.append(row)
-                print(format_layer_row(row, list(layers)), flush=True)
+                print(format_layer_row(row, [name for name in layers if name in row]), flush=True)
     return rows
 
 
@@ -258,6 +287,62 @@ def format_context_row(row: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Converted models against their dense originals
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def time_converted(device: torch.device, args: argparse.Namespace) -> list[dict]:
+    """``bench_converted.py``'s models (random BERT of the MiniLM and BERT-base shapes, dense and converted at
+    ``mlp`` / ``all``, ``nblocks`` 4, default inference path) on the device: inference in bfloat16 and float32, and a
+    training step (forward, backward, AdamW) in float32 under bfloat16 autocast, as `Trainer(bf16=True)` runs it."""
+    from transformers import BertForSequenceClassification, BertModel
+
+    from bench_converted import VARIANTS, batch_of, build
+
+    measure = timer(device, args.repeats)
+    rows = []
+    for shape in args.converted_shapes:
+        for mode, dtype_name in (("inference", "bf16"), ("inference", "fp32"), ("training", "fp32+bf16-autocast")):
+            cls = BertModel if mode == "inference" else BertForSequenceClassification
+            batch_size = args.converted_batch if mode == "inference" else args.converted_train_batch
+            row = {"shape": shape, "mode": mode, "dtype": dtype_name, "batch": batch_size,
+                   "length": args.converted_length, "nblocks": 4}
+            for variant in VARIANTS:
+                torch.manual_seed(0)
+                model = build(shape, variant, cls, nblocks=4).to(device)
+                batch = {k: v.to(device) for k, v in batch_of(
+                    model.config, batch_size, args.converted_length, labels=mode == "training").items()}
+                if mode == "inference":
+                    model = model.to(DTYPES[dtype_name]).eval()
+
+                    def call():
+                        with torch.inference_mode():
+                            model(**batch)
+                else:
+                    model.train()
+                    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+                    def call():
+                        with torch.autocast(device.type, dtype=torch.bfloat16):
+                            loss = model(**batch).loss
+                        loss.backward()
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+
+                samples = measure(call)
+                row[f"{variant}_ms"], row[f"{variant}_samples_ms"] = statistics.median(samples), samples
+                model = optimizer = None
+            for variant in VARIANTS[1:]:
+                row[f"{variant}_speedup"] = row["dense_ms"] / row[f"{variant}_ms"]
+            rows.append(row)
+            print(f"{shape:9} {mode:9} {dtype_name:18} batch {batch_size:4} x {args.converted_length}: dense "
+                  f"{row['dense_ms']:8.3f} ms  " + "  ".join(
+                      f"{v} {row[f'{v}_ms']:8.3f} ms ({row[f'{v}_speedup']:.2f}x)" for v in VARIANTS[1:]),
+                  flush=True)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -292,6 +377,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--layer-tokens", type=int, default=16384, help="tokens per layer call (default: %(default)s)")
     parser.add_argument("--model-dtypes", nargs="+", choices=list(DTYPES), default=["bf16", "fp32"])
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="what to time after the correctness checks (default: all)")
+    parser.add_argument("--converted-batch", type=int, default=256, help="inference batch of the converted models")
+    parser.add_argument("--converted-train-batch", type=int, default=64, help="training batch of the converted models")
+    parser.add_argument("--converted-length", type=int, default=128)
     parser.add_argument("--json", type=Path, default=Path(os.environ.get("OUT", "benchmarks/out")) / "bench_gpu.json")
     args = parser.parse_args(argv)
     args.hidden, args.layers, args.intermediate, args.heads = 768, 12, 3072, 12
@@ -300,6 +390,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.hidden, args.layers, args.intermediate, args.heads = 64, 2, 128, 2
         args.lengths, args.tokens, args.layer_tokens, args.repeats = [128, 256], 512, 256, 3
         args.shapes, args.nblocks = [(64, 256)], [4]
+        args.converted_batch, args.converted_train_batch, args.converted_length = 2, 2, 16
+    args.converted_shapes = ["minilm"] if args.quick else ["minilm", "bert-base"]
     return args
 
 
@@ -307,30 +399,41 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
     backends = ["torch", "triton"] if device.type == "cuda" and TRITON_AVAILABLE else ["torch"]
-    report = {"environment": environment(device)}
+    report = {"environment": environment(device), "command": " ".join(sys.argv)}
     print(json.dumps(report["environment"]), flush=True)
 
     print("\n== correctness ==", flush=True)
     report["monarch_checks"] = check_monarch_layer(device, args.layer_tokens, backends)
     for row in report["monarch_checks"]:
         print(json.dumps(row), flush=True)
+    if "triton" in backends and not triton_agrees_everywhere(report["monarch_checks"]):
+        print("the Triton kernel failed or disagreed with the PyTorch path (above): only the PyTorch path is timed")
+        backends = ["torch"]
     if device.type != "cpu":
         report["m2_bert_device_vs_cpu_max_abs"] = check_m2_bert_on_device(device)
         print(f"M2-BERT {device.type} vs CPU, float32, max |difference| {report['m2_bert_device_vs_cpu_max_abs']:.2e}")
-
-    print(f"\n== Monarch layer vs nn.Linear, {args.layer_tokens} tokens (speed-up = linear time / layer time) ==")
-    report["monarch_layer"] = time_monarch_layer(
-        device, args.layer_tokens, args.repeats, args.shapes, args.nblocks, backends
-    )
-    report["fastest_multiply"] = fastest_multiply(report["monarch_layer"], args.nblocks)
-    print(f"fastest Monarch multiply: {json.dumps(report['fastest_multiply'])}; backend='auto' on CUDA runs "
-          f"{AUTO_BACKENDS.get('cuda', 'torch')!r} (m2_hf.monarch.AUTO_BACKENDS)", flush=True)
     write_report(args.json, report)  # partial results survive a later failure or timeout
 
-    print(f"\n== M2-BERT vs BERT (SDPA), {args.layers} layers, hidden {args.hidden}, {args.tokens} tokens per call ==")
-    report["long_context"] = time_long_context(device, args)
+    if "layer" in args.sections:
+        print(f"\n== Monarch layer vs nn.Linear, {args.layer_tokens} tokens (speed-up = linear time / layer time; "
+              "densified: inference through the cached dense weight) ==")
+        report["monarch_layer"] = time_monarch_layer(
+            device, args.layer_tokens, args.repeats, args.shapes, args.nblocks, backends
+        )
+        report["fastest_multiply"] = fastest_multiply(report["monarch_layer"], args.nblocks)
+        print(f"fastest Monarch multiply: {json.dumps(report['fastest_multiply'])}; backend='auto' on CUDA runs "
+              f"{AUTO_BACKENDS.get('cuda', 'torch')!r} (m2_hf.monarch.AUTO_BACKENDS)", flush=True)
+        write_report(args.json, report)
 
-    write_report(args.json, report)
+    if "converted" in args.sections:
+        print(f"\n== converted BERT shapes vs dense (nblocks 4; speed-up = dense time / converted time) ==")
+        report["converted"] = time_converted(device, args)
+        write_report(args.json, report)
+
+    if "long_context" in args.sections:
+        print(f"\n== M2-BERT vs BERT (SDPA), {args.layers} layers, hidden {args.hidden}, {args.tokens} tokens per call ==")
+        report["long_context"] = time_long_context(device, args)
+        write_report(args.json, report)
     print(f"\nwrote {args.json}")
 
 

@@ -7,7 +7,6 @@ folders load with `trust_remote_code=True` where m2-hf is not installed).
 from transformers import (
     AutoConfig,
     AutoModel,
-    AutoImageProcessor,
     AutoModelForCausalLM,
     AutoModelForImageClassification,
     AutoModelForMaskedLM,
@@ -19,7 +18,9 @@ from transformers import (
     GPT2Tokenizer,
 )
 
-# Imported from their modules: the top-level name of the torchvision one warns where torchvision is missing.
+# Imported from their modules: where torchvision is missing, the top-level names are placeholders that warn (the ViT
+# processor) or raise (AutoImageProcessor, in Transformers before 5.2x).
+from transformers.models.auto.image_processing_auto import AutoImageProcessor
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 from transformers.models.vit.image_processing_vit import ViTImageProcessor
 

@@ -1,0 +1,63 @@
+"""`benchmarks/bench_gpu.py`: the script runs end to end (tiny sizes, on the CPU), and a Triton kernel that fails or
+disagrees with the PyTorch path is recorded as such and left out of the timings instead of ending the run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import m2_hf.monarch
+from benchmark_scripts import load_benchmark_script
+
+bench = load_benchmark_script("bench_gpu")
+CPU = torch.device("cpu")
+
+
+def test_quick_run_writes_every_section_with_its_samples(tmp_path, capsys):
+    path = tmp_path / "bench_gpu.json"
+    bench.main(["--quick", "--device", "cpu", "--repeats", "2", "--json", str(path)])
+    report = json.loads(path.read_text())
+
+    assert [row["dtype"] for row in report["monarch_checks"]] == ["fp32", "bf16", "fp32"]
+    assert all(row["torch_vs_fp64"] < 1e-2 for row in report["monarch_checks"])
+    layer_rows = {(row["dtype"], row["mode"]): row for row in report["monarch_layer"]}
+    assert set(layer_rows) == {(d, m) for d in ("bf16", "fp32") for m in ("fwd", "fwdbwd")}
+    for (_, mode), row in layer_rows.items():
+        assert len(row["linear_samples_ms"]) >= 2 and row["monarch4_torch"] > 0
+        assert ("monarch4_densified" in row) == (mode == "fwd")  # training never runs the densified weight
+    converted = report["converted"]
+    assert [row["mode"] for row in converted] == ["inference", "inference", "training"]
+    for row in converted:
+        for variant in ("dense", "mlp", "all"):
+            samples = row[f"{variant}_samples_ms"]
+            assert min(samples) <= row[f"{variant}_ms"] <= max(samples)
+        assert row["mlp_speedup"] == pytest.approx(row["dense_ms"] / row["mlp_ms"])
+    assert {row["length"] for row in report["long_context"]} == {128, 256}
+    assert "converted BERT shapes vs dense" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("failure", ["raises", "disagrees"])
+def test_a_failing_or_wrong_triton_kernel_is_recorded_and_not_trusted(failure, monkeypatch):
+    def broken_kernel(x, w1, w2):
+        if failure == "raises":
+            raise RuntimeError("PTX compilation failed")
+        return m2_hf.monarch.monarch_multiply(x, w1, w2) * 1.1
+
+    monkeypatch.setattr(m2_hf.monarch, "monarch_multiply_triton", broken_kernel)
+    rows = bench.check_monarch_layer(CPU, 8, ["torch", "triton"])
+
+    assert not bench.triton_agrees_everywhere(rows)
+    for row in rows:
+        assert row["triton_agrees"] is False and row["torch_vs_fp64"] < 1e-2
+        if failure == "raises":
+            assert row["triton_error"] == "RuntimeError: PTX compilation failed"
+        else:
+            assert row["triton_vs_torch_out"] == pytest.approx(0.1, rel=0.2)
+
+
+def test_a_correct_kernel_agrees(monkeypatch):
+    monkeypatch.setattr(m2_hf.monarch, "monarch_multiply_triton", m2_hf.monarch.monarch_multiply)
+    rows = bench.check_monarch_layer(CPU, 8, ["torch", "triton"])
+    assert bench.triton_agrees_everywhere(rows)
