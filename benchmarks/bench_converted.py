@@ -246,7 +246,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.inference_path == "measured":  # what the warm-up calls measured faster, per layer shape and call size
         meta["measured_inference_paths"] = [
             {"layer": key[0], "in_features": key[1], "out_features": key[2], "nblocks": key[3], "device": key[4],
-             "dtype": str(key[5]), "rows_up_to": key[6], "path": path}
+             "dtype": str(key[5]), "autocast_dtype": str(key[6]), "rows_up_to": key[7], "path": path}
             for key, path in measured_inference_paths().items()
         ]
     verdicts = evaluate_targets(rows)

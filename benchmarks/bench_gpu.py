@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_converted's model builders
 
 from m2_hf import M2BertConfig, M2BertModel, MonarchLinear  # noqa: E402
-from m2_hf.monarch import AUTO_BACKENDS  # noqa: E402
+from m2_hf.monarch import _INFERENCE_PATHS, AUTO_BACKENDS  # noqa: E402
 from m2_hf.monarch_triton import TRITON_AVAILABLE  # noqa: E402
 
 LAYER_SHAPES = [(1024, 4096), (4096, 16384), (4096, 4096)]
@@ -293,11 +293,14 @@ def format_context_row(row: dict) -> str:
 
 def time_converted(device: torch.device, args: argparse.Namespace) -> list[dict]:
     """``bench_converted.py``'s models (random BERT of the MiniLM and BERT-base shapes, dense and converted at
-    ``mlp`` / ``all``, ``nblocks`` 4, default inference path) on the device: inference in bfloat16 and float32, and a
-    training step (forward, backward, AdamW) in float32 under bfloat16 autocast, as `Trainer(bf16=True)` runs it."""
+    ``mlp`` / ``all``, ``nblocks`` 4, ``--converted-inference-path``) on the device: inference in bfloat16 and float32, and a
+    training step (forward, backward, AdamW) in float32 under bfloat16 autocast, as `Trainer(bf16=True)` runs it.
+    Each inference row records the paths that ``inference_path="auto"`` measured for its layers (on CUDA)."""
     from transformers import BertForSequenceClassification, BertModel
 
     from bench_converted import VARIANTS, batch_of, build
+
+    from m2_hf import clear_measured_inference_paths, measured_inference_paths
 
     measure = timer(device, args.repeats)
     rows = []
@@ -307,9 +310,10 @@ def time_converted(device: torch.device, args: argparse.Namespace) -> list[dict]
             batch_size = args.converted_batch if mode == "inference" else args.converted_train_batch
             row = {"shape": shape, "mode": mode, "dtype": dtype_name, "batch": batch_size,
                    "length": args.converted_length, "nblocks": 4}
+            clear_measured_inference_paths()
             for variant in VARIANTS:
                 torch.manual_seed(0)
-                model = build(shape, variant, cls, nblocks=4).to(device)
+                model = build(shape, variant, cls, 4, args.converted_inference_path).to(device)
                 batch = {k: v.to(device) for k, v in batch_of(
                     model.config, batch_size, args.converted_length, labels=mode == "training").items()}
                 if mode == "inference":
@@ -334,11 +338,17 @@ def time_converted(device: torch.device, args: argparse.Namespace) -> list[dict]
                 model = optimizer = None
             for variant in VARIANTS[1:]:
                 row[f"{variant}_speedup"] = row["dense_ms"] / row[f"{variant}_ms"]
+            row["measured_inference_paths"] = [
+                f"{key[1]}->{key[2]} nblocks {key[3]} {key[5]} autocast {key[6]} rows<={key[7]}: {path}"
+                for key, path in measured_inference_paths().items()
+            ]
             rows.append(row)
             print(f"{shape:9} {mode:9} {dtype_name:18} batch {batch_size:4} x {args.converted_length}: dense "
                   f"{row['dense_ms']:8.3f} ms  " + "  ".join(
                       f"{v} {row[f'{v}_ms']:8.3f} ms ({row[f'{v}_speedup']:.2f}x)" for v in VARIANTS[1:]),
                   flush=True)
+            for choice in row["measured_inference_paths"]:
+                print(f"    auto measured {choice}", flush=True)
     return rows
 
 
@@ -382,6 +392,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--converted-batch", type=int, default=256, help="inference batch of the converted models")
     parser.add_argument("--converted-train-batch", type=int, default=64, help="training batch of the converted models")
     parser.add_argument("--converted-length", type=int, default=128)
+    parser.add_argument("--converted-inference-path", choices=_INFERENCE_PATHS, default="auto",
+                        help="inference_path of the converted models' layers (default: %(default)s)")
     parser.add_argument("--json", type=Path, default=Path(os.environ.get("OUT", "benchmarks/out")) / "bench_gpu.json")
     args = parser.parse_args(argv)
     args.hidden, args.layers, args.intermediate, args.heads = 768, 12, 3072, 12

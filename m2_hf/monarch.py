@@ -61,10 +61,11 @@ Backend = Literal["auto", "torch", "triton"]
 _BACKENDS = ("auto", "torch", "triton")
 _STRUCTURES = ("monarch", "blockdiag")
 
-# The multiply that `backend="auto"` runs on tensors of each device type (any other: "torch"). On CUDA it is to be the
-# path that `benchmarks/bench_gpu.py` measures fastest on a GPU. That benchmark has not run on a GPU yet
-# (benchmarks/RESULTS.md), so there the PyTorch path, made of ops that PyTorch tests on GPUs, is the default, and the
-# Triton kernel, never run on a GPU so far, is opt-in (`backend="triton"`).
+# The multiply that `backend="auto"` runs on tensors of each device type (any other: "torch"): the path that
+# `benchmarks/bench_gpu.py` measures fastest. On an H200 (benchmarks/RESULTS.md, 2026-12-04) the Triton kernel computes
+# the same values as the PyTorch path but takes 5.7 times as long (geometric mean over 24 cells: bf16 and fp32, three
+# layer shapes, nblocks 4 and 16, forward and forward+backward; faster in none), so it stays opt-in
+# (`backend="triton"`).
 AUTO_BACKENDS: dict[str, str] = {"cuda": "torch"}
 _PATH_NAMES = {"torch": "PyTorch multiply (two bmm)", "triton": "Triton kernel"}
 _auto_choices_logged: set[str] = set()
@@ -89,24 +90,33 @@ DEFAULT_DENSE_WEIGHT_MAX_BYTES = 160 * 2**20
 # 512 tokens: 67 MFLOP) its five operations, each a parallel region, cost more than the one GEMM they save, twice so on
 # a loaded machine. Small calls of layers whose dense weight exceeds AUTO_SMALL_CALL_MAX_WEIGHT_BYTES (decoding steps
 # of wide layers) stay structured: there reading the weight dominates, and the factors are several times smaller.
-# Block-diagonal layers do no permutation, and the same rule holds for them. Off CPU the same rule applies until a GPU
-# run calibrates it.
+# Block-diagonal layers do no permutation, and the same rule holds for them.
+#
+# On CUDA no FLOP rule predicts the winner, so there "auto" measures, as "measured" does (a GPU timed between
+# synchronisations gives the same winner from run to run where the two paths differ by more than a few percent, and
+# near a tie either is as fast). On an H200 (benchmarks/bench_gpu.py, 2026-12-04, 16384 tokens) the structured multiply
+# beats cuBLAS in float32 on every shape (1.8-8.7x forward), but in bfloat16 only on large layers: 1024->4096 runs at
+# 0.60x at nblocks 4 and 0.67x at nblocks 16 (13x fewer FLOPs), 4096->4096 at 1.00x / 1.47x, 4096->16384 at 1.68x /
+# 2.62x; converted MiniLM and BERT-base shapes at `mlp` lost 0.60x and 0.81x in bfloat16 inference with the FLOP rule.
+AUTO_MEASURED_DEVICE_TYPES = ("cuda",)
 AUTO_MIN_FLOP_SAVING = 2.0
 AUTO_MIN_DENSE_FLOPS = 2**28
 AUTO_SMALL_CALL_MAX_WEIGHT_BYTES = 4 * 2**20
 
 # `inference_path="measured"` times both exact paths on the first inference call of each layer shape, device, dtype
-# and call size (row counts grouped by powers of two), and applies the faster from then on, in every layer of that
-# shape in the process. Opt-in, because which path wins on a shared machine can change from run to run (the two
-# results differ by float rounding only). Each path runs once to warm up, then MEASURED_REPEATS times, interleaved;
+# (and autocast dtype) and call size (row counts grouped by powers of two), and applies the faster from then on, in
+# every layer of that shape in the process. Opt-in on CPU, because which path wins on a shared machine can change from
+# run to run (the two results differ by float rounding only); what "auto" does on AUTO_MEASURED_DEVICE_TYPES. Never
+# during a CUDA graph capture, where synchronising is an error: the structured multiply runs there until measured. Each path runs once to warm up, then MEASURED_REPEATS times, interleaved;
 # the minimum counts.
 MEASURED_REPEATS = 3
 _measured_paths: dict[tuple, str] = {}
 
 
 def measured_inference_paths() -> dict[tuple, str]:
-    """The choices of ``inference_path="measured"`` so far: ``{(layer class, in_features, out_features, nblocks,
-    device type, dtype, rows up to): "structured" or "dense"}``."""
+    """The choices of ``inference_path="measured"`` (and of ``"auto"`` on ``AUTO_MEASURED_DEVICE_TYPES``) so far:
+    ``{(layer class, in_features, out_features, nblocks, device type, dtype, autocast dtype or None, rows up to):
+    "structured" or "dense"}``."""
     return dict(_measured_paths)
 
 
@@ -612,6 +622,11 @@ def is_traced() -> bool:
     return torch.compiler.is_compiling() or exporting() or torch.jit.is_tracing()
 
 
+def graph_capture_underway(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on ``device``'s current stream (nothing may synchronise then)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def records_autograd(module: nn.Module, x: torch.Tensor) -> bool:
     """Whether a forward through ``module`` is recorded for backward; when it is not, activations may be updated in
     place, which on CPU saves most of the page faults of allocating fresh buffers at long lengths."""
@@ -769,7 +784,7 @@ class _StructuredLinear(nn.Module):
         ``"auto"``: where the weight takes at most ``dense_weight_max_bytes`` and the structured multiply saves fewer
         than ``AUTO_MIN_FLOP_SAVING`` times the FLOPs, or the call is smaller than ``AUTO_MIN_DENSE_FLOPS`` and the
         weight at most ``AUTO_SMALL_CALL_MAX_WEIGHT_BYTES``."""
-        if self.inference_path == "measured":
+        if self._measures(getattr(self, self._FACTORS[0]).device.type):
             choice = None if rows is None else self._measured_paths_for(rows)
             return None if choice is None else choice == "dense"
         if self.inference_path != "auto":
@@ -793,13 +808,19 @@ class _StructuredLinear(nn.Module):
         if is_traced() or records_autograd(self, x):
             return None
         rows = x.numel() // self.in_features
-        if self.inference_path == "measured":
+        if self._measures(x.device.type):
             return self._measured_dense_weight(x, rows)
         return self._cached_dense_weight() if self.prefers_dense_weight(rows) else None
 
+    def _measures(self, device_type: str) -> bool:
+        """Whether the inference path is chosen by timing both paths on ``device_type``."""
+        return self.inference_path == "measured" or (
+            self.inference_path == "auto" and device_type in AUTO_MEASURED_DEVICE_TYPES
+        )
+
     def _measurement_key(self, rows: int, device: torch.device, dtype: torch.dtype) -> tuple:
         return (type(self).__name__, self.in_features, self.out_features, self.nblocks, device.type, dtype,
-                1 << max(rows - 1, 0).bit_length())
+                _autocast_dtype(device.type), 1 << max(rows - 1, 0).bit_length())
 
     def _measured_paths_for(self, rows: int) -> Optional[str]:
         reference = getattr(self, self._FACTORS[0])
@@ -812,6 +833,8 @@ class _StructuredLinear(nn.Module):
             return None
         key = self._measurement_key(rows, x.device, getattr(self, self._FACTORS[0]).dtype)
         if key not in _measured_paths:
+            if graph_capture_underway(x.device):
+                return None
             weight = self._cached_dense_weight()
             if weight is None:
                 return None
@@ -921,18 +944,20 @@ class MonarchLinear(_StructuredLinear):
             not divide are handled by zero-padding the input and truncating the output.
         bias (`bool`, defaults to `True`): whether to add a learnable bias.
         backend (`str`, defaults to `"auto"`): ``"auto"`` runs the path that ``AUTO_BACKENDS`` names for the
-            input's device type, which is the PyTorch path everywhere until ``benchmarks/bench_gpu.py`` measures the
-            Triton kernel faster on a GPU (a one-time log line says which path runs); ``"torch"`` or ``"triton"``
-            force a path.
+            input's device type: the PyTorch path everywhere, since ``benchmarks/bench_gpu.py`` measured the Triton
+            kernel slower on an H200 (a one-time log line says which path runs); ``"torch"`` or ``"triton"`` force a
+            path.
         inference_path (`str`, defaults to `"auto"`): how the layer applies itself where autograd records nothing and
             no graph is being captured (``torch.compile``, ``torch.export``, ONNX). ``"structured"``: the structured
             multiply; ``"dense"``: the densified weight, computed once, cached on the layer (not in its state dict)
             and recomputed when a factor changes (in place, by reassignment, by ``load_state_dict`` or ``.to()``);
             ``"auto"``: the densified weight where the structured multiply saves fewer than ``AUTO_MIN_FLOP_SAVING``
-            times the FLOPs and the weight fits in ``dense_weight_max_bytes``, else the structured multiply. Both
+            times the FLOPs and the weight fits in ``dense_weight_max_bytes``, else the structured multiply; on
+            CUDA (``AUTO_MEASURED_DEVICE_TYPES``), where no FLOP rule predicts the winner, as ``"measured"``. Both
             paths are exact (equal up to floating-point rounding). Training and tracing always run the structured
             multiply. ``"measured"``: whichever of the two was faster when timed on the first inference call of this
-            shape and size (``MEASURED_REPEATS``; opt-in, since the winner may differ between runs on a busy machine).
+            shape and size (``MEASURED_REPEATS``; opt-in on CPU, since the winner may differ between runs on a busy
+            machine).
             ``set_structured_inference_path`` sets it for a whole model.
         dense_weight_max_bytes (`int` or `None`, defaults to 160 MiB): the most memory ``"auto"`` and ``"measured"``
             may spend on the densified weight (``in_features * out_features`` elements); None for no limit.
@@ -1087,8 +1112,8 @@ def _log_auto_choice_once(device_type: str, path: str) -> None:
             message += " (Triton is not installed)"
         else:
             message += (
-                "; the Triton kernel is opt-in (backend='triton' or m2_hf.set_monarch_backend) until "
-                "benchmarks/bench_gpu.py measures it faster on a GPU"
+                "; the Triton kernel is opt-in (backend='triton' or m2_hf.set_monarch_backend): "
+                "benchmarks/bench_gpu.py measured it slower on an H200"
             )
     logger.info(message + ".")
 
@@ -1132,7 +1157,7 @@ def set_structured_inference_path(
         if dense_weight_max_bytes is not _KEEP:
             layer.dense_weight_max_bytes = dense_weight_max_bytes
         unused = layer.inference_path == "structured" or (
-            layer.inference_path == "auto" and not layer.prefers_dense_weight()
+            layer.inference_path == "auto" and layer.prefers_dense_weight() is False
         )
         if unused:
             layer._dense_weight_cache = None

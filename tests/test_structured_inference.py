@@ -238,7 +238,7 @@ def test_measured_path_applies_the_faster_exact_path_once_timed_per_shape_and_ca
         out = layer(x)
     torch.testing.assert_close(out, structured_output(layer, x), rtol=1e-5, atol=1e-6)
     assert measured == [{"structured", "dense"}] and layer._dense_weight_cache is not None
-    assert measured_inference_paths() == {(cls.__name__, 16, 16, 4, "cpu", torch.float32, 32): "dense"}
+    assert measured_inference_paths() == {(cls.__name__, 16, 16, 4, "cpu", torch.float32, None, 32): "dense"}
     assert layer.prefers_dense_weight(17) and layer.prefers_dense_weight(32) and layer.prefers_dense_weight(33) is None
     with torch.no_grad():
         twin(x[:20])  # same shape, same size group: the choice is reused, not timed again
@@ -248,7 +248,7 @@ def test_measured_path_applies_the_faster_exact_path_once_timed_per_shape_and_ca
     fresh = cls(16, 16, 4, inference_path="measured")
     with torch.no_grad():
         torch.testing.assert_close(fresh(x[:3]), structured_output(fresh, x[:3]), rtol=1e-5, atol=1e-6)
-    assert len(measured) == 2 and measured_inference_paths()[(cls.__name__, 16, 16, 4, "cpu", torch.float32, 4)] == (
+    assert len(measured) == 2 and measured_inference_paths()[(cls.__name__, 16, 16, 4, "cpu", torch.float32, None, 4)] == (
         "structured")
     assert fresh._dense_weight_cache is None  # computed to be timed, then freed: it lost
     assert not fresh.prefers_dense_weight(3)
@@ -349,3 +349,36 @@ def test_m2_config_field_sets_the_mlp_layers_inference_path():
     for config_class in (M2BertConfig, M2GPTConfig):
         with pytest.raises(ValueError, match="`structured_inference_path` must be one of"):
             config_class(structured_inference_path="fastest")
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_auto_measures_on_the_device_types_where_no_flop_rule_holds(cls, measured, monkeypatch):
+    """On CUDA `auto` times both paths like `measured` (the H200 run of bench_gpu.py); elsewhere it keeps the FLOP
+    rule. CPU stands in for CUDA here, by naming it in AUTO_MEASURED_DEVICE_TYPES. Autocast is part of what is timed."""
+    x = torch.randn(24, 16)
+    with torch.no_grad():
+        cls(16, 16, 4)(x)
+    assert measured == []  # CPU: the FLOP rule
+    monkeypatch.setattr(m2_hf.monarch, "AUTO_MEASURED_DEVICE_TYPES", ("cpu",))
+    layer = cls(16, 16, 4)
+    assert layer.prefers_dense_weight(24) is None  # nothing measured yet
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), structured_output(layer, x), rtol=1e-5, atol=1e-6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            layer(x)
+    assert measured == [{"structured", "dense"}] * 2
+    assert {key[6] for key in measured_inference_paths()} == {None, torch.bfloat16}
+    assert layer.prefers_dense_weight(24) is not None
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_nothing_is_timed_while_a_cuda_graph_is_captured(cls, measured, monkeypatch):
+    layer, x = cls(16, 16, 4, inference_path="measured"), torch.randn(8, 16)
+    monkeypatch.setattr(m2_hf.monarch, "graph_capture_underway", lambda device: True)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), structured_output(layer, x), rtol=1e-5, atol=1e-6)
+    assert measured == [] and measured_inference_paths() == {} and layer._dense_weight_cache is None
+    monkeypatch.setattr(m2_hf.monarch, "graph_capture_underway", lambda device: False)
+    with torch.no_grad():
+        layer(x)
+    assert measured == [{"structured", "dense"}]
