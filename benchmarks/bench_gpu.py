@@ -303,6 +303,15 @@ def format_context_row(row: dict) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def host_milliseconds(call: Callable[[], object]) -> float:
+    torch.cuda.synchronize()
+    begin = time.perf_counter()
+    call()
+    elapsed = (time.perf_counter() - begin) * 1e3
+    torch.cuda.synchronize()
+    return elapsed
+
+
 def time_converted(device: torch.device, args: argparse.Namespace) -> list[dict]:
     """``bench_converted.py``'s models (random BERT of the MiniLM and BERT-base shapes, dense and converted at
     ``mlp`` / ``all``, ``nblocks`` 4, ``--converted-inference-path``) on the device: inference in bfloat16 and float32, and a
@@ -347,6 +356,8 @@ def time_converted(device: torch.device, args: argparse.Namespace) -> list[dict]
 
                 samples = measure(call)
                 row[f"{variant}_ms"], row[f"{variant}_samples_ms"] = statistics.median(samples), samples
+                if device.type == "cuda":  # time to issue one call on an idle device: near `_ms`, the host bounds it
+                    row[f"{variant}_host_ms"] = statistics.median(host_milliseconds(call) for _ in range(10))
                 model = optimizer = None
             for variant in VARIANTS[1:]:
                 row[f"{variant}_speedup"] = row["dense_ms"] / row[f"{variant}_ms"]
@@ -359,6 +370,9 @@ def time_converted(device: torch.device, args: argparse.Namespace) -> list[dict]
                   f"{row['dense_ms']:8.3f} ms  " + "  ".join(
                       f"{v} {row[f'{v}_ms']:8.3f} ms ({row[f'{v}_speedup']:.2f}x)" for v in VARIANTS[1:]),
                   flush=True)
+            if "dense_host_ms" in row:
+                print("    host time to issue one call: " + "  ".join(
+                    f"{v} {row[f'{v}_host_ms']:.3f} ms" for v in VARIANTS), flush=True)
             for choice in row["measured_inference_paths"]:
                 print(f"    auto measured {choice}", flush=True)
     return rows
@@ -404,6 +418,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--converted-batch", type=int, default=256, help="inference batch of the converted models")
     parser.add_argument("--converted-train-batch", type=int, default=64, help="training batch of the converted models")
     parser.add_argument("--converted-length", type=int, default=128)
+    parser.add_argument("--converted-shapes", nargs="+", choices=("minilm", "bert-base"),
+                        help="model shapes of the converted section (default: both)")
     parser.add_argument("--converted-inference-path", choices=_INFERENCE_PATHS, default="auto",
                         help="inference_path of the converted models' layers (default: %(default)s)")
     parser.add_argument("--json", type=Path, default=Path(os.environ.get("OUT", "benchmarks/out")) / "bench_gpu.json")
@@ -415,7 +431,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.lengths, args.tokens, args.layer_tokens, args.repeats = [128, 256], 512, 256, 3
         args.shapes, args.nblocks = [(64, 256)], [4]
         args.converted_batch, args.converted_train_batch, args.converted_length = 2, 2, 16
-    args.converted_shapes = ["minilm"] if args.quick else ["minilm", "bert-base"]
+    if args.converted_shapes is None:
+        args.converted_shapes = ["minilm"] if args.quick else ["minilm", "bert-base"]
     return args
 
 

@@ -669,9 +669,12 @@ class _DenseWeight(NamedTuple):
 def _tensor_state(tensors: tuple[torch.Tensor, ...]) -> Optional[tuple]:
     """Which tensors these are and their in-place versions, for reusing what was computed from them; None where one
     was created under `torch.inference_mode()` (it has no version counter, so a change to it could not be seen)."""
-    if any(t.is_inference() for t in tensors):
-        return None
-    return tuple((t.data_ptr(), t._version, t.shape, t.dtype, t.device) for t in tensors)
+    state = []
+    for t in tensors:
+        if t.is_inference():
+            return None
+        state.append((t.data_ptr(), t._version, t.shape, t.dtype, t.device))
+    return tuple(state)
 
 
 class _StructuredLinear(nn.Module):
@@ -804,8 +807,8 @@ class _StructuredLinear(nn.Module):
         the structured multiply) and no graph is being captured (a traced graph must compute from the parameters, not
         hold a tensor computed outside it). The weight is computed once and reused until a factor changes.
         """
-        # Tracing first: the row count of a traced input may be symbolic, and reading it would specialise the graph.
-        if is_traced() or records_autograd(self, x):
+        # Both before the row count: a traced input's may be symbolic, and reading it would specialise the graph.
+        if records_autograd(self, x) or is_traced():
             return None
         rows = x.numel() // self.in_features
         if self._measures(x.device.type):
@@ -820,7 +823,7 @@ class _StructuredLinear(nn.Module):
 
     def _measurement_key(self, rows: int, device: torch.device, dtype: torch.dtype) -> tuple:
         return (type(self).__name__, self.in_features, self.out_features, self.nblocks, device.type, dtype,
-                _autocast_dtype(device.type), 1 << max(rows - 1, 0).bit_length())
+                _autocast_dtype(device.type), 1 << (rows - 1).bit_length() if rows > 1 else 1)
 
     def _measured_paths_for(self, rows: int) -> Optional[str]:
         reference = getattr(self, self._FACTORS[0])
@@ -831,7 +834,7 @@ class _StructuredLinear(nn.Module):
         limit = self.dense_weight_max_bytes
         if limit is not None and self.dense_weight_bytes() > limit:
             return None
-        key = self._measurement_key(rows, x.device, getattr(self, self._FACTORS[0]).dtype)
+        key = self._measurement_key(rows, x.device, self._parameters[self._FACTORS[0]].dtype)
         if key not in _measured_paths:
             if graph_capture_underway(x.device):
                 return None
@@ -850,7 +853,7 @@ class _StructuredLinear(nn.Module):
     def _cached_dense_weight(self) -> Optional[torch.Tensor]:
         """The densified weight, computed once and reused until a factor changes; None where a factor's changes
         cannot be seen (created in inference mode)."""
-        factors = tuple(getattr(self, name) for name in self._FACTORS)
+        factors = tuple(self._parameters[name] for name in self._FACTORS)  # not through nn.Module.__getattr__
         state = _tensor_state(factors)
         if state is None:
             return None
