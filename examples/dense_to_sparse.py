@@ -90,6 +90,11 @@ class SparsificationArguments:
     distill_hidden_weight: float = field(
         default=0.0, metadata={"help": "Weight of each Monarch layer's output error against the dense layer's."}
     )
+    distill_hidden_layers: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "With --distill_hidden_weight: regular expressions of the modules whose outputs are matched "
+                          "instead of the Monarch layers (every BERT block: 'bert\\.encoder\\.layer\\.\\d+')."},
+    )
     distill_feature_weight: float = field(
         default=0.0,
         metadata={"help": "Weight of the error of the features the head classifies, against the teacher's."},
@@ -139,6 +144,9 @@ class SparsificationArguments:
             raise ValueError("--student_trains structured freezes the classification head, and a model converted from "
                              "the pretrained checkpoint has a new, untrained one: add --convert_from finetuned, or "
                              "--student_also_trains classifier.")
+        if self.distill_hidden_layers and not self.distill_hidden_weight:
+            raise ValueError("--distill_hidden_layers names the modules --distill_hidden_weight matches: give that "
+                             "weight too.")
         if self.student_also_trains and self.student_trains != "structured":
             raise ValueError("--student_also_trains names what trains besides the Monarch layers: use it with "
                              "--student_trains structured.")
@@ -238,7 +246,7 @@ def distillation_options(sparse: SparsificationArguments, teacher) -> dict:
         return {}
     return dict(trainer_class=DistillationTrainer, teacher_model=teacher, alpha=sparse.distill_alpha,
                 temperature=sparse.distill_temperature, hidden_weight=sparse.distill_hidden_weight,
-                feature_weight=sparse.distill_feature_weight, feature_module=sparse.distill_feature_module,
+                hidden_layers=sparse.distill_hidden_layers, feature_weight=sparse.distill_feature_weight, feature_module=sparse.distill_feature_module,
                 cache_teacher_logits=sparse.distill_cache_teacher_logits)
 
 
@@ -328,7 +336,8 @@ def main() -> None:
         notes += f" Only its Monarch layers{also} were trained; every other weight is the converted model's."
     if sparse.distill:
         notes += (f" It learned from the fine-tuned dense model as teacher (distillation weight {sparse.distill_alpha}, "
-                  f"temperature {sparse.distill_temperature}, layer-output weight {sparse.distill_hidden_weight}, "
+                  f"temperature {sparse.distill_temperature}, layer-output weight {sparse.distill_hidden_weight}"
+                  f"{' on ' + ', '.join(sparse.distill_hidden_layers) if sparse.distill_hidden_layers else ''}, "
                   f"head-feature weight {sparse.distill_feature_weight}).")
     set_seed(training_args.seed)
     monarch_model = load_classifier(monarch_args, task.labels, task.task_name)
@@ -348,6 +357,7 @@ def main() -> None:
         if sparse.distill:
             results[1]["distillation"] = {"alpha": sparse.distill_alpha, "temperature": sparse.distill_temperature,
                                           "hidden_weight": sparse.distill_hidden_weight,
+                                          "hidden_layers": sparse.distill_hidden_layers,
                                           "feature_weight": sparse.distill_feature_weight,
                                           "feature_module": sparse.distill_feature_module,
                                           "cached_teacher_logits": sparse.distill_cache_teacher_logits}

@@ -10,7 +10,9 @@ The student's loss is a mix of three terms:
   outputs instead;
 - optionally, ``hidden_weight`` times the mean over the student's structured layers of their output error relative
   to the same-named layer of the teacher (``|s - t|^2 / |t|^2``): each Monarch layer is pulled towards the dense
-  layer it replaces, on the task's own inputs.
+  layer it replaces, on the task's own inputs. ``hidden_layers`` (regular expressions of module names) matches other
+  modules' outputs instead, for example every transformer block's (``bert\\.encoder\\.layer\\.\\d+``), so that the
+  student's hidden states follow the teacher's whatever the converted layers do on their own.
 - optionally, ``feature_weight`` times the relative error (``|s - t|^2 / |t|^2``) of the features the head
   classifies (the input of the module ``feature_module``, by default ``classifier``: BERT's pooled output): a
   binary classifier's two logits say little about what the teacher computed, its hundreds of features more.
@@ -109,7 +111,8 @@ class LayerOutputRecorder:
 
     def _recorder(self, name: str):
         def record(module, inputs, output):
-            self.outputs[name] = output
+            # A transformer block may return (hidden_states, ...): its hidden states are what is matched.
+            self.outputs[name] = output[0] if isinstance(output, (tuple, list)) else output
 
         return record
 
@@ -169,18 +172,25 @@ def train_only_structured_layers(model: nn.Module, also: Sequence[str] = ()) -> 
     if not layers:
         raise ValueError("The model has no Monarch or block-diagonal layers to train: convert it first "
                          "(`m2-convert monarch`), or train all of its parameters.")
-    patterns = [re.compile(pattern) for pattern in also]
-    named = dict(model.named_modules())
-    for pattern in patterns:
-        if not any(pattern.fullmatch(name) for name in named):
-            top_level = ", ".join(name for name, _ in model.named_children())
-            raise ValueError(f"No module of the model is named like {pattern.pattern!r}: name modules to keep "
-                             f"trainable as in `model.named_modules()` (top level: {top_level}).")
+    named = modules_named_like(model, also, "to keep trainable")
     model.requires_grad_(False)
-    for name, module in named.items():
-        if name in layers or any(pattern.fullmatch(name) for pattern in patterns):
+    for name, module in dict(model.named_modules()).items():
+        if name in layers or name in named:
             module.requires_grad_(True)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def modules_named_like(model: nn.Module, patterns: Sequence[str], purpose: str) -> list[str]:
+    """Names of the modules of ``model`` that fully match one of the regular expressions ``patterns``, in
+    ``named_modules`` order; a pattern that matches no module is an error (``purpose`` says what they were for)."""
+    compiled = [re.compile(pattern) for pattern in patterns]
+    names = [name for name, _ in model.named_modules() if name]
+    for pattern in compiled:
+        if not any(pattern.fullmatch(name) for name in names):
+            top_level = ", ".join(name for name, _ in model.named_children())
+            raise ValueError(f"No module of the model is named like {pattern.pattern!r}: name modules {purpose} as "
+                             f"in `model.named_modules()` (top level: {top_level}).")
+    return [name for name in names if any(pattern.fullmatch(name) for pattern in compiled)]
 
 
 class DistillationTrainer(Trainer):
@@ -193,6 +203,9 @@ class DistillationTrainer(Trainer):
         temperature: softening of both output distributions.
         hidden_weight: weight of the structured layers' output error relative to the teacher's same-named layers
             (0 turns it off).
+        hidden_layers: regular expressions (full match) naming the modules whose outputs ``hidden_weight`` matches
+            instead of the structured layers, for example ``["bert\\.encoder\\.layer\\.\\d+"]`` for every block
+            of a BERT; a module returning a tuple has its first element matched.
         feature_weight: weight of the error of the student's head features (the input of ``feature_module``)
             relative to the teacher's (0 turns it off). One feature vector per example (sequence classification).
         feature_module: the module whose input is matched, named as in the student and the teacher.
@@ -210,6 +223,7 @@ class DistillationTrainer(Trainer):
         alpha: float = 0.5,
         temperature: float = 2.0,
         hidden_weight: float = 0.0,
+        hidden_layers: Optional[Sequence[str]] = None,
         feature_weight: float = 0.0,
         feature_module: str = "classifier",
         cache_teacher_logits: bool = False,
@@ -228,9 +242,7 @@ class DistillationTrainer(Trainer):
         self.teacher = teacher_model.to(self.args.device).eval().requires_grad_(False)
         self.alpha, self.temperature, self.hidden_weight = alpha, temperature, hidden_weight
         self.feature_weight, self.feature_module = feature_weight, feature_module
-        self._matched_layers = list(structured_layers(self.model)) if hidden_weight > 0 else []
-        if hidden_weight > 0 and not self._matched_layers:
-            raise ValueError("hidden_weight > 0 matches the student's Monarch/block-diagonal layers, and it has none.")
+        self._matched_layers = self._layers_to_match(hidden_layers) if hidden_weight > 0 else []
         self._student_features = self._teacher_features = None
         if feature_weight > 0:
             self._student_features = ModuleInputRecorder(self.accelerator.unwrap_model(self.model), feature_module,
@@ -241,6 +253,16 @@ class DistillationTrainer(Trainer):
             start = time.perf_counter()
             self.train_dataset = self._with_teacher_logits(self.train_dataset)
             self.teacher_logits_seconds = time.perf_counter() - start
+
+    def _layers_to_match(self, hidden_layers: Optional[Sequence[str]]) -> list[str]:
+        student = self.accelerator.unwrap_model(self.model)
+        if hidden_layers is not None:
+            return modules_named_like(student, hidden_layers, "whose outputs hidden_weight matches")
+        layers = list(structured_layers(student))
+        if not layers:
+            raise ValueError("hidden_weight > 0 matches the student's Monarch/block-diagonal layers, and it has none: "
+                             "convert it first, or name the modules to match with hidden_layers.")
+        return layers
 
     def _with_teacher_logits(self, dataset):
         """``dataset`` with a ``teacher_logits`` column: the teacher's prediction for each example, in order."""

@@ -60,6 +60,17 @@ def structure_linear_layers(root: nn.Module, layers: dict[str, int], structure: 
         root.set_submodule(name, structured)
 
 
+def _register_output_recording(model: PreTrainedModel) -> None:
+    """Transformers records hidden states and attentions (`output_hidden_states`, `output_attentions`) by hooks that
+    it finds in a registry keyed by the model's class, filled when the model is built: a model whose class changed
+    afterwards would silently return None for them."""
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # a Transformers that does not record outputs by hooks
+        return
+    _CAN_RECORD_REGISTRY[model] = model._can_record_outputs
+
+
 class MonarchConvertedMixin(ShipsAllHeadsMixin):
     """Builds the original model, then structures the base model's layers named by ``config.monarch_layers``."""
 
@@ -70,6 +81,7 @@ class MonarchConvertedMixin(ShipsAllHeadsMixin):
             # Transformers initialises the weights that a checkpoint lacks with each sub-model's own `_init_weights`:
             # as the original class, a head's base model would leave its structured layers as uninitialised memory.
             self.base_model.__class__ = converted_class(type(self.base_model))
+            _register_output_recording(self.base_model)
         self.post_init()
 
     @torch.no_grad()

@@ -203,10 +203,28 @@ def test_converted_folder_loads_through_the_original_heads_auto_class(converted)
     assert sum(isinstance(m, (MonarchLinear, BlockdiagLinear)) for m in bare.modules()) == expected
 
 
-def test_nblocks_1_equals_the_original(converted):
-    inputs = model_inputs(converted.architecture.kind)
-    torch.testing.assert_close(logits(load(converted, converted.exact), inputs), logits(converted.original, inputs),
-                               rtol=1e-4, atol=1e-5)
+def tensors_of(value) -> list[torch.Tensor]:
+    """The tensors of an output field: a tensor, or a tuple of them (hidden states); caches are left out."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [tensor for item in value for tensor in tensors_of(item)]
+    return []
+
+
+def test_nblocks_1_equals_the_original_with_every_hidden_state(converted):
+    """Logits and every recorded output (`output_hidden_states`: Transformers records them by hooks it looks up by
+    the model's class) equal the original's."""
+    inputs = {**model_inputs(converted.architecture.kind), "output_hidden_states": True}
+    with torch.no_grad():
+        ours, theirs = load(converted, converted.exact)(**inputs), converted.original(**inputs)
+    assert list(ours.keys()) == list(theirs.keys())
+    assert any("hidden_states" in key for key in theirs.keys())
+    for key in theirs.keys():
+        expected = tensors_of(theirs[key])
+        assert len(tensors_of(ours[key])) == len(expected), key
+        for mine, reference in zip(tensors_of(ours[key]), expected):
+            torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-5)
 
 
 def test_dense_round_trip_is_the_original_type_and_exact(converted):

@@ -205,6 +205,38 @@ def test_hidden_state_matching_needs_a_teacher_with_the_same_layers(teacher_and_
         trainer.train()
 
 
+BLOCKS = r"bert\.encoder\.layer\.\d+"
+
+
+def test_hidden_layers_match_every_block_output_at_the_kept_positions(teacher_and_student_folders, tmp_path):
+    """`hidden_layers` names the modules matched: with every BERT block named, the added loss is the mean over blocks
+    of the relative error of their hidden states (what `output_hidden_states` returns), at unpadded positions."""
+    dense, monarch = teacher_and_student_folders
+    teacher, student = load(dense), load(monarch)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, alpha=0.0, hidden_weight=3.0,
+                                  hidden_layers=[BLOCKS], args=arguments(tmp_path), train_dataset=dataset())
+    assert trainer._matched_layers == ["bert.encoder.layer.0", "bert.encoder.layer.1"]
+    batch = dataset(rows=4)[:]
+    inputs = {key: torch.tensor(value) for key, value in batch.items()}
+    kept = inputs["attention_mask"].bool()
+    student.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(student, dict(inputs))
+        ours = student(**inputs, output_hidden_states=True)
+        theirs = teacher(**inputs, output_hidden_states=True)
+    errors = [(s[kept] - t[kept]).pow(2).sum() / t[kept].pow(2).sum()
+              for s, t in zip(ours.hidden_states[1:], theirs.hidden_states[1:])]
+    assert len(errors) == 2 and min(errors) > 1e-6
+    torch.testing.assert_close(loss, ours.loss + 3.0 * torch.stack(errors).mean())
+
+
+def test_hidden_layers_must_name_modules_of_the_student(teacher_and_student_folders, tmp_path):
+    dense, monarch = teacher_and_student_folders
+    with pytest.raises(ValueError, match="named like 'encoder.block'.*top level: bert, dropout, classifier"):
+        DistillationTrainer(model=load(monarch), teacher_model=load(dense), hidden_weight=1.0,
+                            hidden_layers=["encoder.block"], args=arguments(tmp_path), train_dataset=dataset())
+
+
 def pooled_features(model, inputs) -> torch.Tensor:
     """What the classifier head of a BERT classifier reads: the pooled output."""
     with torch.no_grad():
@@ -266,20 +298,22 @@ def test_dense_to_sparse_distill_teaches_the_monarch_model_with_the_fine_tuned_d
     checkpoint, data = write_checkpoint("dense", tmp_path), review_files(tmp_path)
     results = {}
     for run, options in (("plain", []), ("distill", ["--distill", "--distill_alpha", "1.0", "--distill_hidden_weight",
-                                                       "1.0", "--distill_feature_weight", "2.0"])):
+                                                       "1.0", "--distill_hidden_layers", BLOCKS,
+                                                       "--distill_feature_weight", "2.0"])):
         output = tmp_path / run
         run_example("dense_to_sparse.py", "--model_name_or_path", str(checkpoint), "--output_dir", str(output),
                     "--densify", "false", *data, *TINY_TRAINING, *options, cwd=tmp_path)
         results[run] = {r["model"]: r for r in json.loads((output / "results.json").read_text())}
     plain, distilled = results["plain"], results["distill"]
     assert distilled["monarch"]["distillation"] == {"alpha": 1.0, "temperature": 2.0, "hidden_weight": 1.0,
-                                                    "feature_weight": 2.0, "feature_module": "dropout",
+                                                    "hidden_layers": [BLOCKS], "feature_weight": 2.0, "feature_module": "dropout",
                                                     "cached_teacher_logits": True}
     assert "distillation" not in plain["monarch"]
     # The same dense teacher; a student trained on another loss.
     assert distilled["dense"]["train_loss"] == pytest.approx(plain["dense"]["train_loss"], rel=1e-6)
     assert distilled["monarch"]["train_loss"] != pytest.approx(plain["monarch"]["train_loss"], rel=1e-3)
-    assert "learned from the fine-tuned dense model as teacher" in (tmp_path / "distill/monarch/README.md").read_text()
+    card = (tmp_path / "distill/monarch/README.md").read_text()
+    assert "learned from the fine-tuned dense model as teacher" in card and f"layer-output weight 1.0 on {BLOCKS}" in card
 
 
 def count_forward_calls(model) -> list:
