@@ -314,8 +314,8 @@ def host_milliseconds(call: Callable[[], object]) -> float:
 
 def time_converted(device: torch.device, args: argparse.Namespace) -> list[dict]:
     """``bench_converted.py``'s models (random BERT of the MiniLM and BERT-base shapes, dense and converted at
-    ``mlp`` / ``all``, ``nblocks`` 4, ``--converted-inference-path``) on the device: inference in bfloat16 and float32, and a
-    training step (forward, backward, AdamW) in float32 under bfloat16 autocast, as `Trainer(bf16=True)` runs it.
+    ``mlp`` / ``all``, ``nblocks`` 4, ``--converted-inference-path``) on the device: inference in bfloat16 and
+    float32, and a training step (forward, backward, AdamW) in float32 under bfloat16 autocast, as `Trainer(bf16=True)` runs it.
     Each inference row records the paths that ``inference_path="auto"`` measured for its layers (on CUDA)."""
     from transformers import BertForSequenceClassification, BertModel
 
@@ -473,7 +473,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         write_report(args.json, report)
 
     if "long_context" in args.sections:
-        print(f"\n== M2-BERT vs BERT (SDPA), {args.layers} layers, hidden {args.hidden}, {args.tokens} tokens per call ==")
+        print(f"\n== M2-BERT vs BERT (SDPA), {args.layers} layers, hidden {args.hidden}, {args.tokens} tokens per "
+              "call ==")
         report["long_context"] = time_long_context(device, args)
         write_report(args.json, report)
     print(f"\nwrote {args.json}")

@@ -246,8 +246,8 @@ def distillation_options(sparse: SparsificationArguments, teacher) -> dict:
         return {}
     return dict(trainer_class=DistillationTrainer, teacher_model=teacher, alpha=sparse.distill_alpha,
                 temperature=sparse.distill_temperature, hidden_weight=sparse.distill_hidden_weight,
-                hidden_layers=sparse.distill_hidden_layers, feature_weight=sparse.distill_feature_weight, feature_module=sparse.distill_feature_module,
-                cache_teacher_logits=sparse.distill_cache_teacher_logits)
+                hidden_layers=sparse.distill_hidden_layers, feature_weight=sparse.distill_feature_weight,
+                feature_module=sparse.distill_feature_module, cache_teacher_logits=sparse.distill_cache_teacher_logits)
 
 
 def with_model_summary(result: dict, model) -> dict:

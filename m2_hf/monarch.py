@@ -107,8 +107,8 @@ AUTO_SMALL_CALL_MAX_WEIGHT_BYTES = 4 * 2**20
 # (and autocast dtype) and call size (row counts grouped by powers of two), and applies the faster from then on, in
 # every layer of that shape in the process. Opt-in on CPU, because which path wins on a shared machine can change from
 # run to run (the two results differ by float rounding only); what "auto" does on AUTO_MEASURED_DEVICE_TYPES. Never
-# during a CUDA graph capture, where synchronising is an error: the structured multiply runs there until measured. Each path runs once to warm up, then MEASURED_REPEATS times, interleaved;
-# the minimum counts.
+# during a CUDA graph capture, where synchronising is an error: the structured multiply runs there until measured.
+# Each path runs once to warm up, then MEASURED_REPEATS times, interleaved; the minimum counts.
 MEASURED_REPEATS = 3
 _measured_paths: dict[tuple, str] = {}
 
@@ -823,7 +823,7 @@ class _StructuredLinear(nn.Module):
 
     def _measurement_key(self, rows: int, device: torch.device, dtype: torch.dtype) -> tuple:
         return (type(self).__name__, self.in_features, self.out_features, self.nblocks, device.type, dtype,
-                _autocast_dtype(device.type), 1 << (rows - 1).bit_length() if rows > 1 else 1)
+                _autocast_dtype(device.type), 1 << max(rows - 1, 0).bit_length())
 
     def _measured_paths_for(self, rows: int) -> Optional[str]:
         reference = getattr(self, self._FACTORS[0])

@@ -306,14 +306,16 @@ def test_dense_to_sparse_distill_teaches_the_monarch_model_with_the_fine_tuned_d
         results[run] = {r["model"]: r for r in json.loads((output / "results.json").read_text())}
     plain, distilled = results["plain"], results["distill"]
     assert distilled["monarch"]["distillation"] == {"alpha": 1.0, "temperature": 2.0, "hidden_weight": 1.0,
-                                                    "hidden_layers": [BLOCKS], "feature_weight": 2.0, "feature_module": "dropout",
+                                                    "hidden_layers": [BLOCKS], "feature_weight": 2.0,
+                                                    "feature_module": "dropout",
                                                     "cached_teacher_logits": True}
     assert "distillation" not in plain["monarch"]
     # The same dense teacher; a student trained on another loss.
     assert distilled["dense"]["train_loss"] == pytest.approx(plain["dense"]["train_loss"], rel=1e-6)
     assert distilled["monarch"]["train_loss"] != pytest.approx(plain["monarch"]["train_loss"], rel=1e-3)
     card = (tmp_path / "distill/monarch/README.md").read_text()
-    assert "learned from the fine-tuned dense model as teacher" in card and f"layer-output weight 1.0 on {BLOCKS}" in card
+    assert "learned from the fine-tuned dense model as teacher" in card
+    assert f"layer-output weight 1.0 on {BLOCKS}" in card
 
 
 def count_forward_calls(model) -> list:

@@ -1,5 +1,6 @@
 """Which multiply `MonarchLinear(backend="auto")` runs: the path `AUTO_BACKENDS` names for the input's device type
-(the PyTorch path on CUDA, which `benchmarks/bench_gpu.py` measured faster than the Triton kernel on an H200), said once in the log.
+(the PyTorch path on CUDA, which `benchmarks/bench_gpu.py` measured faster than the Triton kernel on an H200), said
+once in the log.
 
 The tests run on the CPU, where Triton runs through its interpreter (`TRITON_INTERPRET=1`, set in conftest.py): mapping
 the CPU to what CUDA maps to makes the CPU decide as a GPU would."""

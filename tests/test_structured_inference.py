@@ -217,7 +217,7 @@ def measured(monkeypatch):
     clear_measured_inference_paths()
 
 
-def slowed(function, seconds=0.01):
+def slowed(function, seconds=0.1):  # far above a small call's time on a loaded machine (5-8 ms)
     def slow(*args, **kwargs):
         import time
 
@@ -248,8 +248,8 @@ def test_measured_path_applies_the_faster_exact_path_once_timed_per_shape_and_ca
     fresh = cls(16, 16, 4, inference_path="measured")
     with torch.no_grad():
         torch.testing.assert_close(fresh(x[:3]), structured_output(fresh, x[:3]), rtol=1e-5, atol=1e-6)
-    assert len(measured) == 2 and measured_inference_paths()[(cls.__name__, 16, 16, 4, "cpu", torch.float32, None, 4)] == (
-        "structured")
+    key = (cls.__name__, 16, 16, 4, "cpu", torch.float32, None, 4)
+    assert len(measured) == 2 and measured_inference_paths()[key] == "structured"
     assert fresh._dense_weight_cache is None  # computed to be timed, then freed: it lost
     assert not fresh.prefers_dense_weight(3)
 
