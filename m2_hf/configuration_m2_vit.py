@@ -75,8 +75,8 @@ class M2ViTConfig(PreTrainedConfig):
             An extra LayerNorm at the mixer input.
         structured_inference_path (`str`, defaults to `"auto"`):
             How the structured MLP layers apply themselves in inference (outside training and tracing): `"auto"`
-            (the structured multiply or a cached densified weight, whichever the layer's FLOP rule says is faster),
-            `"structured"` or `"dense"`. See `MonarchLinear` and `m2_hf.set_structured_inference_path`. An m2-hf
+            (the structured multiply or a cached densified weight, whichever is faster: by the layer's FLOP rule on
+            CPU, timed once per layer shape on CUDA), `"structured"`, `"dense"` or `"measured"`. See `MonarchLinear` and `m2_hf.set_structured_inference_path`. An m2-hf
             extension.
         filter_cache_bytes (`int` or `None`, defaults to 167772160, 160 MiB):
             Budget of the model's cache of filter spectra for inference (`model.filter_cache`; free it with
