@@ -80,17 +80,30 @@ def inference_call(model: torch.nn.Module, batch: dict) -> Callable[[], None]:
     return run
 
 
-def training_call(model: torch.nn.Module, batch: dict) -> Callable[[], None]:
+def training_call(model: torch.nn.Module, batch: dict,
+                  autocast_dtype: Optional[torch.dtype] = None) -> Callable[[], None]:
+    """Forward, backward and an AdamW step; under autocast to ``autocast_dtype`` if given (`Trainer(bf16=True)`)."""
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    device_type = next(model.parameters()).device.type
 
     def run() -> None:
-        loss = model(**batch).loss
+        with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     return run
+
+
+def measured_path_choices() -> list[dict]:
+    """`m2_hf.measured_inference_paths()` as records, one per layer shape, dtype and call size."""
+    return [
+        {"layer": key[0], "in_features": key[1], "out_features": key[2], "nblocks": key[3], "device": key[4],
+         "dtype": str(key[5]), "autocast_dtype": str(key[6]), "rows_up_to": key[7], "path": path}
+        for key, path in measured_inference_paths().items()
+    ]
 
 
 def batch_of(config: BertConfig, batch: int, length: int, labels: bool) -> dict:
@@ -244,11 +257,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows = [row for shape in args.shapes for mode in args.modes for row in measure(shape, mode, args)]
     meta["load_average_end"] = load_average()
     if args.inference_path == "measured":  # what the warm-up calls measured faster, per layer shape and call size
-        meta["measured_inference_paths"] = [
-            {"layer": key[0], "in_features": key[1], "out_features": key[2], "nblocks": key[3], "device": key[4],
-             "dtype": str(key[5]), "autocast_dtype": str(key[6]), "rows_up_to": key[7], "path": path}
-            for key, path in measured_inference_paths().items()
-        ]
+        meta["measured_inference_paths"] = measured_path_choices()
     verdicts = evaluate_targets(rows)
     print_report(meta, rows, verdicts)
     write_json(args.json, meta, rows, verdicts)

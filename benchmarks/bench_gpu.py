@@ -315,13 +315,13 @@ def host_milliseconds(call: Callable[[], object]) -> float:
 def time_converted(device: torch.device, args: argparse.Namespace) -> list[dict]:
     """``bench_converted.py``'s models (random BERT of the MiniLM and BERT-base shapes, dense and converted at
     ``mlp`` / ``all``, ``nblocks`` 4, ``--converted-inference-path``) on the device: inference in bfloat16 and
-    float32, and a training step (forward, backward, AdamW) in float32 under bfloat16 autocast, as `Trainer(bf16=True)` runs it.
-    Each inference row records the paths that ``inference_path="auto"`` measured for its layers (on CUDA)."""
+    float32, and a training step (forward, backward, AdamW) in float32 under bfloat16 autocast, as
+    `Trainer(bf16=True)` runs it. Each inference row records the paths that ``inference_path="auto"`` measured for its layers (on CUDA)."""
     from transformers import BertForSequenceClassification, BertModel
 
-    from bench_converted import VARIANTS, batch_of, build
+    from bench_converted import VARIANTS, batch_of, build, inference_call, measured_path_choices, training_call
 
-    from m2_hf import clear_measured_inference_paths, measured_inference_paths
+    from m2_hf import clear_measured_inference_paths
 
     measure = timer(device, args.repeats)
     rows = []
@@ -338,33 +338,17 @@ def time_converted(device: torch.device, args: argparse.Namespace) -> list[dict]
                 batch = {k: v.to(device) for k, v in batch_of(
                     model.config, batch_size, args.converted_length, labels=mode == "training").items()}
                 if mode == "inference":
-                    model = model.to(DTYPES[dtype_name]).eval()
-
-                    def call():
-                        with torch.inference_mode():
-                            model(**batch)
+                    call = inference_call(model.to(DTYPES[dtype_name]), batch)
                 else:
-                    model.train()
-                    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-
-                    def call():
-                        with torch.autocast(device.type, dtype=torch.bfloat16):
-                            loss = model(**batch).loss
-                        loss.backward()
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-
+                    call = training_call(model, batch, autocast_dtype=torch.bfloat16)
                 samples = measure(call)
                 row[f"{variant}_ms"], row[f"{variant}_samples_ms"] = statistics.median(samples), samples
                 if device.type == "cuda":  # time to issue one call on an idle device: near `_ms`, the host bounds it
                     row[f"{variant}_host_ms"] = statistics.median(host_milliseconds(call) for _ in range(10))
-                model = optimizer = None
+                model = call = None
             for variant in VARIANTS[1:]:
                 row[f"{variant}_speedup"] = row["dense_ms"] / row[f"{variant}_ms"]
-            row["measured_inference_paths"] = [
-                f"{key[1]}->{key[2]} nblocks {key[3]} {key[5]} autocast {key[6]} rows<={key[7]}: {path}"
-                for key, path in measured_inference_paths().items()
-            ]
+            row["measured_inference_paths"] = measured_path_choices()
             rows.append(row)
             print(f"{shape:9} {mode:9} {dtype_name:18} batch {batch_size:4} x {args.converted_length}: dense "
                   f"{row['dense_ms']:8.3f} ms  " + "  ".join(
@@ -374,7 +358,9 @@ def time_converted(device: torch.device, args: argparse.Namespace) -> list[dict]
                 print("    host time to issue one call: " + "  ".join(
                     f"{v} {row[f'{v}_host_ms']:.3f} ms" for v in VARIANTS), flush=True)
             for choice in row["measured_inference_paths"]:
-                print(f"    auto measured {choice}", flush=True)
+                print(f"    auto measured {choice['in_features']}->{choice['out_features']} nblocks "
+                      f"{choice['nblocks']} {choice['dtype']} autocast {choice['autocast_dtype']} rows<="
+                      f"{choice['rows_up_to']}: {choice['path']}", flush=True)
     return rows
 
 
