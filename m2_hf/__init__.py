@@ -59,8 +59,10 @@ from .monarch import (
     blockdiag_factor_shape,
     blockdiag_multiply,
     clear_measured_inference_paths,
+    clear_measured_training_paths,
     dense_weight_and_bias,
     measured_inference_paths,
+    measured_training_paths,
     monarch_factor_shapes,
     monarch_multiply,
     project_blockdiag,
@@ -68,6 +70,7 @@ from .monarch import (
     projection_error,
     set_monarch_backend,
     set_structured_inference_path,
+    set_structured_training_path,
     structured_layers,
 )
 
@@ -161,7 +164,9 @@ def __getattr__(name: str):
 __all__ = [
     "BlockdiagLinear",
     "clear_measured_inference_paths",
+    "clear_measured_training_paths",
     "measured_inference_paths",
+    "measured_training_paths",
     "FilterCache",
     "MonarchBertConfig",
     "MonarchDistilBertConfig",
@@ -200,5 +205,6 @@ __all__ = [
     "projection_error",
     "set_monarch_backend",
     "set_structured_inference_path",
+    "set_structured_training_path",
     "structured_layers",
 ]

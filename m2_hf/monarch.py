@@ -51,6 +51,7 @@ __all__ = [
     "records_autograd",
     "set_monarch_backend",
     "set_structured_inference_path",
+    "set_structured_training_path",
     "structured_layers",
 ]
 
@@ -72,6 +73,8 @@ _auto_choices_logged: set[str] = set()
 
 InferencePath = Literal["auto", "structured", "dense", "measured"]
 _INFERENCE_PATHS = ("auto", "structured", "dense", "measured")
+TrainingPath = Literal["auto", "structured", "dense", "measured"]
+_TRAINING_PATHS = ("auto", "structured", "dense", "measured")
 
 # What `inference_path="auto"` may spend on one layer's densified weight, the same default as the M2 models' filter
 # cache (160 MiB): every layer of a BERT-large-sized model (4096x1024 float32 = 16 MiB) fits many times over.
@@ -112,6 +115,15 @@ AUTO_SMALL_CALL_MAX_WEIGHT_BYTES = 4 * 2**20
 MEASURED_REPEATS = 3
 _measured_paths: dict[tuple, str] = {}
 
+# `training_path="measured"` does the same for calls that autograd records: it times a forward and backward through
+# the structured multiply against one through the weight densified from the factors in the graph (the factors get
+# their gradients through the densification), on detached copies, so that no gradient, hook or random number of the
+# real step is touched. On CPU "auto" trains through the structured multiply, which bench_converted.py measured faster
+# there (a Monarch MLP layer's forward and backward at 2.8-2.9x the dense layer's at nblocks 4); on
+# AUTO_MEASURED_DEVICE_TYPES it measures: on an H200 in bfloat16 the structured training step of 1024->4096 layers ran
+# at 0.43x cuBLAS (benchmarks/RESULTS.md, 2026-12-04).
+_measured_training_paths: dict[tuple, str] = {}
+
 
 def measured_inference_paths() -> dict[tuple, str]:
     """The choices of ``inference_path="measured"`` (and of ``"auto"`` on ``AUTO_MEASURED_DEVICE_TYPES``) so far:
@@ -123,6 +135,17 @@ def measured_inference_paths() -> dict[tuple, str]:
 def clear_measured_inference_paths() -> None:
     """Forget the measured choices (the next calls measure again), for example after moving to a quieter machine."""
     _measured_paths.clear()
+
+
+def measured_training_paths() -> dict[tuple, str]:
+    """The choices of ``training_path="measured"`` (and of ``"auto"`` on ``AUTO_MEASURED_DEVICE_TYPES``) so far, keyed
+    as ``measured_inference_paths()``: ``"structured"`` or ``"dense"`` (through the weight densified in the graph)."""
+    return dict(_measured_training_paths)
+
+
+def clear_measured_training_paths() -> None:
+    """Forget the measured training choices (the next training calls measure again)."""
+    _measured_training_paths.clear()
 
 
 def _synchronize(device: torch.device) -> None:
@@ -649,6 +672,16 @@ def _check_inference_path(value, name: str = "inference_path") -> None:
         )
 
 
+def _check_training_path(value, name: str = "training_path") -> None:
+    if value not in _TRAINING_PATHS:
+        raise ValueError(
+            f"`{name}` must be one of {_TRAINING_PATHS}, got {value!r}: 'auto' trains through the structured multiply "
+            f"on CPU and times both paths on CUDA, 'structured' always trains through the structured multiply, "
+            f"'dense' through the weight densified from the factors at each call, 'measured' times both on the "
+            f"first training call of each size."
+        )
+
+
 def _check_dense_weight_max_bytes(value) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
         raise ValueError(
@@ -682,13 +715,15 @@ class _StructuredLinear(nn.Module):
     """What Monarch and block-diagonal layers share: padding, truncation, bias, densification, projection, and the
     choice between the structured multiply and a cached densified weight in inference.
 
-    Subclasses define ``_FACTORS`` (names of the factor parameters), ``_multiply(x, bias=None)``
-    (``(N, in_features_padded)`` -> ``(N, out_features_padded)``, plus ``bias`` if given), ``_factor_init_bounds()``
+    Subclasses define ``_FACTORS`` (names of the factor parameters), ``_multiply(x, factors, bias=None)``
+    (``(N, in_features_padded)`` -> ``(N, out_features_padded)`` by the factor tensors ``factors``, in ``_FACTORS``
+    order, plus ``bias`` if given), ``_factor_init_bounds()``
     and the classmethod ``_from_dense(weight, bias, nblocks, projection_dtype, **kwargs)`` returning ``(layer,
     relative projection error)``.
     """
 
     _FACTORS: tuple[str, ...] = ()
+    _training_path = "auto"  # layers pickled before `training_path` existed
 
     def __init__(
         self,
@@ -700,6 +735,7 @@ class _StructuredLinear(nn.Module):
         dtype,
         inference_path: InferencePath = "auto",
         dense_weight_max_bytes: Optional[int] = DEFAULT_DENSE_WEIGHT_MAX_BYTES,
+        training_path: TrainingPath = "auto",
     ) -> None:
         super().__init__()
         _check_features(in_features, out_features)
@@ -710,6 +746,7 @@ class _StructuredLinear(nn.Module):
         self.in_features_padded = _ceil_div(in_features, nblocks) * nblocks
         self.out_features_padded = _ceil_div(out_features, nblocks) * nblocks
         self.inference_path = inference_path
+        self.training_path = training_path
         self.dense_weight_max_bytes = dense_weight_max_bytes
         self._dense_weight_cache: Optional[_DenseWeight] = None
         if bias:
@@ -725,6 +762,15 @@ class _StructuredLinear(nn.Module):
     def inference_path(self, value: str) -> None:
         _check_inference_path(value)
         self._inference_path = value
+
+    @property
+    def training_path(self) -> str:
+        return self._training_path
+
+    @training_path.setter
+    def training_path(self, value: str) -> None:
+        _check_training_path(value)
+        self._training_path = value
 
     @property
     def dense_weight_max_bytes(self) -> Optional[int]:
@@ -753,21 +799,34 @@ class _StructuredLinear(nn.Module):
                 f"got shape {tuple(x.shape)}."
             )
         weight = self.inference_dense_weight(x)
+        if weight is None:
+            weight = self.training_dense_weight(x)
         if weight is not None:
             return F.linear(x, weight, self.bias)
-        return self._structured_forward(x)
+        return self._structured_forward(x, self._factors(), self.bias)
 
-    def _structured_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _factors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(self._parameters[name] for name in self._FACTORS)  # not through nn.Module.__getattr__
+
+    def _structured_forward(
+        self, x: torch.Tensor, factors: tuple[torch.Tensor, ...], bias: Optional[torch.Tensor]
+    ) -> torch.Tensor:
         batch_shape = x.shape[:-1]
         if self.in_features_padded != self.in_features:
             x = F.pad(x, (0, self.in_features_padded - self.in_features))
         padded_output = self.out_features_padded != self.out_features
         # The multiply adds the bias itself where it can; a padded output gets it after the padding is cut off.
-        y = self._multiply(x.reshape(-1, self.in_features_padded), None if padded_output else self.bias)
+        y = self._multiply(x.reshape(-1, self.in_features_padded), factors, None if padded_output else bias)
         y = y.view(*batch_shape, self.out_features_padded)
         if padded_output:
-            y = _plus_bias(y[..., : self.out_features], self.bias)
+            y = _plus_bias(y[..., : self.out_features], bias)
         return y
+
+    def _densified(self, factors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The ``(out_features, in_features)`` weight that ``factors`` make, as a (differentiable) product with the
+        identity; a transposed view, which ``F.linear`` reads without a copy."""
+        eye = torch.eye(self.in_features_padded, device=factors[0].device, dtype=factors[0].dtype)
+        return self._multiply(eye, factors)[: self.in_features, : self.out_features].t()
 
     # ----------------------------------------------------------------------------------------------------------------
     # Choice of the inference path
@@ -843,7 +902,8 @@ class _StructuredLinear(nn.Module):
             if weight is None:
                 return None
             _measured_paths[key] = _fastest(
-                {"structured": lambda: self._structured_forward(x), "dense": lambda: F.linear(x, weight, self.bias)},
+                {"structured": lambda: self._structured_forward(x, self._factors(), self.bias),
+                 "dense": lambda: F.linear(x, weight, self.bias)},
                 x.device, MEASURED_REPEATS,
             )
         if _measured_paths[key] == "dense":
@@ -854,7 +914,7 @@ class _StructuredLinear(nn.Module):
     def _cached_dense_weight(self) -> Optional[torch.Tensor]:
         """The densified weight, computed once and reused until a factor changes; None where a factor's changes
         cannot be seen (created in inference mode)."""
-        factors = tuple(self._parameters[name] for name in self._FACTORS)  # not through nn.Module.__getattr__
+        factors = self._factors()
         state = _tensor_state(factors)
         if state is None:
             return None
@@ -866,6 +926,64 @@ class _StructuredLinear(nn.Module):
             cache = _DenseWeight(tuple(weakref.ref(t) for t in factors), state, weight)
             self._dense_weight_cache = cache
         return cache.weight
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Choice of the training path
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def training_dense_weight(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The weight densified from the factors within the autograd graph, to apply to ``x`` in place of the
+        structured multiply where autograd records the call and ``training_path`` asks for it; else None.
+
+        Recomputed at every call (the factors change at every step), under the caller's autocast; the factors get
+        their gradients through it. ``"auto"`` and ``"measured"`` never densify a weight over
+        ``dense_weight_max_bytes``, nor measure while a graph is being traced or captured (the structured multiply
+        runs there)."""
+        if not records_autograd(self, x):
+            return None
+        path = self.training_path
+        if path == "auto":
+            path = "measured" if x.device.type in AUTO_MEASURED_DEVICE_TYPES else "structured"
+        if path == "structured":
+            return None
+        if path == "measured" and not self._measured_dense_training(x):
+            return None
+        return self._densified(self._factors())
+
+    def _measured_dense_training(self, x: torch.Tensor) -> bool:
+        """``training_path="measured"``: whether training through the densified weight was timed faster on calls of
+        this size (timed now if not yet)."""
+        limit = self.dense_weight_max_bytes
+        if (limit is not None and self.dense_weight_bytes() > limit) or is_traced():
+            return False
+        key = self._measurement_key(x.numel() // self.in_features, x.device, self._factors()[0].dtype)
+        if key not in _measured_training_paths:
+            if graph_capture_underway(x.device):
+                return False
+            _measured_training_paths[key] = self._fastest_training_path(x)
+        return _measured_training_paths[key] == "dense"
+
+    def _fastest_training_path(self, x: torch.Tensor) -> str:
+        """Times forward and backward of both training paths on detached copies of ``x`` and the parameters."""
+
+        def leaf(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if t is None else t.detach().requires_grad_(t.requires_grad)
+
+        x, bias, factors = leaf(x), leaf(self.bias), tuple(leaf(t) for t in self._factors())
+        inputs = [t for t in (x, bias, *factors) if t is not None and t.requires_grad]
+
+        def forward_and_backward(forward: Callable[[], torch.Tensor]) -> Callable[[], object]:
+            def run() -> object:
+                y = forward()
+                return torch.autograd.grad(y, inputs, torch.ones_like(y))
+
+            return run
+
+        return _fastest(
+            {"structured": forward_and_backward(lambda: self._structured_forward(x, factors, bias)),
+             "dense": forward_and_backward(lambda: F.linear(x, self._densified(factors), bias))},
+            x.device, MEASURED_REPEATS,
+        )
 
     def _apply(self, fn, recurse=True):
         # `.to()`, `.half()`, `.cuda()` may swap a parameter's storage under the same tensor object and version.
@@ -880,11 +998,9 @@ class _StructuredLinear(nn.Module):
     @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:
         """The exact ``(out_features, in_features)`` matrix this layer applies (bias excluded)."""
-        reference = next(self.parameters())
-        eye = torch.eye(self.in_features_padded, device=reference.device, dtype=reference.dtype)
-        with torch.autocast(reference.device.type, enabled=False):
-            columns = self._multiply(eye)
-        return columns[: self.in_features, : self.out_features].t().contiguous()
+        factors = self._factors()
+        with torch.autocast(factors[0].device.type, enabled=False):
+            return self._densified(factors).contiguous()
 
     def to_linear(self) -> nn.Linear:
         """An ``nn.Linear`` with exactly this layer's weight and bias (reverse sparsification)."""
@@ -935,7 +1051,10 @@ class _StructuredLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, nblocks={self.nblocks}, "
             f"bias={self.bias is not None}"
         )
-        return text if self.inference_path == "auto" else f"{text}, inference_path={self.inference_path!r}"
+        for name in ("inference_path", "training_path"):
+            if getattr(self, name) != "auto":
+                text += f", {name}={getattr(self, name)!r}"
+        return text
 
 
 class MonarchLinear(_StructuredLinear):
@@ -958,14 +1077,22 @@ class MonarchLinear(_StructuredLinear):
             ``"auto"``: the densified weight where the structured multiply saves fewer than ``AUTO_MIN_FLOP_SAVING``
             times the FLOPs and the weight fits in ``dense_weight_max_bytes``, else the structured multiply; on
             CUDA (``AUTO_MEASURED_DEVICE_TYPES``), where no FLOP rule predicts the winner, as ``"measured"``. Both
-            paths are exact (equal up to floating-point rounding). Training and tracing always run the structured
-            multiply. ``"measured"``: whichever of the two was faster when timed on the first inference call of this
-            shape and size (``MEASURED_REPEATS``; opt-in on CPU, since the winner may differ between runs on a busy
-            machine).
+            paths are exact (equal up to floating-point rounding). Training (see ``training_path``) and tracing
+            never use the cached weight. ``"measured"``: whichever of the two was faster when timed on the first
+            inference call of this shape and size (``MEASURED_REPEATS``; opt-in on CPU, since the winner may differ
+            between runs on a busy machine).
             ``set_structured_inference_path`` sets it for a whole model.
         dense_weight_max_bytes (`int` or `None`, defaults to 160 MiB): the most memory ``"auto"`` and ``"measured"``
             may spend on the densified weight (``in_features * out_features`` elements); None for no limit.
             ``"dense"`` ignores it.
+        training_path (`str`, defaults to `"auto"`): how the layer applies itself where autograd records the call.
+            ``"structured"``: the structured multiply; ``"dense"``: the weight densified from the factors at each
+            call, inside the autograd graph (the factors get exactly their gradients through it), then one dense
+            GEMM; ``"measured"``: whichever of the two was faster in a forward and backward timed on the first
+            training call of this shape and size; ``"auto"``: the structured multiply on CPU, ``"measured"`` on
+            CUDA, where in bfloat16 cuBLAS beats the structured multiply on small layers. ``"auto"`` and
+            ``"measured"`` keep the structured multiply while a graph is traced or captured and for weights over
+            ``dense_weight_max_bytes``. ``set_structured_training_path`` sets it for a whole model.
 
     Parameters ``blkdiag1`` ``(b, q, p)`` and ``blkdiag2`` ``(b, s, q)`` with ``b = nblocks``, ``p = ⌈in/b⌉``,
     ``s = ⌈out/b⌉``, ``q = min(p, s)``. The layer computes ``y = x Wᵀ + bias`` with
@@ -993,9 +1120,11 @@ class MonarchLinear(_StructuredLinear):
         backend: Backend = "auto",
         inference_path: InferencePath = "auto",
         dense_weight_max_bytes: Optional[int] = DEFAULT_DENSE_WEIGHT_MAX_BYTES,
+        training_path: TrainingPath = "auto",
     ) -> None:
         super().__init__(
-            in_features, out_features, nblocks, bias, device, dtype, inference_path, dense_weight_max_bytes
+            in_features, out_features, nblocks, bias, device, dtype, inference_path, dense_weight_max_bytes,
+            training_path,
         )
         shape1, shape2 = monarch_factor_shapes(in_features, out_features, nblocks)
         self.blkdiag1 = nn.Parameter(torch.empty(shape1, device=device, dtype=dtype))
@@ -1029,8 +1158,10 @@ class MonarchLinear(_StructuredLinear):
         _log_auto_choice_once(x.device.type, path)
         return path == "triton" and not torch._C._functorch.is_functorch_wrapped_tensor(x)
 
-    def _multiply(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        w1, w2 = self.blkdiag1, self.blkdiag2
+    def _multiply(
+        self, x: torch.Tensor, factors: tuple[torch.Tensor, ...], bias: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        w1, w2 = factors
         if not self._use_triton(x):
             return monarch_multiply(x, w1, w2, bias)
         cast = _autocast_dtype(x.device.type)
@@ -1058,9 +1189,9 @@ class BlockdiagLinear(_StructuredLinear):
         out_features (`int`): size of each output sample.
         nblocks (`int`, defaults to 4): number of diagonal blocks, between 1 and ``min(in, out)``.
         bias (`bool`, defaults to `True`): whether to add a learnable bias.
-        inference_path (`str`, defaults to `"auto"`), dense_weight_max_bytes (`int` or `None`, defaults to 160 MiB):
-            the choice between the block-diagonal multiply and the densified weight in inference, as for
-            `MonarchLinear`.
+        inference_path (`str`, defaults to `"auto"`), dense_weight_max_bytes (`int` or `None`, defaults to 160 MiB),
+            training_path (`str`, defaults to `"auto"`): the choice between the block-diagonal multiply and the
+            densified weight in inference and in training, as for `MonarchLinear`.
 
     ``weight`` has shape ``(b, ⌈out/b⌉, ⌈in/b⌉)``, exactly as the released M2-BERT checkpoints store it; input block k
     is features ``[k·⌈in/b⌉, (k+1)·⌈in/b⌉)`` and output block k is the next ``⌈out/b⌉`` outputs, so the dense weight
@@ -1080,9 +1211,11 @@ class BlockdiagLinear(_StructuredLinear):
         dtype=None,
         inference_path: InferencePath = "auto",
         dense_weight_max_bytes: Optional[int] = DEFAULT_DENSE_WEIGHT_MAX_BYTES,
+        training_path: TrainingPath = "auto",
     ) -> None:
         super().__init__(
-            in_features, out_features, nblocks, bias, device, dtype, inference_path, dense_weight_max_bytes
+            in_features, out_features, nblocks, bias, device, dtype, inference_path, dense_weight_max_bytes,
+            training_path,
         )
         shape = blockdiag_factor_shape(in_features, out_features, nblocks)
         self.weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
@@ -1091,8 +1224,10 @@ class BlockdiagLinear(_StructuredLinear):
     def _factor_init_bounds(self) -> dict[str, float]:
         return {"weight": 1.0 / math.sqrt(self.weight.shape[-1])}
 
-    def _multiply(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return _plus_bias(blockdiag_multiply(x, self.weight), bias)
+    def _multiply(
+        self, x: torch.Tensor, factors: tuple[torch.Tensor, ...], bias: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        return _plus_bias(blockdiag_multiply(x, factors[0]), bias)
 
     @classmethod
     def _from_dense(cls, weight, bias, nblocks, projection_dtype, **kwargs):
@@ -1165,4 +1300,17 @@ def set_structured_inference_path(
         )
         if unused:
             layer._dense_weight_cache = None
+    return len(layers)
+
+
+def set_structured_training_path(model: nn.Module, training_path: TrainingPath) -> int:
+    """Set ``training_path`` (``"auto"``, ``"structured"``, ``"dense"``, ``"measured"``) of every ``MonarchLinear``
+    and ``BlockdiagLinear`` in ``model``: how they apply themselves where autograd records the call.
+
+    Returns the number of layers changed.
+    """
+    _check_training_path(training_path)
+    layers = list(structured_layers(model).values())
+    for layer in layers:
+        layer.training_path = training_path
     return len(layers)

@@ -18,6 +18,7 @@ from m2_hf import (
     M2GPTConfig,
     MonarchLinear,
     clear_measured_inference_paths,
+    clear_measured_training_paths,
     measured_inference_paths,
     set_structured_inference_path,
 )
@@ -46,7 +47,7 @@ def dense_layer(cls, in_features=16, out_features=16, nblocks=4, bias=True, seed
 
 
 def forbid_structured_multiply(layer, monkeypatch) -> None:
-    def fail(x):
+    def fail(*args, **kwargs):
         raise AssertionError("the structured multiply ran")
 
     monkeypatch.setattr(layer, "_multiply", fail)
@@ -209,6 +210,7 @@ def test_auto_densifies_where_the_structured_multiply_saves_too_few_flops_or_the
 def measured(monkeypatch):
     """A clean table of measured choices, and a record of the timings taken."""
     clear_measured_inference_paths()
+    clear_measured_training_paths()
     timings = []
     fastest = m2_hf.monarch._fastest
     monkeypatch.setattr(m2_hf.monarch, "_fastest", lambda paths, *args: timings.append(set(paths)) or fastest(
