@@ -43,10 +43,12 @@ from conversion.monarch import resolve_targets  # noqa: E402
 from m2_hf import (  # noqa: E402
     MonarchLinear,
     measured_inference_paths,
+    measured_training_paths,
     set_structured_inference_path,
+    set_structured_training_path,
     structure_linear_layers,
 )
-from m2_hf.monarch import _INFERENCE_PATHS  # noqa: E402
+from m2_hf.monarch import _INFERENCE_PATHS, _TRAINING_PATHS  # noqa: E402
 from bench_common import available_cores, cpu_model, load_average, log, positive_int, write_json  # noqa: E402
 
 SHAPES = {
@@ -60,13 +62,15 @@ NEVER_SLOWER = 1.0
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "out" / "bench_converted.json"
 
 
-def build(shape: str, variant: str, cls, nblocks: int, inference_path: str = "auto") -> torch.nn.Module:
+def build(shape: str, variant: str, cls, nblocks: int, inference_path: str = "auto",
+          training_path: str = "auto") -> torch.nn.Module:
     config = BertConfig(**SHAPES[shape], num_labels=2, attn_implementation="sdpa")
     model = cls(config)
     if variant != "dense":
         layers = resolve_targets(model.base_model, [variant], {"*": nblocks})
         structure_linear_layers(model.base_model, layers, "monarch")
         set_structured_inference_path(model, inference_path)
+        set_structured_training_path(model, training_path)
     return model
 
 
@@ -97,12 +101,14 @@ def training_call(model: torch.nn.Module, batch: dict,
     return run
 
 
-def measured_path_choices() -> list[dict]:
-    """`m2_hf.measured_inference_paths()` as records, one per layer shape, dtype and call size."""
+def measured_path_choices(mode: str = "inference") -> list[dict]:
+    """`m2_hf.measured_inference_paths()` (or `measured_training_paths()`, ``mode="training"``) as records, one per
+    layer shape, dtype and call size."""
+    table = measured_inference_paths() if mode == "inference" else measured_training_paths()
     return [
         {"layer": key[0], "in_features": key[1], "out_features": key[2], "nblocks": key[3], "device": key[4],
          "dtype": str(key[5]), "autocast_dtype": str(key[6]), "rows_up_to": key[7], "path": path}
-        for key, path in measured_inference_paths().items()
+        for key, path in table.items()
     ]
 
 
@@ -136,7 +142,8 @@ def measure(shape: str, mode: str, args: argparse.Namespace) -> list[dict]:
     cls, batch_size, labels = (
         (BertModel, args.batch, False) if mode == "inference" else (BertForSequenceClassification, args.train_batch, True)
     )
-    models = {variant: build(shape, variant, cls, args.nblocks, args.inference_path) for variant in VARIANTS}
+    models = {variant: build(shape, variant, cls, args.nblocks, args.inference_path, args.training_path)
+              for variant in VARIANTS}
     batch = batch_of(models["dense"].config, batch_size, args.length, labels)
     make_call = inference_call if mode == "inference" else training_call
     log(f"{shape} {mode}: batch {batch_size} x {args.length}")
@@ -190,10 +197,12 @@ def print_report(meta: dict, rows: list[dict], verdicts: list[dict]) -> None:
     print(f"  date {meta['date']}   torch {meta['torch']}   cpu {meta['cpu']}, torch threads {meta['threads']}")
     print(f"  rounds {meta['rounds']} (median), load average at start {meta['load_average_start']}, "
           f"at end {meta['load_average_end']}")
-    print(f"  converted layers' inference_path: {meta['inference_path']}")
-    for choice in meta.get("measured_inference_paths", []):
-        shape = f"{choice['in_features']}->{choice['out_features']} nblocks {choice['nblocks']}"
-        print(f"    measured {shape}, calls of up to {choice['rows_up_to']} rows: {choice['path']}")
+    print(f"  converted layers' inference_path: {meta['inference_path']}, training_path: "
+          f"{meta.get('training_path', 'auto')}")
+    for mode in ("inference", "training"):
+        for choice in meta.get(f"measured_{mode}_paths", []):
+            shape = f"{choice['in_features']}->{choice['out_features']} nblocks {choice['nblocks']}"
+            print(f"    measured ({mode}) {shape}, calls of up to {choice['rows_up_to']} rows: {choice['path']}")
     print()
     print(f"{'shape':10} {'mode':9} {'variant':7} {'batch':>9} {'params M':>8} {'median s':>9} {'speed-up':>8} "
           f"{'spread':>7}")
@@ -222,6 +231,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--inference-path", choices=_INFERENCE_PATHS, default="auto",
                         help="the converted models' `inference_path` (default: %(default)s; `measured` times both "
                              "exact paths per layer shape in the warm-up call)")
+    parser.add_argument("--training-path", choices=_TRAINING_PATHS, default="auto",
+                        help="the converted models' `training_path` (default: %(default)s: the structured multiply on "
+                             "CPU)")
     parser.add_argument("--batch", type=positive_int, default=32, help="inference batch (default: %(default)s)")
     parser.add_argument("--train-batch", type=positive_int, default=8, help="training batch (default: %(default)s)")
     parser.add_argument("--length", type=positive_int, default=128, help="tokens per sequence (default: %(default)s)")
@@ -252,12 +264,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         "rounds": args.rounds,
         "nblocks": args.nblocks,
         "inference_path": args.inference_path,
+        "training_path": args.training_path,
         "load_average_start": load_average(),
     }
     rows = [row for shape in args.shapes for mode in args.modes for row in measure(shape, mode, args)]
     meta["load_average_end"] = load_average()
     if args.inference_path == "measured":  # what the warm-up calls measured faster, per layer shape and call size
         meta["measured_inference_paths"] = measured_path_choices()
+    if args.training_path == "measured":
+        meta["measured_training_paths"] = measured_path_choices("training")
     verdicts = evaluate_targets(rows)
     print_report(meta, rows, verdicts)
     write_json(args.json, meta, rows, verdicts)

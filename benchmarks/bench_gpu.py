@@ -3,7 +3,8 @@ BERT-base (SDPA) at long sequence lengths, all measured in one run on one CUDA d
 
     python benchmarks/bench_gpu.py                       # full run (a few minutes on an H200)
     python benchmarks/bench_gpu.py --quick --device cpu  # a smoke test of the script itself, tiny sizes
-    python benchmarks/bench_gpu.py --sections layer      # only the layer timings (also: converted, long_context)
+    python benchmarks/bench_gpu.py --sections layer      # only the layer timings (also: converted, long_context,
+                                                         # profile)
 
 Correctness is checked before anything is timed: the Triton kernel against the PyTorch path (values and gradients),
 both against a float64 dense reference, and M2-BERT on the device against M2-BERT on the CPU. Timings are medians of
@@ -30,14 +31,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_converted's model builders
 
 from m2_hf import M2BertConfig, M2BertModel, MonarchLinear  # noqa: E402
-from m2_hf.monarch import _INFERENCE_PATHS, AUTO_BACKENDS  # noqa: E402
+from m2_hf.monarch import _INFERENCE_PATHS, _TRAINING_PATHS, AUTO_BACKENDS, _synchronize  # noqa: E402
 from m2_hf.monarch_triton import TRITON_AVAILABLE  # noqa: E402
 
 LAYER_SHAPES = [(1024, 4096), (4096, 16384), (4096, 4096)]
 LAYER_NBLOCKS = [4, 16]
 LENGTHS = [512, 1024, 2048, 4096, 8192, 16384, 32768]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-SECTIONS = ("layer", "converted", "long_context")
+SECTIONS = ("layer", "converted", "long_context", "profile")
+# The converted section's passes: (mode, dtype name). Training keeps float32 weights, under bfloat16 autocast as
+# `Trainer(bf16=True)` runs it, or in float32.
+CONVERTED_MODES = {
+    "inference-bf16": ("inference", "bf16"),
+    "inference-fp32": ("inference", "fp32"),
+    "training-bf16-autocast": ("training", "fp32+bf16-autocast"),
+    "training-fp32": ("training", "fp32"),
+}
 
 
 def timer(device: torch.device, repeats: int) -> Callable[[Callable[[], object]], list[float]]:
@@ -158,14 +167,14 @@ def time_monarch_layer(device: torch.device, tokens: int, repeats: int, shapes, 
                     layers[f"monarch{nblocks}_{backend}"] = MonarchLinear(
                         n_in, n_out, nblocks=nblocks, backend=backend, inference_path="structured"
                     ).to(device=device, dtype=dtype)
+                # Inference through the cached dense weight, training through the weight densified in the graph.
                 layers[f"monarch{nblocks}_densified"] = MonarchLinear(
-                    n_in, n_out, nblocks=nblocks, inference_path="dense", dense_weight_max_bytes=None
+                    n_in, n_out, nblocks=nblocks, inference_path="dense", training_path="dense",
+                    dense_weight_max_bytes=None,
                 ).to(device=device, dtype=dtype)
             for mode in ("fwd", "fwdbwd"):
                 row = {"dtype": dtype_name, "shape": f"{n_in}->{n_out}", "mode": mode, "tokens": tokens}
                 for name, layer in layers.items():
-                    if mode == "fwdbwd" and name.endswith("_densified"):
-                        continue  # training always runs the structured multiply
                     if mode == "fwd":
                         with torch.no_grad():
                             samples = measure(lambda: layer(x))
@@ -314,33 +323,38 @@ def host_milliseconds(call: Callable[[], object]) -> float:
 
 def time_converted(device: torch.device, args: argparse.Namespace) -> list[dict]:
     """``bench_converted.py``'s models (random BERT of the MiniLM and BERT-base shapes, dense and converted at
-    ``mlp`` / ``all``, ``nblocks`` 4, ``--converted-inference-path``) on the device: inference in bfloat16 and
-    float32, and a training step (forward, backward, AdamW) in float32 under bfloat16 autocast, as
-    `Trainer(bf16=True)` runs it. Each inference row records the paths that ``inference_path="auto"`` measured for its layers (on CUDA)."""
+    ``mlp`` / ``all``, ``nblocks`` 4, ``--converted-inference-path`` and ``--converted-training-path``) on the device:
+    inference in bfloat16 and float32, and a training step (forward, backward, AdamW) of float32 weights under
+    bfloat16 autocast, as `Trainer(bf16=True)` runs it, and in float32 (``--converted-modes``). Each row records the
+    paths that ``"auto"`` / ``"measured"`` timed for its layers (on CUDA)."""
     from transformers import BertForSequenceClassification, BertModel
 
     from bench_converted import VARIANTS, batch_of, build, inference_call, measured_path_choices, training_call
 
-    from m2_hf import clear_measured_inference_paths
+    from m2_hf import clear_measured_inference_paths, clear_measured_training_paths
 
     measure = timer(device, args.repeats)
     rows = []
     for shape in args.converted_shapes:
-        for mode, dtype_name in (("inference", "bf16"), ("inference", "fp32"), ("training", "fp32+bf16-autocast")):
+        for mode, dtype_name in (CONVERTED_MODES[name] for name in args.converted_modes):
             cls = BertModel if mode == "inference" else BertForSequenceClassification
             batch_size = args.converted_batch if mode == "inference" else args.converted_train_batch
             row = {"shape": shape, "mode": mode, "dtype": dtype_name, "batch": batch_size,
-                   "length": args.converted_length, "nblocks": 4}
+                   "length": args.converted_length, "nblocks": 4, "inference_path": args.converted_inference_path,
+                   "training_path": args.converted_training_path}
             clear_measured_inference_paths()
+            clear_measured_training_paths()
             for variant in VARIANTS:
                 torch.manual_seed(0)
-                model = build(shape, variant, cls, 4, args.converted_inference_path).to(device)
+                model = build(shape, variant, cls, 4, args.converted_inference_path,
+                              args.converted_training_path).to(device)
                 batch = {k: v.to(device) for k, v in batch_of(
                     model.config, batch_size, args.converted_length, labels=mode == "training").items()}
                 if mode == "inference":
                     call = inference_call(model.to(DTYPES[dtype_name]), batch)
                 else:
-                    call = training_call(model, batch, autocast_dtype=torch.bfloat16)
+                    autocast = torch.bfloat16 if "autocast" in dtype_name else None
+                    call = training_call(model, batch, autocast_dtype=autocast)
                 samples = measure(call)
                 row[f"{variant}_ms"], row[f"{variant}_samples_ms"] = statistics.median(samples), samples
                 if device.type == "cuda":  # time to issue one call on an idle device: near `_ms`, the host bounds it
@@ -348,7 +362,7 @@ def time_converted(device: torch.device, args: argparse.Namespace) -> list[dict]
                 model = call = None
             for variant in VARIANTS[1:]:
                 row[f"{variant}_speedup"] = row["dense_ms"] / row[f"{variant}_ms"]
-            row["measured_inference_paths"] = measured_path_choices()
+            row["measured_paths"] = measured_path_choices(mode)
             rows.append(row)
             print(f"{shape:9} {mode:9} {dtype_name:18} batch {batch_size:4} x {args.converted_length}: dense "
                   f"{row['dense_ms']:8.3f} ms  " + "  ".join(
@@ -357,11 +371,68 @@ def time_converted(device: torch.device, args: argparse.Namespace) -> list[dict]
             if "dense_host_ms" in row:
                 print("    host time to issue one call: " + "  ".join(
                     f"{v} {row[f'{v}_host_ms']:.3f} ms" for v in VARIANTS), flush=True)
-            for choice in row["measured_inference_paths"]:
+            for choice in row["measured_paths"]:
                 print(f"    auto measured {choice['in_features']}->{choice['out_features']} nblocks "
                       f"{choice['nblocks']} {choice['dtype']} autocast {choice['autocast_dtype']} rows<="
                       f"{choice['rows_up_to']}: {choice['path']}", flush=True)
     return rows
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Where M2-BERT's time goes
+# --------------------------------------------------------------------------------------------------------------------
+
+PROFILE_ROWS = 25
+
+
+def profile_m2_bert(device: torch.device, args: argparse.Namespace) -> list[dict]:
+    """`torch.profiler` of one M2-BERT forward (the long-context section's model, ``--tokens`` per call) at each of
+    ``--profile-lengths``, in each of ``--model-dtypes``: the ops that take the most device time (CPU time on a CPU),
+    with their call counts, and the forward's wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    rows = []
+    for length in args.profile_lengths:
+        batch = max(1, args.tokens // length)
+        ids = torch.randint(1, 30522, (batch, length), device=device)
+        for dtype_name in args.model_dtypes:
+            torch.manual_seed(0)
+            with torch.device(device):
+                model = m2_bert(length, args.hidden, args.layers, args.intermediate).to(DTYPES[dtype_name])
+            with torch.inference_mode():
+                for _ in range(3):  # filter spectra cached, kernels chosen
+                    model(input_ids=ids)
+                _synchronize(device)
+                with profile(activities=activities) as profiler:
+                    begin = time.perf_counter()
+                    model(input_ids=ids)
+                    _synchronize(device)
+                    wall_ms = (time.perf_counter() - begin) * 1e3
+            ops = [op_times(event, device) for event in profiler.key_averages()]
+            ops.sort(key=lambda op: op["self_us"], reverse=True)
+            row = {"length": length, "batch": batch, "dtype": dtype_name, "wall_ms": wall_ms,
+                   "self_us_total": sum(op["self_us"] for op in ops), "ops": ops[:PROFILE_ROWS]}
+            rows.append(row)
+            print(f"L={length:6} B={batch:3} {dtype_name:5} wall {wall_ms:8.2f} ms, "
+                  f"{'device' if device.type == 'cuda' else 'CPU'} self time {row['self_us_total'] / 1e3:8.2f} ms; "
+                  "top ops:", flush=True)
+            for op in row["ops"][:12]:
+                print(f"    {op['self_us'] / 1e3:8.3f} ms {op['count']:6} calls  {op['name'][:90]}", flush=True)
+            model = None
+    return rows
+
+
+def op_times(event, device: torch.device) -> dict:
+    """One row of ``key_averages()``: self time on the device (on the CPU for a CPU run), in microseconds."""
+    if device.type == "cuda":
+        self_us = getattr(event, "self_device_time_total", None)
+        if self_us is None:  # before torch 2.4
+            self_us = event.self_cuda_time_total
+    else:
+        self_us = event.self_cpu_time_total
+    return {"name": event.key, "count": event.count, "self_us": float(self_us),
+            "cpu_self_us": float(event.self_cpu_time_total)}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -408,6 +479,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="model shapes of the converted section (default: both)")
     parser.add_argument("--converted-inference-path", choices=_INFERENCE_PATHS, default="auto",
                         help="inference_path of the converted models' layers (default: %(default)s)")
+    parser.add_argument("--converted-training-path", choices=_TRAINING_PATHS, default="auto",
+                        help="training_path of the converted models' layers (default: %(default)s)")
+    parser.add_argument("--converted-modes", nargs="+", choices=list(CONVERTED_MODES), default=list(CONVERTED_MODES),
+                        help="passes of the converted section (default: all)")
+    parser.add_argument("--layer-backends", nargs="+", choices=("torch", "triton"), default=["torch", "triton"],
+                        help="Monarch multiplies of the layer section where triton is available (default: both)")
+    parser.add_argument("--profile-lengths", type=int, nargs="+", default=[512, 8192],
+                        help="sequence lengths of the M2-BERT profile (default: %(default)s)")
     parser.add_argument("--json", type=Path, default=Path(os.environ.get("OUT", "benchmarks/out")) / "bench_gpu.json")
     args = parser.parse_args(argv)
     args.hidden, args.layers, args.intermediate, args.heads = 768, 12, 3072, 12
@@ -415,6 +494,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if args.quick:
         args.hidden, args.layers, args.intermediate, args.heads = 64, 2, 128, 2
         args.lengths, args.tokens, args.layer_tokens, args.repeats = [128, 256], 512, 256, 3
+        args.profile_lengths = [128]
         args.shapes, args.nblocks = [(64, 256)], [4]
         args.converted_batch, args.converted_train_batch, args.converted_length = 2, 2, 16
     if args.converted_shapes is None:
@@ -426,6 +506,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
     backends = ["torch", "triton"] if device.type == "cuda" and TRITON_AVAILABLE else ["torch"]
+    backends = [backend for backend in backends if backend in args.layer_backends] or ["torch"]
     report = {"environment": environment(device), "command": " ".join(sys.argv)}
     print(json.dumps(report["environment"]), flush=True)
 
@@ -462,6 +543,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"\n== M2-BERT vs BERT (SDPA), {args.layers} layers, hidden {args.hidden}, {args.tokens} tokens per "
               "call ==")
         report["long_context"] = time_long_context(device, args)
+        write_report(args.json, report)
+
+    if "profile" in args.sections:
+        print(f"\n== where M2-BERT's forward spends its time (torch.profiler; {args.tokens} tokens per call) ==")
+        report["profile"] = profile_m2_bert(device, args)
         write_report(args.json, report)
     print(f"\nwrote {args.json}")
 

@@ -26,15 +26,22 @@ def test_quick_run_writes_every_section_with_its_samples(tmp_path, capsys):
     assert set(layer_rows) == {(d, m) for d in ("bf16", "fp32") for m in ("fwd", "fwdbwd")}
     for (_, mode), row in layer_rows.items():
         assert len(row["linear_samples_ms"]) >= 2 and row["monarch4_torch"] > 0
-        assert ("monarch4_densified" in row) == (mode == "fwd")  # training never runs the densified weight
+        assert "monarch4_densified" in row  # inference through the cached weight, training through the densified one
     converted = report["converted"]
-    assert [row["mode"] for row in converted] == ["inference", "inference", "training"]
+    assert [(row["mode"], row["dtype"]) for row in converted] == [
+        ("inference", "bf16"), ("inference", "fp32"), ("training", "fp32+bf16-autocast"), ("training", "fp32")]
     for row in converted:
         for variant in ("dense", "mlp", "all"):
             samples = row[f"{variant}_samples_ms"]
             assert min(samples) <= row[f"{variant}_ms"] <= max(samples)
         assert row["mlp_speedup"] == pytest.approx(row["dense_ms"] / row["mlp_ms"])
     assert {row["length"] for row in report["long_context"]} == {128, 256}
+    profiles = report["profile"]
+    assert [(row["length"], row["dtype"]) for row in profiles] == [(128, "bf16"), (128, "fp32")]
+    for row in profiles:
+        self_times = [op["self_us"] for op in row["ops"]]
+        assert self_times == sorted(self_times, reverse=True) and 0 < sum(self_times) <= row["self_us_total"]
+        assert any("fft" in op["name"] for op in row["ops"])  # the long convolutions are there
     assert "converted BERT shapes vs dense" in capsys.readouterr().out
 
 
