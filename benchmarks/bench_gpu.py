@@ -340,6 +340,7 @@ def time_converted(device: torch.device, args: argparse.Namespace) -> list[dict]
             cls = BertModel if mode == "inference" else BertForSequenceClassification
             batch_size = args.converted_batch if mode == "inference" else args.converted_train_batch
             row = {"shape": shape, "mode": mode, "dtype": dtype_name, "batch": batch_size,
+                   "compile": args.converted_compile if mode == "training" else None,
                    "length": args.converted_length, "nblocks": 4, "inference_path": args.converted_inference_path,
                    "training_path": args.converted_training_path}
             clear_measured_inference_paths()
@@ -354,23 +355,32 @@ def time_converted(device: torch.device, args: argparse.Namespace) -> list[dict]
                     call = inference_call(model.to(DTYPES[dtype_name]), batch)
                 else:
                     autocast = torch.bfloat16 if "autocast" in dtype_name else None
+                    if args.converted_compile:  # as `Trainer(torch_compile=True)`: the model, not the step
+                        model.forward = torch.compile(model.forward, backend=args.converted_compile)
                     call = training_call(model, batch, autocast_dtype=autocast)
-                samples = measure(call)
+                try:
+                    samples = measure(call)
+                except Exception as error:  # a compiler failure is a result too; the other models still run
+                    if not args.converted_compile:
+                        raise
+                    row[f"{variant}_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+                    model = call = None
+                    continue
                 row[f"{variant}_ms"], row[f"{variant}_samples_ms"] = statistics.median(samples), samples
                 if device.type == "cuda":  # time to issue one call on an idle device: near `_ms`, the host bounds it
                     row[f"{variant}_host_ms"] = statistics.median(host_milliseconds(call) for _ in range(10))
                 model = call = None
             for variant in VARIANTS[1:]:
-                row[f"{variant}_speedup"] = row["dense_ms"] / row[f"{variant}_ms"]
+                if f"{variant}_ms" in row and "dense_ms" in row:
+                    row[f"{variant}_speedup"] = row["dense_ms"] / row[f"{variant}_ms"]
             row["measured_paths"] = measured_path_choices(mode)
             rows.append(row)
-            print(f"{shape:9} {mode:9} {dtype_name:18} batch {batch_size:4} x {args.converted_length}: dense "
-                  f"{row['dense_ms']:8.3f} ms  " + "  ".join(
-                      f"{v} {row[f'{v}_ms']:8.3f} ms ({row[f'{v}_speedup']:.2f}x)" for v in VARIANTS[1:]),
-                  flush=True)
+            print(f"{shape:9} {mode:9} {dtype_name:18} batch {batch_size:4} x {args.converted_length}: " + "  ".join(
+                f"{v} {row[f'{v}_ms']:8.3f} ms" + (f" ({row[f'{v}_speedup']:.2f}x)" if v != "dense" else "")
+                if f"{v}_ms" in row else f"{v} {row[f'{v}_error']}" for v in VARIANTS), flush=True)
             if "dense_host_ms" in row:
                 print("    host time to issue one call: " + "  ".join(
-                    f"{v} {row[f'{v}_host_ms']:.3f} ms" for v in VARIANTS), flush=True)
+                    f"{v} {row[f'{v}_host_ms']:.3f} ms" for v in VARIANTS if f"{v}_host_ms" in row), flush=True)
             for choice in row["measured_paths"]:
                 print(f"    auto measured {choice['in_features']}->{choice['out_features']} nblocks "
                       f"{choice['nblocks']} {choice['dtype']} autocast {choice['autocast_dtype']} rows<="
@@ -481,6 +491,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="inference_path of the converted models' layers (default: %(default)s)")
     parser.add_argument("--converted-training-path", choices=_TRAINING_PATHS, default="auto",
                         help="training_path of the converted models' layers (default: %(default)s)")
+    parser.add_argument("--converted-compile", metavar="BACKEND",
+                        help="torch.compile the models of the training passes with this backend (e.g. inductor)")
     parser.add_argument("--converted-modes", nargs="+", choices=list(CONVERTED_MODES), default=list(CONVERTED_MODES),
                         help="passes of the converted section (default: all)")
     parser.add_argument("--layer-backends", nargs="+", choices=("torch", "triton"), default=["torch", "triton"],

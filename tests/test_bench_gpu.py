@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+import m2_hf
 import m2_hf.monarch
 from benchmark_scripts import load_benchmark_script
 
@@ -68,3 +69,25 @@ def test_a_correct_kernel_agrees(monkeypatch):
     monkeypatch.setattr(m2_hf.monarch, "monarch_multiply_triton", m2_hf.monarch.monarch_multiply)
     rows = bench.check_monarch_layer(CPU, 8, ["torch", "triton"])
     assert bench.triton_agrees_everywhere(rows)
+
+
+def test_compiled_training_pass_records_a_compiler_failure_and_goes_on(tmp_path, monkeypatch):
+    compile = torch.compile
+
+    def failing_for_converted_models(function, backend):
+        if not any(isinstance(m, m2_hf.MonarchLinear) for m in function.__self__.modules()):
+            return compile(function, backend=backend)
+
+        def fails_when_called(*args, **kwargs):  # as a compiler does: on the first call
+            raise RuntimeError("InductorError: no kernel for this op\nmore detail")
+
+        return fails_when_called
+
+    monkeypatch.setattr(torch, "compile", failing_for_converted_models)
+    path = tmp_path / "bench_gpu.json"
+    bench.main(["--quick", "--device", "cpu", "--repeats", "2", "--sections", "converted", "--converted-modes",
+                "training-fp32", "--converted-compile", "eager", "--json", str(path)])
+    (row,) = json.loads(path.read_text())["converted"]
+    assert row["compile"] == "eager" and row["mode"] == "training" and row["dense_ms"] > 0
+    assert row["mlp_error"] == row["all_error"] == "RuntimeError: InductorError: no kernel for this op"
+    assert "mlp_speedup" not in row
