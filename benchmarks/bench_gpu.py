@@ -356,6 +356,9 @@ def time_converted(device: torch.device, args: argparse.Namespace) -> list[dict]
                 else:
                     autocast = torch.bfloat16 if "autocast" in dtype_name else None
                     if args.converted_compile:  # as `Trainer(torch_compile=True)`: the model, not the step
+                        # Every model shares `forward`'s code: without a reset, the sixth model exceeds dynamo's
+                        # recompile limit and silently runs eager.
+                        torch._dynamo.reset()
                         model.forward = torch.compile(model.forward, backend=args.converted_compile)
                     call = training_call(model, batch, autocast_dtype=autocast)
                 try:
