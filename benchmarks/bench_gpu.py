@@ -260,7 +260,7 @@ def time_long_context(device: torch.device, args: argparse.Namespace) -> list[di
         ids = torch.randint(1, 30522, (batch, length), device=device)
         for dtype_name in args.model_dtypes:
             dtype = DTYPES[dtype_name]
-            row = {"length": length, "batch": batch, "dtype": dtype_name}
+            row = {"length": length, "batch": batch, "dtype": dtype_name, "compile": args.long_context_compile}
             for name in ("m2", "bert"):
                 torch.manual_seed(0)
                 with torch.device(device):  # initialised on the device: much faster than on the host
@@ -269,6 +269,9 @@ def time_long_context(device: torch.device, args: argparse.Namespace) -> list[di
                     else:
                         model = bert(length, args.hidden, args.layers, args.intermediate, args.heads)
                 model = model.to(dtype=dtype)
+                if args.long_context_compile:
+                    torch._dynamo.reset()  # each model compiled on its own, never up against the recompile limit
+                    model = torch.compile(model, backend=args.long_context_compile)
                 try:
                     with torch.inference_mode():
                         model(input_ids=ids)  # the M2 filters' spectra are cached from here on
@@ -494,6 +497,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="inference_path of the converted models' layers (default: %(default)s)")
     parser.add_argument("--converted-training-path", choices=_TRAINING_PATHS, default="auto",
                         help="training_path of the converted models' layers (default: %(default)s)")
+    parser.add_argument("--long-context-compile", metavar="BACKEND",
+                        help="torch.compile M2-BERT and BERT of the long-context section with this backend")
     parser.add_argument("--converted-compile", metavar="BACKEND",
                         help="torch.compile the models of the training passes with this backend (e.g. inductor)")
     parser.add_argument("--converted-modes", nargs="+", choices=list(CONVERTED_MODES), default=list(CONVERTED_MODES),

@@ -91,3 +91,12 @@ def test_compiled_training_pass_records_a_compiler_failure_and_goes_on(tmp_path,
     assert row["compile"] == "eager" and row["mode"] == "training" and row["dense_ms"] > 0
     assert row["mlp_error"] == row["all_error"] == "RuntimeError: InductorError: no kernel for this op"
     assert "mlp_speedup" not in row
+
+
+def test_compiled_long_context_pass(tmp_path):
+    path = tmp_path / "bench_gpu.json"
+    bench.main(["--quick", "--device", "cpu", "--repeats", "2", "--sections", "long_context", "--model-dtypes", "fp32",
+                "--long-context-compile", "eager", "--json", str(path)])
+    rows = json.loads(path.read_text())["long_context"]
+    assert [row["length"] for row in rows] == [128, 256]
+    assert all(row["compile"] == "eager" and row["m2_ms"] > 0 and row["bert_ms"] > 0 for row in rows)
