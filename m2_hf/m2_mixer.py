@@ -33,7 +33,9 @@ from .monarch import (
     MonarchLinear,
     _autocast_dtype,
     _tensor_state,
+    autocast_input,
     blockdiag_multiply,
+    eager_autograd,
     hand_written_backward_applies,
     is_traced,
     records_autograd,
@@ -329,18 +331,19 @@ def _channel_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def causal_short_conv(conv: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """The mixer's causal short filter ``conv`` on batch-major ``z`` ``[B, C, L]`` (the first ``L`` outputs):
-    `_CausalDepthwiseConvolution` where autograd records a plain, hook-free ``nn.Conv1d`` under plain eager autograd
-    (training), else the module."""
+    """The mixer's causal short filter ``conv`` on batch-major ``z`` ``[B, C, L]`` (the first ``L`` outputs).
+
+    A plain, hook-free ``nn.Conv1d`` outside graph capture runs as K shifted multiply-adds (`causal_depthwise_conv`;
+    in training `_CausalDepthwiseConvolution`, under plain eager autograd), on inputs cast as autocast casts a
+    convolution's: PyTorch's depthwise kernel took 17% of M2-BERT's bfloat16 forward on an H200 (benchmarks/RESULTS.md,
+    2026-12-04), as slow in bfloat16 as in float32, and is about 4x slower on CPU. Else, and in a captured graph, the
+    module."""
     tensors = (z, conv.weight) + (() if conv.bias is None else (conv.bias,))
-    if (
-        type(conv) is nn.Conv1d
-        and not has_forward_hooks(conv)
-        and torch.is_grad_enabled()
-        and any(t.requires_grad for t in tensors)
-        and hand_written_backward_applies(tensors)
-    ):
-        return _CausalDepthwiseConvolution.apply(z, conv.weight, conv.bias)
+    if type(conv) is nn.Conv1d and not has_forward_hooks(conv) and not is_traced():
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+            return causal_depthwise_conv(autocast_input(z), conv.weight, conv.bias, channel_dim=z.dim() - 2)
+        if eager_autograd(tensors):
+            return _CausalDepthwiseConvolution.apply(autocast_input(z), conv.weight, conv.bias)
     return conv(z)[..., : z.shape[-1]]
 
 

@@ -351,12 +351,28 @@ def _training_product_applies(tensors: tuple[torch.Tensor, ...], runs_divide: bo
 
 def hand_written_backward_applies(tensors: tuple[torch.Tensor, ...]) -> bool:
     """Whether an ``autograd.Function`` with a hand-written backward may replace composed ops on ``tensors``: plain
-    eager autograd in the tensors' own dtype. torch.compile, functorch transforms and forward-mode AD, which trace or
-    transform the ops, and autocast, which would change their dtypes, get the composed ops."""
-    if is_traced() or _autocast_dtype(tensors[0].device.type) is not None:
+    eager autograd (:func:`eager_autograd`) in the tensors' own dtype; autocast, which would change the composed ops'
+    dtypes, gets the composed ops."""
+    return _autocast_dtype(tensors[0].device.type) is None and eager_autograd(tensors)
+
+
+def eager_autograd(tensors: tuple[torch.Tensor, ...]) -> bool:
+    """Whether ``tensors`` go through plain eager autograd: torch.compile, functorch transforms and forward-mode AD,
+    which trace or transform the ops, need composed ops rather than an ``autograd.Function`` with a hand-written
+    backward."""
+    if is_traced():
         return False
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     return not any(wrapped(t) or forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def autocast_input(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as autocast would cast an input of a lower-precision op (a convolution, a matrix product) on its device:
+    floating point other than float64 to the autocast dtype; unchanged outside autocast."""
+    cast = _autocast_dtype(t.device.type)
+    if cast is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(cast)
 
 
 class _MonarchTrainingProduct(torch.autograd.Function):

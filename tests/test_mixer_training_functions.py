@@ -49,6 +49,7 @@ def test_mixer_training_functions_equal_the_composed_ops(monkeypatch, causal, re
     fused = outputs_and_gradients(mixer, u, mask, upstream)
     assert (len(long_calls), len(short_calls)) == (2 if residual else 1, 1)
     monkeypatch.setattr(mixer_module, "hand_written_backward_applies", lambda tensors: False)
+    monkeypatch.setattr(mixer_module, "eager_autograd", lambda tensors: False)
     composed = outputs_and_gradients(mixer, u, mask, upstream)
     assert (len(long_calls), len(short_calls)) == (2 if residual else 1, 1)
     for got, want in zip(fused, composed):
@@ -131,10 +132,39 @@ def test_mixer_training_functions_stay_out_of_hooks_autocast_no_grad_and_forward
     handle.remove()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixer(u).sum().backward()
+    assert (len(long_calls), len(short_calls)) == (1, 1)  # the short filter takes autocast's casts; the FFTs do not
     with torch.no_grad():
         mixer(u)
     tangent = torch.func.jvp(lambda v: mixer(v), (u.detach(),), (torch.ones_like(u),))[1]  # forward-mode AD
     assert torch.isfinite(tangent).all()
-    assert (len(long_calls), len(short_calls)) == (1, 0)
+    assert (len(long_calls), len(short_calls)) == (1, 1)
     mixer(u).sum().backward()
-    assert (len(long_calls), len(short_calls)) == (2, 1)
+    assert (len(long_calls), len(short_calls)) == (2, 2)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_short_filter_skips_the_depthwise_kernel_and_keeps_autocasts_dtypes(monkeypatch, grad, autocast):
+    """Outside graph capture the short filter never runs PyTorch's depthwise kernel (17% of M2-BERT's bfloat16
+    forward on an H200), in inference or training, and gives what the module gives under autocast: its dtype and,
+    within bfloat16 rounding, its values and gradients."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(6, 6, 3, groups=6, padding=2)
+    z = torch.randn(2, 6, 9, requires_grad=grad)
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        want = conv(z)[..., :9]
+        kernel = conv._conv_forward
+        monkeypatch.setattr(conv, "_conv_forward", lambda *args: pytest.fail("the depthwise kernel ran"))
+        with torch.set_grad_enabled(grad):
+            got = mixer_module.causal_short_conv(conv, z)
+    assert got.dtype == want.dtype == (autocast or torch.float32)
+    tolerance = 2e-2 if autocast else 1e-6
+    torch.testing.assert_close(got.float(), want.float(), rtol=tolerance, atol=tolerance)
+    if grad:
+        upstream = torch.randn(2, 6, 9)
+        got_grads = torch.autograd.grad(got, (z, conv.weight, conv.bias), upstream.to(got.dtype))
+        monkeypatch.setattr(conv, "_conv_forward", kernel)
+        want_grads = torch.autograd.grad(want, (z, conv.weight, conv.bias), upstream.to(want.dtype))
+        for g, w in zip(got_grads, want_grads):
+            assert g.dtype == w.dtype
+            torch.testing.assert_close(g, w, rtol=tolerance * 2, atol=tolerance * 2)
