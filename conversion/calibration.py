@@ -28,6 +28,8 @@ from torch import nn
 
 from m2_hf import BlockdiagLinear
 
+from .monarch import layer_root
+
 DAMPING = 1e-3
 ALTERNATIONS = 10
 FIRST_FACTOR_STEPS = 10
@@ -38,16 +40,18 @@ class _StopForward(Exception):
 
 
 def _layer_inputs(model: nn.Module, layer_name: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The inputs of ``model.base_model``'s layer ``layer_name`` at the real tokens of ``batch``, in float32."""
+    """The inputs of ``model``'s layer ``layer_name`` (named relative to its base model, or to the head model for a
+    head's layer) at the real tokens of ``batch``, in float32."""
     captured = []
 
     def record(_module, inputs):
         captured.append(inputs[0])
         raise _StopForward
 
-    handle = model.base_model.get_submodule(layer_name).register_forward_pre_hook(record)
+    root = layer_root(model, layer_name)
+    handle = root.get_submodule(layer_name).register_forward_pre_hook(record)
     try:
-        model.base_model(**batch)
+        root(**batch)
     except _StopForward:
         pass
     finally:

@@ -103,9 +103,59 @@ def preset_layers(base_model: nn.Module) -> dict[str, list[str]]:
     return selected
 
 
+def head_linear_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The dense linear layers of a head model outside its base model (``lm_head``, ``classifier.dense``, ...), by
+    module name relative to the head model; none for a base model."""
+    base = getattr(model, "base_model", model)
+    if base is model:
+        return {}
+    inside = {id(module) for module in base.modules()}
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, (nn.Linear, Conv1D)) and id(module) not in inside}
+
+
+def layer_root(model: nn.Module, name: str) -> nn.Module:
+    """The module that a target layer's name is relative to: the base model, or for a head's layer the head model."""
+    base = getattr(model, "base_model", model)
+    try:
+        base.get_submodule(name)
+        return base
+    except AttributeError:
+        return model
+
+
 def resolve_targets(base_model: nn.Module, targets: list[str], nblocks: dict[str, int]) -> dict[str, int]:
     """``{layer name: nblocks}`` for the target presets or regular expressions in ``targets``; ``nblocks`` maps a
     target (as written) or ``"*"`` (every target) to its number of blocks."""
+    return _resolve(base_model, {}, targets, nblocks)
+
+
+def resolve_model_targets(model: nn.Module, targets: list[str], nblocks: dict[str, int]) -> dict[str, int]:
+    """As :func:`resolve_targets` on ``model``'s base model, plus the layers of its head (outside the base model) that
+    a regular expression names in full (``lm_head``): presets never select a head. A head layer whose weight is tied
+    to another parameter (an LM head tied to the input embeddings) is refused: a structured copy would untie it."""
+    heads = head_linear_layers(model)
+    resolved = _resolve(model.base_model, heads, targets, nblocks)
+    for name in resolved:
+        if name not in heads:
+            continue
+        weight = dense_weight_and_bias(heads[name])[0]
+        ties = [other for other, p in model.named_parameters(remove_duplicate=False)
+                if p is weight and not other.startswith(f"{name}.")]
+        if ties:
+            raise ConversionError(
+                f"{name} shares its weight with {ties[0]} (tie_word_embeddings="
+                f"{getattr(model.config, 'tie_word_embeddings', None)}): a structured {name} would untie them and "
+                f"change the model. Leave {name} out of the targets, or convert a checkpoint saved with "
+                "tie_word_embeddings=False."
+            )
+    return resolved
+
+
+def _resolve(base_model: nn.Module, heads: dict[str, nn.Module], targets: list[str],
+             nblocks: dict[str, int]) -> dict[str, int]:
+    """Targets among the base model's linear layers (presets or regular expressions) and the head's (regular
+    expressions only)."""
     layers = linear_layers(base_model)
     if not layers:
         raise ConversionError(f"{type(base_model).__name__} has no linear layers (nn.Linear or Conv1D) to convert.")
@@ -123,23 +173,25 @@ def resolve_targets(base_model: nn.Module, targets: list[str], nblocks: dict[str
             except re.error as error:
                 raise ConversionError(f"Target {target!r} is neither a preset ({', '.join(presets)}) nor a valid "
                                       f"regular expression: {error}.") from error
-            matched = [name for name in layers if compiled.fullmatch(name)]
+            matched = [name for name in [*layers, *heads] if compiled.fullmatch(name)]
         if not matched:
+            head_names = f"; outside the base model: {', '.join(heads)}" if heads else ""
             raise ConversionError(
                 f"Target {target!r} matches no linear layer. Presets: {', '.join(presets)}; a regular expression must "
-                f"match whole layer names, which are: {', '.join(layers)}."
+                f"match whole layer names, which are: {', '.join(layers)}{head_names}."
             )
         blocks = nblocks.get(target, nblocks.get("*", 4))
         for name in matched:
             resolved.setdefault(name, blocks)
+    every = {**layers, **heads}
     for name, blocks in resolved.items():
-        out_features, in_features = _shape(layers[name])
+        out_features, in_features = _shape(every[name])
         if not 1 <= blocks <= min(in_features, out_features):
             raise ConversionError(
                 f"nblocks={blocks} does not fit {name} ({in_features} -> {out_features}): it must be between 1 and "
                 f"{min(in_features, out_features)}."
             )
-    order = list(layers)
+    order = list(every)
     return dict(sorted(resolved.items(), key=lambda item: order.index(item[0])))
 
 
@@ -330,13 +382,14 @@ def _map_on_all_cores(function: Callable, items: list) -> Iterator:
 def project_layers(
     model: nn.Module, targets: dict[str, int], structure: str, method: str, progress: bool = True, **method_kwargs
 ) -> list[LayerReport]:
-    """Replace each target layer of ``model``'s base model by its structured projection, in place."""
+    """Replace each target layer of ``model`` (named relative to its base model, or to the head model for a head's
+    layer) by its structured projection, in place."""
     project = PROJECTION_METHODS[method]
-    base = model.base_model
 
     def structured_layer(item: tuple[str, int]) -> tuple[nn.Module, Optional[float]]:
         name, nblocks = item
-        return project(base.get_submodule(name), nblocks, structure, name=name, model=model, **method_kwargs)
+        dense = layer_root(model, name).get_submodule(name)
+        return project(dense, nblocks, structure, name=name, model=model, **method_kwargs)
 
     items = list(targets.items())
     # Lazily, so that a method that depends on earlier layers sees them replaced.
@@ -345,7 +398,8 @@ def project_layers(
     progress_bar = tqdm(zip(items, results), total=len(items), desc="projecting layers", unit="layer",
                         disable=not progress)
     for (name, nblocks), (structured, error) in progress_bar:
-        dense = base.get_submodule(name)
+        root = layer_root(model, name)
+        dense = root.get_submodule(name)
         out_features, in_features = _shape(dense)
         reports.append(
             LayerReport(
@@ -354,7 +408,7 @@ def project_layers(
                 sum(p.numel() for p in dense.parameters()), sum(p.numel() for p in structured.parameters()),
             )
         )
-        base.set_submodule(name, structured)
+        root.set_submodule(name, structured)
     return reports
 
 
@@ -590,10 +644,14 @@ class MonarchSettings:
 
 
 def converted_config(model: nn.Module, layers: dict[str, int], structure: str):
-    """The `monarch_<type>` config: the original config's fields plus the structured layers."""
+    """The `monarch_<type>` config: the original config's fields plus the structured layers (the base model's and
+    the head's, told apart in ``model``)."""
     values = {k: v for k, v in model.config.to_dict().items() if k not in _BOOKKEEPING_KEYS}
     config_class = converted_config_class(type(model.config))
-    return config_class(**values, monarch_layers=dict(layers), monarch_structure=structure)
+    base = getattr(model, "base_model", model)
+    in_base = {name: blocks for name, blocks in layers.items() if layer_root(model, name) is base}
+    in_head = {name: blocks for name, blocks in layers.items() if name not in in_base}
+    return config_class(**values, monarch_layers=in_base, monarch_head_layers=in_head, monarch_structure=structure)
 
 
 def _as_converted_model(model: nn.Module, layers: dict[str, int], structure: str) -> nn.Module:
@@ -693,7 +751,13 @@ def convert_to_monarch(
         calibration, evaluation = _text_batches(source.path, settings)
         model, model_type = load_source(source.path)
         base = model.base_model
-        targets = resolve_targets(base, settings.targets, settings.nblocks)
+        targets = resolve_model_targets(model, settings.targets, settings.nblocks)
+        heads = [name for name in targets if layer_root(model, name) is not base]
+        if heads and settings.budget is not None:
+            raise ConversionError(
+                f"--budget plans the base model's layers; the targets also name {', '.join(heads)} outside it. Leave "
+                "the heads out of the targets, or convert without --budget."
+            )
         plan = _budget_plan(model, targets, settings, calibration) if settings.budget is not None else None
         if plan is not None:
             targets = {name: nblocks for name, nblocks in plan["choices"].items() if nblocks is not None}
@@ -805,16 +869,19 @@ def convert_to_dense(source, destination: Path, overwrite: bool = False, dry_run
         model = _load_converted(source)
         converted_class = type(model)
         original_class = converted_class.original_class
-        layers = dict(model.config.monarch_layers)
+        layers = {**model.config.monarch_layers, **model.config.monarch_head_layers}
         values = {k: v for k, v in model.config.to_dict().items()
-                  if k not in _BOOKKEEPING_KEYS and k not in ("monarch_layers", "monarch_structure")}
+                  if k not in _BOOKKEEPING_KEYS and k not in ("monarch_layers", "monarch_head_layers", "monarch_structure")}
         original_config = original_class.config_class(**values)
         with torch.device("meta"):
-            skeleton = original_class(original_config).base_model
-        for layer_name in layers:
-            structured = model.base_model.get_submodule(layer_name)
-            dense = _dense_layer_like(skeleton.get_submodule(layer_name), structured)
-            model.base_model.set_submodule(layer_name, dense)
+            skeleton = original_class(original_config)
+        roots = [(model.base_model, skeleton.base_model, model.config.monarch_layers),
+                 (model, skeleton, model.config.monarch_head_layers)]
+        for root, skeleton_root, names in roots:
+            for layer_name in names:
+                structured = root.get_submodule(layer_name)
+                dense = _dense_layer_like(skeleton_root.get_submodule(layer_name), structured)
+                root.set_submodule(layer_name, dense)
         model.config = original_config
         model.__class__ = original_class
         report = {"command": "dense", "source": source.resolve().name, "architecture": original_class.__name__,

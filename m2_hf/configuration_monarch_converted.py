@@ -2,7 +2,7 @@
 `m2-convert monarch` writes).
 
 Every original config class `XConfig` (model type `x`) has a converted counterpart `MonarchXConfig` (model type
-`monarch_x`), made on first use: the original config's fields plus two that record exactly which layers are
+`monarch_x`), made on first use: the original config's fields plus three that record exactly which layers are
 structured. No architecture is listed here, so an architecture that Transformers adds tomorrow converts as well.
 """
 
@@ -20,6 +20,10 @@ _FIELDS_DOC = r"""
         monarch_layers (`dict[str, int]`, *optional*):
             The structured linear layers: module names relative to the base model (for example
             `"encoder.layer.0.intermediate.dense"`), each with its number of blocks. Unlisted layers stay dense.
+        monarch_head_layers (`dict[str, int]`, *optional*):
+            Structured linear layers outside the base model, in a head (for example `"lm_head"` or
+            `"classifier.dense"`): module names relative to the head model, each with its number of blocks. A head
+            class without such a layer (the base model loaded alone, another head) leaves the name aside.
         monarch_structure (`str`, *optional*, defaults to `"monarch"`):
             `"monarch"` for [`MonarchLinear`] (two block-diagonal factors) or `"blockdiag"` for [`BlockdiagLinear`].
         kwargs:
@@ -28,23 +32,27 @@ _FIELDS_DOC = r"""
 
 
 class MonarchFieldsMixin(PreTrainedConfig):
-    """The two fields that every converted config adds to its original config (listed first in the bases)."""
+    """The fields that every converted config adds to its original config (listed first in the bases)."""
 
     monarch_layers: dict | None = None
+    monarch_head_layers: dict | None = None
     monarch_structure: str = "monarch"
 
     def __post_init__(self, **kwargs):
-        layers = self.monarch_layers
-        if layers is None:
-            self.monarch_layers = {}
-        elif not isinstance(layers, dict) or not all(
-            isinstance(name, str) and isinstance(nblocks, int) and not isinstance(nblocks, bool) and nblocks >= 1
-            for name, nblocks in layers.items()
-        ):
-            raise ValueError(
-                "`monarch_layers` maps module names (relative to the base model) to a number of blocks >= 1, for "
-                f"example {{'encoder.layer.0.intermediate.dense': 4}}; got {layers!r}."
-            )
+        examples = {"monarch_layers": ("the base model", "encoder.layer.0.intermediate.dense"),
+                    "monarch_head_layers": ("the head model", "lm_head")}
+        for field, (root, example) in examples.items():
+            layers = getattr(self, field)
+            if layers is None:
+                setattr(self, field, {})
+            elif not isinstance(layers, dict) or not all(
+                isinstance(name, str) and isinstance(nblocks, int) and not isinstance(nblocks, bool) and nblocks >= 1
+                for name, nblocks in layers.items()
+            ):
+                raise ValueError(
+                    f"`{field}` maps module names (relative to {root}) to a number of blocks >= 1, for example "
+                    f"{{{example!r}: 4}}; got {layers!r}."
+                )
         if self.monarch_structure not in STRUCTURES:
             raise ValueError(f"`monarch_structure` must be one of {STRUCTURES}, got {self.monarch_structure!r}.")
         super().__post_init__(**kwargs)

@@ -51,13 +51,22 @@ def structure_linear_layers(root: nn.Module, layers: dict[str, int], structure: 
             weight, bias = dense_weight_and_bias(root.get_submodule(name))
         except (AttributeError, TypeError) as error:
             raise ValueError(
-                f"`monarch_layers` names {name!r}, which is not a linear layer of {type(root).__name__}: {error}"
+                f"The config's structured layers name {name!r}, which is not a linear layer of {type(root).__name__}: "
+                f"{error}"
             ) from error
         out_features, in_features = weight.shape
         structured = layer_class(
             in_features, out_features, nblocks=nblocks, bias=bias is not None, device=weight.device, dtype=weight.dtype
         )
         root.set_submodule(name, structured)
+
+
+def _has_submodule(root: nn.Module, name: str) -> bool:
+    try:
+        root.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def _register_output_recording(model: PreTrainedModel) -> None:
@@ -72,11 +81,16 @@ def _register_output_recording(model: PreTrainedModel) -> None:
 
 
 class MonarchConvertedMixin(ShipsAllHeadsMixin):
-    """Builds the original model, then structures the base model's layers named by ``config.monarch_layers``."""
+    """Builds the original model, then structures the base model's layers named by ``config.monarch_layers`` and the
+    head's named by ``config.monarch_head_layers`` (those this class has)."""
 
     def __init__(self, config, *args, **kwargs) -> None:
         super().__init__(config, *args, **kwargs)
         structure_linear_layers(self.base_model, config.monarch_layers, config.monarch_structure)
+        if self.base_model is not self:
+            head_layers = {name: nblocks for name, nblocks in config.monarch_head_layers.items()
+                           if _has_submodule(self, name)}
+            structure_linear_layers(self, head_layers, config.monarch_structure)
         if self.base_model is not self:
             # Transformers initialises the weights that a checkpoint lacks with each sub-model's own `_init_weights`:
             # as the original class, a head's base model would leave its structured layers as uninitialised memory.
