@@ -132,16 +132,15 @@ def resolve_targets(base_model: nn.Module, targets: list[str], nblocks: dict[str
 
 def resolve_model_targets(model: nn.Module, targets: list[str], nblocks: dict[str, int]) -> dict[str, int]:
     """As :func:`resolve_targets` on ``model``'s base model, plus the layers of its head (outside the base model) that
-    a regular expression names in full (``lm_head``): presets never select a head. A head layer whose weight is tied
-    to another parameter (an LM head tied to the input embeddings) is refused: a structured copy would untie it."""
+    a regular expression names in full (``lm_head``): presets never select a head. A layer whose weight is tied to
+    another parameter (an LM head tied to the input embeddings) is refused: a structured copy would untie it."""
     heads = head_linear_layers(model)
     resolved = _resolve(model.base_model, heads, targets, nblocks)
+    parameters = list(model.named_parameters(remove_duplicate=False))
     for name in resolved:
-        if name not in heads:
-            continue
-        weight = dense_weight_and_bias(heads[name])[0]
-        ties = [other for other, p in model.named_parameters(remove_duplicate=False)
-                if p is weight and not other.startswith(f"{name}.")]
+        weight = dense_weight_and_bias(layer_root(model, name).get_submodule(name))[0]
+        names = [other for other, p in parameters if p is weight or p is getattr(weight, "_base", None)]
+        ties = [other for other in names if not other.endswith(f"{name}.weight")] if len(names) > 1 else []
         if ties:
             raise ConversionError(
                 f"{name} shares its weight with {ties[0]} (tie_word_embeddings="
@@ -538,6 +537,24 @@ def calibration_data(tokenizer, texts: list[str]) -> CalibrationData:
     return CalibrationData(batches, tokenizer.mask_token_id)
 
 
+def _with_decoder_inputs(model: nn.Module, data: Optional[CalibrationData]) -> Optional[CalibrationData]:
+    """For an encoder-decoder, ``data`` with decoder inputs: the text shifted right behind the decoder's start token,
+    under the encoder's attention mask, so that every layer's inputs (encoder, decoder, cross-attention) have the
+    text's length and its real positions where the mask says (the last real token is not fed to the decoder)."""
+    if data is None or not getattr(model.config, "is_encoder_decoder", False):
+        return data
+    start = model.config.decoder_start_token_id
+    if start is None:
+        raise ConversionError(f"{type(model).__name__}'s config has no decoder_start_token_id, which the decoder's "
+                              "calibration inputs begin with; set it in config.json.")
+    batches = []
+    for batch in data.batches:
+        ids = batch["input_ids"]
+        decoder_ids = torch.cat([torch.full_like(ids[:, :1], start), ids[:, :-1]], dim=1)
+        batches.append({**batch, "decoder_input_ids": decoder_ids, "decoder_attention_mask": batch["attention_mask"]})
+    return CalibrationData(batches, data.mask_token_id)
+
+
 def _lm_kind(model: nn.Module) -> Optional[str]:
     name = type(model).__name__
     if name.endswith(("LMHeadModel", "ForCausalLM")):
@@ -582,11 +599,21 @@ def _lm_kind_for(model: nn.Module, data: CalibrationData) -> Optional[str]:
 @torch.no_grad()
 def reference_outputs(model: nn.Module, data: CalibrationData) -> dict:
     """What the comparison needs from the original model: final hidden states and, for LM heads, the perplexity."""
-    reference = {"states": [model.base_model(**batch).last_hidden_state.float() for batch in data.batches]}
+    reference = {"states": [_final_states(model, batch) for batch in data.batches]}
     kind = _lm_kind_for(model, data)
     if kind:
         reference["perplexity"] = _perplexity(model, data, kind)
     return reference
+
+
+def _final_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The base model's last hidden states (an encoder-decoder's decoder's), in float32. A model that is its own base
+    model (T5ForConditionalGeneration) returns them only among its hidden states."""
+    outputs = model.base_model(**batch, output_hidden_states=model.base_model is model)
+    state = getattr(outputs, "last_hidden_state", None)
+    if state is None:
+        state = (getattr(outputs, "decoder_hidden_states", None) or outputs.hidden_states)[-1]
+    return state.float()
 
 
 def _mean_pooled(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -600,7 +627,7 @@ def compare_to_reference(model: nn.Module, data: CalibrationData, reference: dic
     LM heads, the perplexity before and after."""
     token_cosines, sentence_cosines = [], []
     for batch, expected in zip(data.batches, reference["states"]):
-        states = model.base_model(**batch).last_hidden_state.float()
+        states = _final_states(model, batch)
         real = batch["attention_mask"].bool()
         token_cosines.append(nn.functional.cosine_similarity(states[real], expected[real], dim=-1))
         mask = batch["attention_mask"]
@@ -750,6 +777,7 @@ def convert_to_monarch(
         destination_problem = output.prepare()
         calibration, evaluation = _text_batches(source.path, settings)
         model, model_type = load_source(source.path)
+        calibration, evaluation = (_with_decoder_inputs(model, data) for data in (calibration, evaluation))
         base = model.base_model
         targets = resolve_model_targets(model, settings.targets, settings.nblocks)
         heads = [name for name in targets if layer_root(model, name) is not base]

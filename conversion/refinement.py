@@ -40,18 +40,24 @@ class TeacherStates:
 
 
 def _hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The outputs of every layer of the base model (an encoder-decoder's encoder, then its decoder; the embeddings
+    left out) at the real tokens of ``batch``."""
     outputs = model.base_model(**batch, output_hidden_states=True)
-    if outputs.hidden_states is None:
+    if getattr(outputs, "decoder_hidden_states", None) is not None:
+        stacks = [outputs.encoder_hidden_states, outputs.decoder_hidden_states]
+    else:
+        stacks = [getattr(outputs, "hidden_states", None)]
+    if any(states is None for states in stacks):
         raise ConversionError(f"{type(model.base_model).__name__} returns no hidden_states, which --refine-steps "
                               "matches: leave out --refine-steps for this architecture.")
     real = batch["attention_mask"].bool()
-    return [state[real].float() for state in outputs.hidden_states]
+    return [state[real].float() for states in stacks for state in states[1:]]
 
 
 @torch.no_grad()
 def teacher_states(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> TeacherStates:
     """The hidden states that refinement pulls the converted model towards (call before converting)."""
-    return TeacherStates([_hidden_states(model, batch)[1:] for batch in batches])
+    return TeacherStates([_hidden_states(model, batch) for batch in batches])
 
 
 def structured_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -60,9 +66,9 @@ def structured_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def _hidden_state_error(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
-    """Mean over the layer outputs of ``‖s − t‖² / ‖t‖²``, summed over the batch's real tokens: ``student`` is every
-    hidden state (the embeddings first, skipped), ``teacher`` the layer outputs of `teacher_states`."""
-    errors = [(s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12) for s, t in zip(student[1:], teacher)]
+    """Mean over the layer outputs of ``‖s − t‖² / ‖t‖²``, summed over the batch's real tokens: ``student`` and
+    ``teacher`` are layer outputs of `_hidden_states`."""
+    errors = [(s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12) for s, t in zip(student, teacher, strict=True)]
     return torch.stack(errors).mean()
 
 

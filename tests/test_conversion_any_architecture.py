@@ -447,3 +447,33 @@ def test_a_config_without_architectures_gets_the_head_its_weights_fit(tmp_path_f
     capsys.readouterr()
     assert main(["monarch", str(source), str(tmp_path / "out"), "--dry-run"]) == 0
     assert json.loads(capsys.readouterr().out)["architecture"] == "Qwen3ForCausalLM"
+
+
+@pytest.mark.parametrize("name", ["t5", "bart"])
+def test_encoder_decoders_calibrate_refine_and_report_on_text(name, tmp_path_factory, tmp_path):
+    """The decoder's calibration inputs are the text shifted behind its start token: the calibrated fit, refinement
+    and the report's comparison run on every layer (encoder, decoder, cross-attention), and beat the closed form."""
+    converted = build(name, tmp_path_factory)
+    text = tmp_path / "calibration.txt"
+    text.write_text("\n".join(" ".join(WORDS[i:] + WORDS[:i]) for i in range(12)) + "\n")
+    runs = {"closed-form": ("closed-form", 0), "calibrated": ("calibrated", 0), "refined": ("closed-form", 8)}
+    reports = {
+        run: convert_to_monarch(converted.source, tmp_path / run, MonarchSettings(
+            targets=["all"], nblocks={"*": 2}, method=method, calibration_file=text, refine_steps=steps),
+            progress=False)
+        for run, (method, steps) in runs.items()
+    }
+    closed, calibrated, refined = (reports[run]["calibration"] for run in runs)
+    assert calibrated["samples"] == closed["samples"] == 12
+    assert calibrated["token_cosine"] > closed["token_cosine"] and refined["token_cosine"] > closed["token_cosine"]
+    assert len(reports["calibrated"]["layers"]) == converted.architecture.attention + converted.architecture.mlp
+    refinement = reports["refined"]["refinement"]
+    assert refinement["hidden_state_error_after"] < refinement["hidden_state_error_before"]
+
+
+def test_a_tied_lm_head_inside_the_base_model_is_refused(tmp_path_factory, tmp_path, capsys):
+    """T5ForConditionalGeneration is its own base model: its `lm_head`, tied to the shared embeddings, is a base layer
+    that a regular expression can name, and converting it would untie it."""
+    converted = build("t5", tmp_path_factory)
+    assert main(["monarch", str(converted.source), str(tmp_path / "out"), "--targets", "lm_head"]) != 0
+    assert "lm_head shares its weight with shared.weight (tie_word_embeddings=True)" in capsys.readouterr().err
