@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     monarch.add_argument("--targets", nargs="+", default=["mlp"], metavar="TARGET",
                          help="presets mlp, attention, all (the linear layers of the repeated blocks; embeddings, "
                               "routers, poolers and heads stay dense), or regular expressions matching whole layer "
-                              "names (default: mlp); put them after SOURCE DESTINATION")
+                              "names, relative to the base model or, for a head's layers, to the head model "
+                              "(lm_head) (default: mlp); put them after SOURCE DESTINATION")
     monarch.add_argument("--nblocks", nargs="+", metavar="N|TARGET=N",
                          help="blocks per layer, for every target or per target (default: 4); nblocks=1 keeps a "
                               "layer's size, larger values shrink it more")

@@ -26,13 +26,11 @@ def structured_layers(state: dict[str, torch.Tensor]) -> dict[str, dict]:
     return layers
 
 
-def preset_selection(folder: Path, config: dict) -> dict[str, list[str]] | None:
-    """The layers each target preset of `m2-convert monarch` selects in a dense Transformers checkpoint, from its
-    structure alone (built on the meta device, no weights read); None for a folder it would not convert."""
+def _dense_skeleton(folder: Path, config: dict):
+    """The dense Transformers model of a checkpoint, built on the meta device from its config (no weights read); None
+    for a folder that `m2-convert monarch` would not convert."""
     import transformers
     from m2_hf.configuration_monarch_converted import source_model_type
-
-    from .monarch import preset_layers
 
     if source_model_type(config.get("model_type")) is not None:
         return None
@@ -40,10 +38,27 @@ def preset_selection(folder: Path, config: dict) -> dict[str, list[str]] | None:
         model_config = transformers.AutoConfig.from_pretrained(folder)
         head = getattr(transformers, (config.get("architectures") or ["AutoModel"])[0], transformers.AutoModel)
         with torch.device("meta"):
-            model = head._from_config(model_config) if hasattr(head, "_from_config") else head.from_config(model_config)
+            return head._from_config(model_config) if hasattr(head, "_from_config") else head.from_config(model_config)
     except Exception:  # not a Transformers architecture: inspect still reports the tensors
         return None
-    return preset_layers(model.base_model)
+
+
+def preset_selection(folder: Path, config: dict) -> dict[str, list[str]] | None:
+    """The layers each target preset of `m2-convert monarch` selects in a dense Transformers checkpoint, from its
+    structure alone; None for a folder it would not convert."""
+    from .monarch import preset_layers
+
+    model = _dense_skeleton(folder, config)
+    return None if model is None else preset_layers(model.base_model)
+
+
+def head_layer_names(folder: Path, config: dict) -> list[str] | None:
+    """The linear layers of a dense checkpoint's head outside its base model (`lm_head`, `classifier`), which no
+    preset selects and a regular expression may name; None for a folder `m2-convert monarch` would not convert."""
+    from .monarch import head_linear_layers
+
+    model = _dense_skeleton(folder, config)
+    return None if model is None else list(head_linear_layers(model))
 
 
 def inspect_folder(folder: Path) -> dict:
@@ -63,6 +78,7 @@ def inspect_folder(folder: Path) -> dict:
         "structured_summary": dict(Counter(f"{v['structure']} nblocks={v['nblocks']}" for v in layers.values())),
         "dtypes": dict(Counter(str(t.dtype).replace("torch.", "") for t in state.values())),
         "presets": preset_selection(folder, config),
+        "head_layers": head_layer_names(folder, config),
     }
 
 
@@ -79,4 +95,7 @@ def format_report(report: dict) -> str:
     for preset, names in (report.get("presets") or {}).items():
         shown = ", ".join(names[:PRESET_LISTING_LIMIT]) + (" ..." if len(names) > PRESET_LISTING_LIMIT else "")
         lines.append(f"preset {preset:9} {len(names)} layers: {shown}")
+    if report.get("head_layers"):
+        lines.append(f"head layers      {', '.join(report['head_layers'])} (outside the base model: in no preset, "
+                     "a regular expression may name them)")
     return "\n".join(lines)

@@ -464,6 +464,9 @@ def format_report(report: dict) -> str:
         lines.append(f"{key:16} {value:.4f}" if isinstance(value, float) else f"{key:16} {value}")
     for preset, names in (report.get("presets") or {}).items():  # --dry-run: what each preset would select
         lines.append(f"preset {preset:9} {len(names)} layers")
+    if report.get("head_layers"):
+        lines.append(f"head layers      {', '.join(report['head_layers'])} (in no preset; a regular expression may "
+                     "name them)")
     if "destination" in report:
         lines.append(f"written to       {report['destination']}")
     return "\n".join(lines)
@@ -833,7 +836,8 @@ def convert_to_monarch(
         model = _as_converted_model(model, targets, settings.structure)
         report["architecture_after"] = type(model).__name__
         if dry_run:
-            return {**report, "presets": presets, "destination_problem": destination_problem}
+            return {**report, "presets": presets, "head_layers": list(head_linear_layers(model)),
+                    "destination_problem": destination_problem}
         model.save_pretrained(output.staging)
         report["tokenizer_files"] = copy_tokenizer_files(source.path, output.staging)
         report["sentence_transformers_files"] = copy_sentence_transformers_files(source.path, output.staging)

@@ -146,3 +146,14 @@ def test_a_tied_head_and_a_budget_over_heads_are_refused(tmp_path, capsys):
     assert main(["monarch", str(untied), str(tmp_path / "budget"), "--targets", "all", "lm_head",
                  "--budget", "0.5"]) != 0
     assert "--budget plans the base model's layers; the targets also name lm_head" in capsys.readouterr().err
+
+
+def test_dry_run_and_inspect_list_the_head_layers(llama, tmp_path, capsys):
+    folder, _ = llama
+    capsys.readouterr()
+    assert main(["monarch", str(folder / "source"), str(tmp_path / "out"), "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["head_layers"] == ["lm_head"]
+    assert "head layers      lm_head (in no preset" in captured.err
+    assert main(["inspect", str(folder / "source")]) == 0
+    assert "head layers      lm_head (outside the base model" in capsys.readouterr().out
