@@ -83,6 +83,11 @@ class M2BertConfig(PreTrainedConfig):
             (the structured multiply or a cached densified weight, whichever is faster: by the layer's FLOP rule on
             CPU, timed once per layer shape on CUDA), `"structured"`, `"dense"` or `"measured"`. See `MonarchLinear` and `m2_hf.set_structured_inference_path`. An m2-hf
             extension.
+        structured_training_path (`str`, defaults to `"auto"`):
+            How the structured MLP layers apply themselves in training: `"auto"` (the structured multiply on CPU; on
+            CUDA, whichever of the structured multiply and the weight densified in the autograd graph was faster when
+            timed once per layer shape), `"structured"`, `"dense"` or `"measured"`. See `MonarchLinear` and
+            `m2_hf.set_structured_training_path`. An m2-hf extension.
         filter_cache_bytes (`int` or `None`, defaults to 167772160, 160 MiB):
             Budget of the model's cache of filter spectra for inference (`model.filter_cache`; free it with
             `model.clear_filter_cache()`). A spectrum that does not fit is computed for each forward instead, which
@@ -142,6 +147,7 @@ class M2BertConfig(PreTrainedConfig):
         hyena_lr_pos_emb: float = 1e-5,
         filter_cache_bytes: Optional[int] = DEFAULT_FILTER_CACHE_BYTES,
         structured_inference_path: str = "auto",
+        structured_training_path: str = "auto",
         long_conv_kernel_learning_rate: float = 1e-3,
         use_positional_encodings: bool = True,
         pool_all: bool = False,
@@ -183,6 +189,7 @@ class M2BertConfig(PreTrainedConfig):
         self.hyena_lr_pos_emb = hyena_lr_pos_emb
         self.filter_cache_bytes = filter_cache_bytes
         self.structured_inference_path = structured_inference_path
+        self.structured_training_path = structured_training_path
         self.long_conv_kernel_learning_rate = long_conv_kernel_learning_rate
         self.use_positional_encodings = use_positional_encodings
         self.pool_all = pool_all

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .monarch import _check_inference_path
+from .monarch import _check_inference_path, _check_training_path
 
 MLP_TYPES = ("blockdiag", "monarch")
 
@@ -22,6 +22,7 @@ def check_mixer_fields(config) -> None:
         )
     check_filter_cache_bytes(config.filter_cache_bytes)
     _check_inference_path(config.structured_inference_path, "structured_inference_path")
+    _check_training_path(config.structured_training_path, "structured_training_path")
 
 
 def check_filter_cache_bytes(budget) -> None:

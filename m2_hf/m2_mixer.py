@@ -594,6 +594,7 @@ def structured_linear(config, in_features: int, out_features: int, bias: bool) -
         nblocks=config.monarch_mlp_nblocks,
         bias=bias,
         inference_path=config.structured_inference_path,
+        training_path=config.structured_training_path,
     )
 
 

@@ -209,3 +209,18 @@ def test_layers_pickled_before_the_training_path_existed_still_train():
     assert layer.training_path == "auto"
     layer(torch.randn(3, 16)).sum().backward()
     assert layer.blkdiag1.grad is not None
+
+
+def test_m2_config_field_sets_the_mlp_layers_training_path():
+    from m2_hf import M2BertConfig, M2BertModel, M2GPTConfig, M2ViTConfig
+    from test_m2_bert import tiny_model as tiny_bert
+
+    model = tiny_bert(M2BertModel, structured_training_path="dense")
+    mlp = model.encoder.layer[0].mlp
+    assert model.config.structured_training_path == "dense"
+    assert mlp.gated_layers.training_path == "dense" and mlp.wo.training_path == "dense"
+    assert tiny_bert(M2BertModel).encoder.layer[0].mlp.wo.training_path == "auto"
+    assert M2BertConfig.from_dict(model.config.to_dict()).structured_training_path == "dense"
+    for config_class in (M2BertConfig, M2GPTConfig, M2ViTConfig):
+        with pytest.raises(ValueError, match="`structured_training_path` must be one of"):
+            config_class(structured_training_path="fastest")
