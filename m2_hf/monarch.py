@@ -699,6 +699,10 @@ def _check_training_path(value, name: str = "training_path") -> None:
         )
 
 
+def _unchanged(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 def _check_dense_weight_max_bytes(value) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
         raise ValueError(
@@ -971,7 +975,7 @@ class _StructuredLinear(nn.Module):
         """``training_path="measured"``: whether training through the densified weight was timed faster on calls of
         this size (timed now if not yet)."""
         limit = self.dense_weight_max_bytes
-        if (limit is not None and self.dense_weight_bytes() > limit) or is_traced():
+        if (limit is not None and self.dense_weight_bytes() > limit) or not eager_autograd((x, *self._factors())):
             return False
         key = self._measurement_key(x.numel() // self.in_features, x.device, self._factors()[0].dtype)
         if key not in _measured_training_paths:
@@ -996,11 +1000,14 @@ class _StructuredLinear(nn.Module):
 
             return run
 
-        return _fastest(
-            {"structured": forward_and_backward(lambda: self._structured_forward(x, factors, bias)),
-             "dense": forward_and_backward(lambda: F.linear(x, self._densified(factors), bias))},
-            x.device, MEASURED_REPEATS,
-        )
+        # The timing's own graphs keep their tensors as they are: a caller's saved-tensor hooks (non-reentrant
+        # activation checkpointing counts and recomputes what the step saves, offloading moves it) are not for them.
+        with torch.autograd.graph.saved_tensors_hooks(_unchanged, _unchanged):
+            return _fastest(
+                {"structured": forward_and_backward(lambda: self._structured_forward(x, factors, bias)),
+                 "dense": forward_and_backward(lambda: F.linear(x, self._densified(factors), bias))},
+                x.device, MEASURED_REPEATS,
+            )
 
     def _apply(self, fn, recurse=True):
         # `.to()`, `.half()`, `.cuda()` may swap a parameter's storage under the same tensor object and version.

@@ -224,3 +224,32 @@ def test_m2_config_field_sets_the_mlp_layers_training_path():
     for config_class in (M2BertConfig, M2GPTConfig, M2ViTConfig):
         with pytest.raises(ValueError, match="`structured_training_path` must be one of"):
             config_class(structured_training_path="fastest")
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_measuring_inside_activation_checkpointing(reentrant, timings, monkeypatch):
+    """The first training call may be timed inside a checkpointed region: non-reentrant checkpointing counts the
+    tensors the forward saves and compares them with its recomputation, so the timing's own graphs must not pass
+    through its hooks."""
+    from torch.utils.checkpoint import checkpoint
+
+    monkeypatch.setattr(m2_hf.monarch, "AUTO_MEASURED_DEVICE_TYPES", ("cpu",))
+    torch.manual_seed(0)
+    layer = MonarchLinear(16, 32, 4)
+    reference = copy.deepcopy(layer)
+    reference.training_path = "structured"
+    x = torch.randn(8, 16, requires_grad=True)  # reentrant checkpointing needs an input that requires grad
+    checkpoint(lambda t: layer(t).relu(), x, use_reentrant=reentrant).sum().backward()
+    # Reentrant checkpointing runs the forward without autograd first: the inference path is timed there too.
+    assert len(timings) == (2 if reentrant else 1) and len(measured_training_paths()) == 1
+    reference(x).relu().sum().backward()
+    for name, param in layer.named_parameters():
+        torch.testing.assert_close(param.grad, reference.get_parameter(name).grad, rtol=1e-5, atol=1e-6)
+
+
+def test_nothing_is_timed_under_function_transforms(timings):
+    layer = MonarchLinear(16, 16, 4, training_path="measured")
+    params = dict(layer.named_parameters())
+    x = torch.randn(4, 16)
+    grads = torch.func.grad(lambda p: torch.func.functional_call(layer, p, (x,)).square().sum())(params)
+    assert timings == [] and set(grads) == set(params)
