@@ -416,10 +416,10 @@ def project_layers(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def linear_flops_per_token(base_model: nn.Module) -> int:
-    """2 x multiply-adds per token of every (dense or structured) linear layer in the base model."""
+def linear_flops_per_token(model: nn.Module) -> int:
+    """2 x multiply-adds per token of every (dense or structured) linear layer in ``model`` (a head's included)."""
     total = 0
-    for module in base_model.modules():
+    for module in model.modules():
         if isinstance(module, (nn.Linear, Conv1D)):
             total += 2 * module.weight.numel()
         elif isinstance(module, MonarchLinear):
@@ -795,7 +795,7 @@ def convert_to_monarch(
         presets = preset_layers(base) if dry_run else None
         reference = reference_outputs(model, evaluation) if evaluation is not None else None
         teacher = teacher_states(model, calibration.batches) if settings.refine_steps else None
-        parameters_before, flops_before = sum(p.numel() for p in model.parameters()), linear_flops_per_token(base)
+        parameters_before, flops_before = sum(p.numel() for p in model.parameters()), linear_flops_per_token(model)
         # The calibrated method compares each layer's inputs with those of the untouched original.
         original = copy.deepcopy(model) if settings.method == "calibrated" else None
         layers = project_layers(
@@ -823,7 +823,7 @@ def convert_to_monarch(
                 "parameters_before": parameters_before,
                 "parameters_after": sum(p.numel() for p in model.parameters()),
                 "linear_flops_per_token_before": flops_before,
-                "linear_flops_per_token_after": linear_flops_per_token(base),
+                "linear_flops_per_token_after": linear_flops_per_token(model),
             },
             "warnings": shrink_warnings(layers),
         }

@@ -111,6 +111,8 @@ def test_the_calibrated_method_fits_the_head_on_its_inputs(llama, tmp_path):
     closed = convert_to_monarch(folder / "source", tmp_path / "closed", MonarchSettings(
         targets=["lm_head"], nblocks={"*": 2}), progress=False)["layers"][0]
     assert layer["name"] == "lm_head" and layer["relative_error"] != closed["relative_error"]
+    totals = report["totals"]  # the head's FLOPs are counted: converting it alone lowers them
+    assert totals["linear_flops_per_token_after"] < totals["linear_flops_per_token_before"]
     calibrated = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "calibrated").eval()
     projected = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "closed").eval()
     assert not torch.equal(calibrated.lm_head.blkdiag1, projected.lm_head.blkdiag1)
