@@ -435,6 +435,8 @@ def test_the_readme_decoder_example_runs_as_written(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert {layer["nblocks"] for layer in report["layers"] if ".mlp." in layer["name"]} == {4}
     assert "MonarchLlamaForCausalLM MonarchLinear(in_features=256, out_features=64, nblocks=2" in outputs[2]
+    assert "head layers      lm_head" in outputs[1] and report["layers"][-1]["name"] == "lm_head"
+    assert "MonarchLinear(in_features=256, out_features=512, nblocks=4, bias=False)" in outputs[2]
     assert "LlamaForCausalLM True" in outputs[2]
 
 
