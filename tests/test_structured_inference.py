@@ -16,6 +16,7 @@ from m2_hf import (
     M2BertConfig,
     M2BertModel,
     M2GPTConfig,
+    M2ViTConfig,
     MonarchLinear,
     clear_measured_inference_paths,
     clear_measured_training_paths,
@@ -208,7 +209,7 @@ def test_auto_densifies_where_the_structured_multiply_saves_too_few_flops_or_the
 
 @pytest.fixture
 def measured(monkeypatch):
-    """A clean table of measured choices, and a record of the timings taken."""
+    """Clean tables of measured choices (inference and training), and a record of the timings taken."""
     clear_measured_inference_paths()
     clear_measured_training_paths()
     timings = []
@@ -217,6 +218,7 @@ def measured(monkeypatch):
         paths, *args))
     yield timings
     clear_measured_inference_paths()
+    clear_measured_training_paths()
 
 
 def slowed(function, seconds=0.1):  # far above a small call's time on a loaded machine (5-8 ms)
@@ -342,15 +344,18 @@ def test_bad_inference_settings_are_refused_with_the_choices(cls):
     assert layer.inference_path == "auto"
 
 
-def test_m2_config_field_sets_the_mlp_layers_inference_path():
-    model = tiny_bert(M2BertModel, structured_inference_path="dense")
+@pytest.mark.parametrize("path", ["inference_path", "training_path"])
+def test_m2_config_field_sets_the_mlp_layers_path(path):
+    field = f"structured_{path}"
+    model = tiny_bert(M2BertModel, **{field: "dense"})
     mlp = model.encoder.layer[0].mlp
-    assert model.config.structured_inference_path == "dense"
-    assert mlp.gated_layers.inference_path == "dense" and mlp.wo.inference_path == "dense"
-    assert tiny_bert(M2BertModel).encoder.layer[0].mlp.wo.inference_path == "auto"
-    for config_class in (M2BertConfig, M2GPTConfig):
-        with pytest.raises(ValueError, match="`structured_inference_path` must be one of"):
-            config_class(structured_inference_path="fastest")
+    assert getattr(model.config, field) == "dense"
+    assert getattr(mlp.gated_layers, path) == "dense" and getattr(mlp.wo, path) == "dense"
+    assert getattr(tiny_bert(M2BertModel).encoder.layer[0].mlp.wo, path) == "auto"
+    assert getattr(M2BertConfig.from_dict(model.config.to_dict()), field) == "dense"
+    for config_class in (M2BertConfig, M2GPTConfig, M2ViTConfig):
+        with pytest.raises(ValueError, match=f"`{field}` must be one of"):
+            config_class(**{field: "fastest"})
 
 
 @pytest.mark.parametrize("cls", CLASSES)

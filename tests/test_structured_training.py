@@ -11,30 +11,18 @@ import torch
 from torch import nn
 
 import m2_hf.monarch
-from m2_hf import (
-    BlockdiagLinear,
-    MonarchLinear,
-    clear_measured_inference_paths,
-    clear_measured_training_paths,
-    measured_training_paths,
-    set_structured_training_path,
-)
+from m2_hf import BlockdiagLinear, MonarchLinear, measured_training_paths, set_structured_training_path
 from test_structured_inference import SHAPES, slowed
+from test_structured_inference import measured as timings  # noqa: F401  (a fixture: clean tables, timings taken)
 
 CLASSES = [MonarchLinear, BlockdiagLinear]
 
 
-@pytest.fixture
-def timings(monkeypatch):
-    """Clean tables of measured choices, and a record of the timings taken."""
-    clear_measured_inference_paths()
-    clear_measured_training_paths()
-    taken = []
-    fastest = m2_hf.monarch._fastest
-    monkeypatch.setattr(m2_hf.monarch, "_fastest", lambda paths, *args: taken.append(set(paths)) or fastest(
-        paths, *args))
-    yield taken
-    clear_measured_training_paths()
+def structured_twin(layer):
+    """A copy of ``layer`` that trains through the structured multiply."""
+    twin = copy.deepcopy(layer)
+    twin.training_path = "structured"
+    return twin
 
 
 def count_densifications(layer, monkeypatch) -> list:
@@ -66,8 +54,7 @@ def test_dense_training_path_gives_the_structured_outputs_and_gradients(
 ):
     torch.manual_seed(0)
     layer = cls(in_features, out_features, nblocks, bias=bias, dtype=torch.float64, training_path="dense")
-    structured = copy.deepcopy(layer)
-    structured.training_path = "structured"
+    structured = structured_twin(layer)
     x = torch.randn(3, 5, in_features, dtype=torch.float64)
     calls = count_densifications(layer, monkeypatch)
     out, grads = gradients(layer, x)
@@ -97,8 +84,7 @@ def test_dense_training_path_runs_no_structured_multiply_on_the_activations(cls,
 def test_dense_training_path_under_autocast_and_second_order_gradients():
     torch.manual_seed(0)
     layer = MonarchLinear(16, 16, 4, training_path="dense")
-    structured = copy.deepcopy(layer)
-    structured.training_path = "structured"
+    structured = structured_twin(layer)
     x = torch.randn(8, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, reference = layer(x), structured(x)
@@ -130,8 +116,7 @@ def test_measured_training_path_keeps_the_faster_and_touches_nothing_of_the_step
     assert all(param.grad is None for param in layer.parameters()) and x.grad is None and hook_calls == []
     weighted_sum(out).backward()
     assert len(hook_calls) == len(list(layer.parameters()))  # once each, from the real backward only
-    expected = copy.deepcopy(layer)
-    expected.training_path = "structured"
+    expected = structured_twin(layer)
     _, reference = gradients(expected, x)
     for name, param in layer.named_parameters():
         torch.testing.assert_close(param.grad, reference[name], rtol=1e-5, atol=1e-6)
@@ -181,8 +166,7 @@ def test_measured_training_path_is_not_timed_in_tracing_capture_or_over_the_memo
 def test_dense_training_path_compiles_in_one_graph():
     torch.manual_seed(0)
     layer = MonarchLinear(16, 24, 4, training_path="dense")
-    structured = copy.deepcopy(layer)
-    structured.training_path = "structured"
+    structured = structured_twin(layer)
     x = torch.randn(6, 16)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     compiled(x).square().sum().backward()
@@ -211,21 +195,6 @@ def test_layers_pickled_before_the_training_path_existed_still_train():
     assert layer.blkdiag1.grad is not None
 
 
-def test_m2_config_field_sets_the_mlp_layers_training_path():
-    from m2_hf import M2BertConfig, M2BertModel, M2GPTConfig, M2ViTConfig
-    from test_m2_bert import tiny_model as tiny_bert
-
-    model = tiny_bert(M2BertModel, structured_training_path="dense")
-    mlp = model.encoder.layer[0].mlp
-    assert model.config.structured_training_path == "dense"
-    assert mlp.gated_layers.training_path == "dense" and mlp.wo.training_path == "dense"
-    assert tiny_bert(M2BertModel).encoder.layer[0].mlp.wo.training_path == "auto"
-    assert M2BertConfig.from_dict(model.config.to_dict()).structured_training_path == "dense"
-    for config_class in (M2BertConfig, M2GPTConfig, M2ViTConfig):
-        with pytest.raises(ValueError, match="`structured_training_path` must be one of"):
-            config_class(structured_training_path="fastest")
-
-
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_measuring_inside_activation_checkpointing(reentrant, timings, monkeypatch):
     """The first training call may be timed inside a checkpointed region: non-reentrant checkpointing counts the
@@ -236,8 +205,7 @@ def test_measuring_inside_activation_checkpointing(reentrant, timings, monkeypat
     monkeypatch.setattr(m2_hf.monarch, "AUTO_MEASURED_DEVICE_TYPES", ("cpu",))
     torch.manual_seed(0)
     layer = MonarchLinear(16, 32, 4)
-    reference = copy.deepcopy(layer)
-    reference.training_path = "structured"
+    reference = structured_twin(layer)
     x = torch.randn(8, 16, requires_grad=True)  # reentrant checkpointing needs an input that requires grad
     checkpoint(lambda t: layer(t).relu(), x, use_reentrant=reentrant).sum().backward()
     # Reentrant checkpointing runs the forward without autograd first: the inference path is timed there too.
