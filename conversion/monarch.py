@@ -36,7 +36,7 @@ from m2_hf.configuration_monarch_converted import (
     original_transformers_class,
     source_model_type,
 )
-from m2_hf.modeling_monarch_converted import STRUCTURED_CLASSES, converted_class, original_heads
+from m2_hf.modeling_monarch_converted import STRUCTURED_CLASSES, converted_class, has_submodule, original_heads
 
 from .budget import check_budget, format_budget_table, input_second_moments, plan_budget
 from .checkpoints import (
@@ -117,11 +117,7 @@ def head_linear_layers(model: nn.Module) -> dict[str, nn.Module]:
 def layer_root(model: nn.Module, name: str) -> nn.Module:
     """The module that a target layer's name is relative to: the base model, or for a head's layer the head model."""
     base = getattr(model, "base_model", model)
-    try:
-        base.get_submodule(name)
-        return base
-    except AttributeError:
-        return model
+    return base if has_submodule(base, name) else model
 
 
 def resolve_targets(base_model: nn.Module, targets: list[str], nblocks: dict[str, int]) -> dict[str, int]:

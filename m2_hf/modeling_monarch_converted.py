@@ -61,7 +61,8 @@ def structure_linear_layers(root: nn.Module, layers: dict[str, int], structure: 
         root.set_submodule(name, structured)
 
 
-def _has_submodule(root: nn.Module, name: str) -> bool:
+def has_submodule(root: nn.Module, name: str) -> bool:
+    """Whether ``root.get_submodule(name)`` finds a module."""
     try:
         root.get_submodule(name)
     except AttributeError:
@@ -89,7 +90,7 @@ class MonarchConvertedMixin(ShipsAllHeadsMixin):
         structure_linear_layers(self.base_model, config.monarch_layers, config.monarch_structure)
         if self.base_model is not self:
             head_layers = {name: nblocks for name, nblocks in config.monarch_head_layers.items()
-                           if _has_submodule(self, name)}
+                           if has_submodule(self, name)}
             structure_linear_layers(self, head_layers, config.monarch_structure)
         if self.base_model is not self:
             # Transformers initialises the weights that a checkpoint lacks with each sub-model's own `_init_weights`:
