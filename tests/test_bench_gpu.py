@@ -42,6 +42,7 @@ def test_quick_run_writes_every_section_with_its_samples(tmp_path, capsys):
     for row in profiles:
         self_times = [op["self_us"] for op in row["ops"]]
         assert self_times == sorted(self_times, reverse=True) and 0 < sum(self_times) <= row["self_us_total"]
+        assert not any(op["kernel"] for op in row["ops"])  # a CPU run: every op counts once
         assert any("fft" in op["name"] for op in row["ops"])  # the long convolutions are there
     assert "converted BERT shapes vs dense" in capsys.readouterr().out
 
