@@ -67,11 +67,11 @@ def predictions(folder: Path, texts: list[str], max_length: int, batch_size: int
     return np.concatenate(out)
 
 
-def test_split(test_file: Optional[Path]) -> tuple[list[str], np.ndarray]:
+def test_split(test_file: Optional[Path], test_fold: int = 0) -> tuple[list[str], np.ndarray]:
     if test_file is None:
         from finetune_text_classification import rotten_tomatoes_offline
 
-        split = rotten_tomatoes_offline()["test"]
+        split = rotten_tomatoes_offline(test_fold)["test"]
     else:
         from datasets import load_dataset
 
@@ -84,6 +84,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser.add_argument("runs", nargs="+", type=Path, help="output_dir folders of examples/dense_to_sparse.py")
     parser.add_argument("--test_file", type=Path, help="CSV or JSON with text and label columns (default: the "
                                                        "example's offline Rotten Tomatoes test split)")
+    parser.add_argument("--offline_test_fold", type=int, default=0, help="as in the runs, without --test_file "
+                                                                         "(default: %(default)s)")
     parser.add_argument("--max_seq_length", type=int, default=128, help="as in the runs (default: %(default)s)")
     parser.add_argument("--samples", type=int, default=10000, help="bootstrap samples (default: %(default)s)")
     parser.add_argument("--json", type=Path, help="where to write the results")
@@ -93,7 +95,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         if missing:
             parser.error(f"{run} has no {' or '.join(missing)} model folder: pass output_dir folders of "
                          "examples/dense_to_sparse.py")
-    texts, labels = test_split(args.test_file)
+    texts, labels = test_split(args.test_file, args.offline_test_fold)
     rows = []
     for run in args.runs:
         dense = predictions(run / "dense", texts, args.max_seq_length)

@@ -88,6 +88,9 @@ class DataArguments:
     test_file: Optional[str] = field(
         default=None, metadata={"help": "CSV or JSON-lines labelled test file, scored with --do_predict."}
     )
+    offline_test_fold: int = field(default=0, metadata={
+        "help": "Without a data set or files: which of the offline Rotten Tomatoes data's ten film buckets is the test "
+                "split (the next one is validation; 0: the default splits)."})
     label_column_name: str = field(default="label")
     max_seq_length: int = field(default=128, metadata={"help": "Longer inputs are truncated."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Cap on training examples."})
@@ -126,7 +129,12 @@ def load_text_data(data_args: DataArguments):
             raise SystemExit(f"--train_file must be .csv, .json or .jsonl, got {data_args.train_file}.")
         raw = load_dataset("csv" if extension == "csv" else "json", data_files=files)
         return raw, Path(data_args.train_file).name
-    return rotten_tomatoes_offline(), "Rotten Tomatoes (review snippets, offline copy)"
+    fold = f", test fold {data_args.offline_test_fold}" if data_args.offline_test_fold else ""
+    try:
+        splits = rotten_tomatoes_offline(data_args.offline_test_fold)
+    except ValueError as error:
+        raise SystemExit(f"--offline_test_fold: {error}") from error
+    return splits, f"Rotten Tomatoes (review snippets, offline copy{fold})"
 
 
 def text_columns(raw, data_args: DataArguments) -> tuple[str, Optional[str]]:

@@ -152,6 +152,25 @@ def test_default_data_is_the_offline_rotten_tomatoes_corpus(tmp_path):
     assert json.loads((output / "results.json").read_text())["validation_examples"] == 32
 
 
+def test_offline_test_folds_rotate_the_film_buckets(tmp_path):
+    default = example_utils.rotten_tomatoes_offline()
+    folds = [example_utils.rotten_tomatoes_offline(fold) for fold in range(example_utils.OFFLINE_FOLDS)]
+    assert all(folds[0][name]["text"] == default[name]["text"] for name in default)  # fold 0: the recorded splits
+    assert sum(len(fold["test"]) for fold in folds) == 12808  # every snippet is in exactly one fold's test split
+    assert folds[1]["test"]["text"] == folds[0]["validation"]["text"]  # the next bucket is validation
+    assert folds[3]["test"]["text"] != folds[0]["test"]["text"]
+    assert all(sum(len(split) for split in fold.values()) == 12808 for fold in folds)
+    for bad in (-1, 10, 1.0, True):
+        with pytest.raises(ValueError, match="test fold must be an integer from 0 to 9"):
+            example_utils.rotten_tomatoes_offline(bad)
+    checkpoint = write_checkpoint("dense", tmp_path)
+    output = tmp_path / "run"
+    run_example("finetune_text_classification.py", "--model_name_or_path", str(checkpoint), "--output_dir",
+                str(output), "--offline_test_fold", "3", "--max_train_samples", "32", "--max_eval_samples", "32",
+                "--do_predict", *TINY_TRAINING, cwd=tmp_path)
+    assert "test fold 3" in ModelCard.load(output / "README.md").text
+
+
 def test_offline_metrics_equal_scikit_learn_and_scipy():
     from scipy.stats import pearsonr, spearmanr
     from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
