@@ -119,7 +119,7 @@ _measured_paths: dict[tuple, str] = {}
 # the structured multiply against one through the weight densified from the factors in the graph (the factors get
 # their gradients through the densification), on detached copies, so that no gradient, hook or random number of the
 # real step is touched. On CPU "auto" trains through the structured multiply, which bench_converted.py measured faster
-# there (converted MiniLM training steps at 1.29x / 1.33x dense, nblocks 4, MLP / every linear layer); on
+# there (converted MiniLM training steps at 1.24-1.29x / 1.33-1.37x dense, nblocks 4, MLP / every linear layer); on
 # AUTO_MEASURED_DEVICE_TYPES it measures: on an H200 in bfloat16, at 16384 tokens, a 1024->4096 layer trained at 0.62x
 # nn.Linear through the structured multiply and 0.90x through the densified weight, a 4096->4096 one at 1.25x and
 # 0.87x (benchmarks/RESULTS.md, 2026-12-04, run 5).
