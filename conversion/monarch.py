@@ -61,6 +61,8 @@ PRESETS = ("mlp", "attention", "all")
 _ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
 # A mixture-of-experts router (`gate`, `shared_expert_gate`, `router`), which must stay exact: it picks the experts.
 _ROUTER = re.compile(r"(?:^|_)(?:gate|router)$|router", re.IGNORECASE)
+# The converted config's own entries, which the original config does not have.
+_MONARCH_FIELDS = ("monarch_layers", "monarch_head_layers", "monarch_structure")
 # Config entries written by Transformers or by a previous tool, not part of the architecture.
 _BOOKKEEPING_KEYS = ("model_type", "architectures", "transformers_version", "auto_map", "_name_or_path")
 
@@ -899,7 +901,7 @@ def convert_to_dense(source, destination: Path, overwrite: bool = False, dry_run
         original_class = converted_class.original_class
         layers = {**model.config.monarch_layers, **model.config.monarch_head_layers}
         values = {k: v for k, v in model.config.to_dict().items()
-                  if k not in _BOOKKEEPING_KEYS and k not in ("monarch_layers", "monarch_head_layers", "monarch_structure")}
+                  if k not in _BOOKKEEPING_KEYS and k not in _MONARCH_FIELDS}
         original_config = original_class.config_class(**values)
         with torch.device("meta"):
             skeleton = original_class(original_config)
