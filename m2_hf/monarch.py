@@ -819,9 +819,7 @@ class _StructuredLinear(nn.Module):
                 f"{type(self).__name__} expects inputs with {self.in_features} features in the last dimension, "
                 f"got shape {tuple(x.shape)}."
             )
-        weight = self.inference_dense_weight(x)
-        if weight is None:
-            weight = self.training_dense_weight(x)
+        weight = self._training_weight(x) if records_autograd(self, x) else self._inference_weight(x)
         if weight is not None:
             return F.linear(x, weight, self.bias)
         return self._structured_forward(x, self._factors(), self.bias)
@@ -888,8 +886,12 @@ class _StructuredLinear(nn.Module):
         the structured multiply) and no graph is being captured (a traced graph must compute from the parameters, not
         hold a tensor computed outside it). The weight is computed once and reused until a factor changes.
         """
-        # Both before the row count: a traced input's may be symbolic, and reading it would specialise the graph.
-        if records_autograd(self, x) or is_traced():
+        return None if records_autograd(self, x) else self._inference_weight(x)
+
+    def _inference_weight(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """`inference_dense_weight` for a call that autograd does not record."""
+        # Before the row count: a traced input's may be symbolic, and reading it would specialise the graph.
+        if is_traced():
             return None
         rows = x.numel() // self.in_features
         if self._measures(x.device.type):
@@ -952,16 +954,14 @@ class _StructuredLinear(nn.Module):
     # Choice of the training path
     # ----------------------------------------------------------------------------------------------------------------
 
-    def training_dense_weight(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """The weight densified from the factors within the autograd graph, to apply to ``x`` in place of the
-        structured multiply where autograd records the call and ``training_path`` asks for it; else None.
+    def _training_weight(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """For a call that autograd records: the weight densified from the factors within the autograd graph, to
+        apply to ``x`` in place of the structured multiply where ``training_path`` asks for it; else None.
 
         Recomputed at every call (the factors change at every step), under the caller's autocast; the factors get
         their gradients through it. ``"auto"`` and ``"measured"`` never densify a weight over
         ``dense_weight_max_bytes``, nor measure while a graph is being traced or captured (the structured multiply
         runs there)."""
-        if not records_autograd(self, x):
-            return None
         path = self.training_path
         if path == "auto":
             path = "measured" if x.device.type in AUTO_MEASURED_DEVICE_TYPES else "structured"
@@ -1188,9 +1188,7 @@ class MonarchLinear(_StructuredLinear):
         w1, w2 = factors
         if not self._use_triton(x):
             return monarch_multiply(x, w1, w2, bias)
-        cast = _autocast_dtype(x.device.type)
-        if cast is not None:
-            x, w1, w2 = x.to(cast), w1.to(cast), w2.to(cast)
+        x, w1, w2 = (autocast_input(t) for t in (x, w1, w2))  # the kernel is opaque to autocast
         return _plus_bias(monarch_multiply_triton(x, w1, w2), bias)
 
     @classmethod

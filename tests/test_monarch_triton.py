@@ -194,3 +194,18 @@ def test_module_imports_without_triton():
 def test_triton_supported_under_interpreter():
     assert TRITON_AVAILABLE
     assert triton_supported(torch.zeros(1))
+
+
+def test_the_triton_backend_takes_autocasts_casts():
+    """The kernel is opaque to autocast: the layer casts its inputs as autocast would cast a matrix product's."""
+    from m2_hf import MonarchLinear
+
+    torch.manual_seed(0)
+    layer = MonarchLinear(32, 48, 4, backend="triton", inference_path="structured")
+    reference = MonarchLinear(32, 48, 4, backend="torch", inference_path="structured")
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(6, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, expected = layer(x), reference(x)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
