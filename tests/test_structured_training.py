@@ -222,3 +222,31 @@ def test_nothing_is_timed_under_function_transforms(timings):
     x = torch.randn(4, 16)
     grads = torch.func.grad(lambda p: torch.func.functional_call(layer, p, (x,)).square().sum())(params)
     assert timings == [] and set(grads) == set(params)
+
+
+def test_trainer_with_gradient_checkpointing_trains_through_the_measured_path(timings, tmp_path):
+    """Through the client: `Trainer` with gradient checkpointing and gradient accumulation on a BERT whose MLP is
+    Monarch, every layer on `training_path="measured"`: the paths are timed once per shape inside the checkpointed
+    forward, and training moves every structured factor."""
+    from datasets import Dataset
+    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+
+    from conversion.monarch import resolve_targets
+    from m2_hf import structure_linear_layers
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=4, intermediate_size=64, num_labels=2))
+    structure_linear_layers(model.base_model, resolve_targets(model.base_model, ["mlp"], {"*": 4}), "monarch")
+    assert set_structured_training_path(model, "measured") == 4
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if "blkdiag" in name}
+    generator = torch.Generator().manual_seed(1)
+    data = Dataset.from_dict({"input_ids": torch.randint(5, 64, (16, 10), generator=generator).tolist(),
+                              "labels": torch.randint(0, 2, (16,), generator=generator).tolist()})
+    arguments = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3,
+                                  gradient_accumulation_steps=2, gradient_checkpointing=True, learning_rate=1e-2,
+                                  report_to="none", save_strategy="no", use_cpu=True)
+    Trainer(model=model, args=arguments, train_dataset=data).train()
+    assert {key[1:3] for key in measured_training_paths()} == {(32, 64), (64, 32)}
+    assert len(timings) == 2  # once per layer shape and call size, not per layer or step
+    assert all(not torch.equal(p, before[name]) for name, p in model.named_parameters() if name in before)
