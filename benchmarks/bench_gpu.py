@@ -261,13 +261,15 @@ def time_long_context(device: torch.device, args: argparse.Namespace) -> list[di
         for dtype_name in args.model_dtypes:
             dtype = DTYPES[dtype_name]
             row = {"length": length, "batch": batch, "dtype": dtype_name, "compile": args.long_context_compile}
-            for name in ("m2", "bert"):
+            for name in ("m2", "bert") + (("m2_conv1d",) if args.m2_conv1d_short_filter else ()):
                 torch.manual_seed(0)
                 with torch.device(device):  # initialised on the device: much faster than on the host
-                    if name == "m2":
-                        model = m2_bert(length, args.hidden, args.layers, args.intermediate)
-                    else:
+                    if name == "bert":
                         model = bert(length, args.hidden, args.layers, args.intermediate, args.heads)
+                    else:
+                        model = m2_bert(length, args.hidden, args.layers, args.intermediate)
+                if name == "m2_conv1d":
+                    run_short_filters_as_conv1d(model)
                 model = model.to(dtype=dtype)
                 if args.long_context_compile:
                     torch._dynamo.reset()  # each model compiled on its own, never up against the recompile limit
@@ -293,9 +295,22 @@ def time_long_context(device: torch.device, args: argparse.Namespace) -> list[di
                     torch.cuda.empty_cache()
             if "m2_ms" in row and "bert_ms" in row:
                 row["ratio"] = row["bert_ms"] / row["m2_ms"]
+            if "m2_ms" in row and "m2_conv1d_ms" in row:
+                row["shifted_over_conv1d"] = row["m2_conv1d_ms"] / row["m2_ms"]
             rows.append(row)
             print(format_context_row(row), flush=True)
     return rows
+
+
+def run_short_filters_as_conv1d(model: nn.Module) -> None:
+    """Make M2's short filters run `nn.Conv1d`'s depthwise kernel, as before f38a21c (shifted multiply-adds since):
+    a forward hook that changes nothing sends a short filter through the module itself."""
+    filters = [module.short_filter for module in model.modules() if isinstance(getattr(module, "short_filter", None),
+                                                                              nn.Conv1d)]
+    if not filters:
+        raise ValueError("no M2 short filter (nn.Conv1d) in this model")
+    for short_filter in filters:
+        short_filter.register_forward_hook(lambda module, inputs, output: None)
 
 
 def format_context_row(row: dict) -> str:
@@ -307,7 +322,10 @@ def format_context_row(row: dict) -> str:
         return f"{name} {row[f'{name}_tokens_per_s']:11.0f} tok/s ({row[f'{name}_ms']:8.2f} ms{peak_text})"
 
     ratio = f"{row['ratio']:.2f}x" if "ratio" in row else "n/a"
-    return f"L={row['length']:6} B={row['batch']:3} {row['dtype']:5} {cell('m2')}  {cell('bert')}  M2/BERT {ratio}"
+    text = f"L={row['length']:6} B={row['batch']:3} {row['dtype']:5} {cell('m2')}  {cell('bert')}  M2/BERT {ratio}"
+    if "shifted_over_conv1d" in row:
+        text += f"  {cell('m2_conv1d')}  shifted/conv1d {row['shifted_over_conv1d']:.2f}x"
+    return text
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -502,6 +520,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="training_path of the converted models' layers (default: %(default)s)")
     parser.add_argument("--long-context-compile", metavar="BACKEND",
                         help="torch.compile M2-BERT and BERT of the long-context section with this backend")
+    parser.add_argument("--m2-conv1d-short-filter", action="store_true",
+                        help="long_context: also time M2-BERT with its short filters on nn.Conv1d's depthwise kernel "
+                             "(column m2_conv1d; the path before the shifted multiply-adds)")
     parser.add_argument("--converted-compile", metavar="BACKEND",
                         help="torch.compile the models of the training passes with this backend (e.g. inductor)")
     parser.add_argument("--converted-modes", nargs="+", choices=list(CONVERTED_MODES), default=list(CONVERTED_MODES),

@@ -101,3 +101,30 @@ def test_compiled_long_context_pass(tmp_path):
     rows = json.loads(path.read_text())["long_context"]
     assert [row["length"] for row in rows] == [128, 256]
     assert all(row["compile"] == "eager" and row["m2_ms"] > 0 and row["bert_ms"] > 0 for row in rows)
+
+
+def test_long_context_times_the_conv1d_short_filter_beside_the_shifted_one(tmp_path):
+    path = tmp_path / "bench_gpu.json"
+    bench.main(["--quick", "--device", "cpu", "--repeats", "2", "--sections", "long_context", "--model-dtypes", "fp32",
+                "--m2-conv1d-short-filter", "--json", str(path)])
+    rows = json.loads(path.read_text())["long_context"]
+    assert rows and all(row["m2_conv1d_ms"] > 0 for row in rows)
+    assert all(row["shifted_over_conv1d"] == row["m2_conv1d_ms"] / row["m2_ms"] for row in rows)
+
+
+def test_conv1d_short_filters_run_the_module_with_the_same_outputs():
+    torch.manual_seed(0)
+    model = bench.m2_bert(64, 32, 2, 64)
+    ids = torch.randint(5, 1000, (2, 64))
+    with torch.inference_mode():
+        shifted = model(input_ids=ids).last_hidden_state
+    calls = []
+    bench.run_short_filters_as_conv1d(model)
+    for mixer in [m for m in model.modules() if hasattr(m, "short_filter")]:
+        # Counted by wrapping forward, not by a hook of our own, which would itself send the filter through Conv1d.
+        module_forward = mixer.short_filter.forward
+        mixer.short_filter.forward = lambda z, forward=module_forward: calls.append(z.shape) or forward(z)
+    with torch.inference_mode():
+        through_conv1d = model(input_ids=ids).last_hidden_state
+    assert len(calls) == 2
+    torch.testing.assert_close(through_conv1d, shifted, rtol=1e-5, atol=1e-5)
