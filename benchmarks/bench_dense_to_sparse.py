@@ -14,9 +14,19 @@ Options that this script does not know go to every `dense_to_sparse.py` run (for
 validation split of seed 42 (benchmarks/RESULTS.md): the calibrated conversion of the fine-tuned dense model, then
 fine-tuning with the task loss and the head-feature distillation (weight 10, no logit distillation), and score the
 held-out test split too (`--do_predict`), which then decides the verdicts. Accuracy differences are paired: each
-seed's sparse model minus that seed's dense model. Training
-speed-up is the dense model's training time over the sparse model's, in the same run of `dense_to_sparse.py` (for
-a reused dense model, timed in another process: compare the speed-ups of first settings for side-by-side figures).
+seed's sparse model minus that seed's dense model.
+
+The offline Rotten Tomatoes splits are buckets of about 50 films each, so a split's accuracy carries film-level noise
+that more seeds do not average out. `--folds 0 1 2` runs every seed on several test folds (other films in the test and
+validation splits, `--offline_test_fold`); the verdict then takes the mean over the folds of each fold's mean.
+`--rows-from` adds the runs of earlier `--json` files (for example fold 0's, whose folders are gone):
+
+    python benchmarks/bench_dense_to_sparse.py --root runs/folds --seeds 42 --settings mlp --folds 1 2 3 4 \\
+        --refine_steps 256 --rows-from benchmarks/results/dense_to_sparse_seeds_refine256_mlp_cpu_2026-12-03.json
+
+Training speed-up is the dense model's training time over the sparse model's, in the same run of `dense_to_sparse.py`
+(for a reused dense model, timed in another process: compare the speed-ups of first settings for side-by-side
+figures).
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from bench_common import cpu_model, load_average, log, write_json
 
@@ -49,6 +59,15 @@ def run_folder(root: Path, seed: int, setting: str) -> Path:
     return root / f"seed{seed}-{setting}"
 
 
+def fold_root(root: Path, fold: int) -> Path:
+    """Where the runs of one test fold live: fold 0 (the splits of every recorded run) in ``root`` itself."""
+    return root if fold == 0 else root / f"fold{fold}"
+
+
+def fold_arguments(fold: int) -> list[str]:
+    return [] if fold == 0 else ["--offline_test_fold", str(fold)]
+
+
 def finished_rows(folder: Path) -> list[dict]:
     results = folder / "results.json"
     return json.loads(results.read_text()) if results.is_file() else []
@@ -66,7 +85,12 @@ def example_command(root: Path, seed: int, setting: str, first_setting: str, ext
     return command
 
 
-def run_all(root: Path, seeds: list[int], settings: list[str], extra: list[str]) -> None:
+def run_all(root: Path, seeds: list[int], settings: list[str], extra: list[str], folds: Sequence[int] = (0,)) -> None:
+    for fold in folds:
+        _run_fold(fold_root(root, fold), seeds, settings, extra + fold_arguments(fold))
+
+
+def _run_fold(root: Path, seeds: list[int], settings: list[str], extra: list[str]) -> None:
     for seed in seeds:
         for setting in settings:
             folder = run_folder(root, seed, setting)
@@ -80,12 +104,12 @@ def run_all(root: Path, seeds: list[int], settings: list[str], extra: list[str])
                 subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, check=True)
 
 
-def paired_row(seed: int, setting: str, rows: list[dict]) -> dict:
-    """One seed and setting: the dense and sparse figures side by side."""
+def paired_row(seed: int, setting: str, rows: list[dict], fold: int = 0) -> dict:
+    """One seed and setting (on one test fold): the dense and sparse figures side by side."""
     by_model = {row["model"]: row for row in rows}
     dense, sparse = by_model["dense"], by_model["monarch"]
     return {
-        "seed": seed, "setting": setting,
+        "seed": seed, "setting": setting, "fold": fold,
         "dense_accuracy": dense["accuracy"], "sparse_accuracy": sparse["accuracy"],
         "points": 100 * (sparse["accuracy"] - dense["accuracy"]),
         "dense_f1": dense.get("f1"), "sparse_f1": sparse.get("f1"),
@@ -113,7 +137,11 @@ def spread(values: list[float]) -> dict:
 
 
 def summarise(rows: list[dict]) -> dict:
-    """Per setting: accuracy, points against dense (paired by seed) and training speed-up over the seeds."""
+    """Per setting: accuracy, points against dense (paired by seed and fold) and training speed-up over all runs.
+
+    Where the runs span several test folds, also ``across_folds``: the spread of the folds' mean points (each fold's
+    splits are other films, an independent sample; a fold counts once however many seeds ran on it), and
+    ``folds``: each fold's own figures."""
     summary = {}
     for setting in dict.fromkeys(row["setting"] for row in rows):
         chosen = [row for row in rows if row["setting"] == setting]
@@ -121,6 +149,15 @@ def summarise(rows: list[dict]) -> dict:
         if all("test_points" in row for row in chosen):
             keys += ["dense_test_accuracy", "sparse_test_accuracy", "test_points"]
         summary[setting] = {key: spread([row[key] for row in chosen]) for key in keys}
+        folds = sorted({row.get("fold", 0) for row in chosen})
+        if len(folds) > 1:
+            per_fold = {fold: {key: spread([row[key] for row in chosen if row.get("fold", 0) == fold])
+                               for key in keys} for fold in folds}
+            summary[setting]["folds"] = per_fold
+            summary[setting]["across_folds"] = {
+                key: spread([figures[key]["mean"] for figures in per_fold.values()])
+                for key in keys if key.endswith("points")
+            }
     return summary
 
 
@@ -129,12 +166,16 @@ def verdicts(summary: dict) -> list[dict]:
     for setting, figures in summary.items():
         goals = SETTINGS.get(setting, {})
         if goals.get("max_points_lost") is not None:
-            # The test split, where scored, took no part in choosing settings: it decides.
+            # The test split, where scored, took no part in choosing settings: it decides; over several test folds,
+            # the mean of the folds' means.
             split = "test" if "test_points" in figures else "validation"
+            across = figures.get("across_folds", figures)
             # Rounded: a difference of accuracies is not exact in floating point (-0.5 may come out as -0.5000000004).
-            points = round(figures["test_points" if split == "test" else "points"]["mean"], 9)
+            points = round(across["test_points" if split == "test" else "points"]["mean"], 9)
             limit = -goals["max_points_lost"]
-            checks.append({"setting": setting, "target": f"mean {split} accuracy within {goals['max_points_lost']} "
+            which = f"mean over {len(figures['folds'])} test folds of the {split}" if "folds" in figures else \
+                f"mean {split}"
+            checks.append({"setting": setting, "target": f"{which} accuracy within {goals['max_points_lost']} "
                            "points of dense", "value": points, "verdict": "PASS" if points >= limit else "MISS"})
         if goals.get("min_speedup") is not None:
             speedup = figures["training_speedup"]["mean"]
@@ -160,17 +201,52 @@ def markdown(summary: dict) -> str:
                              f"{spread_cell(f['dense_' + prefix + 'accuracy'])} | "
                              f"{spread_cell(f['sparse_' + prefix + 'accuracy'])} | "
                              f"{spread_cell(f[prefix + 'points'], digits=2)} | {speedup} |")
+    folded = {setting: f for setting, f in summary.items() if "folds" in f}
+    if folded:
+        lines += ["", "| setting | test fold | seeds | validation points | test points |", "|---|---|---|---|---|"]
+        for setting, f in folded.items():
+            for fold, figures in f["folds"].items():
+                test = spread_cell(figures["test_points"], digits=2) if "test_points" in figures else "-"
+                lines.append(f"| {setting} | {fold} | {figures['points']['n']} | "
+                             f"{spread_cell(figures['points'], digits=2)} | {test} |")
+            across = f["across_folds"]
+            test = spread_cell(across["test_points"], digits=2) if "test_points" in across else "-"
+            lines.append(f"| {setting} | mean of {across['points']['n']} folds | - | "
+                         f"{spread_cell(across['points'], digits=2)} | {test} |")
     return "\n".join(lines)
 
 
-def collect(root: Path, seeds: list[int], settings: list[str]) -> list[dict]:
+def collect(root: Path, seeds: list[int], settings: list[str], folds: Sequence[int] = (0,)) -> list[dict]:
     rows = []
-    for seed in seeds:
-        for setting in settings:
-            results = finished_rows(run_folder(root, seed, setting))
-            if len(results) < 2:
-                raise SystemExit(f"seed {seed}, {setting}: no finished run in {run_folder(root, seed, setting)}.")
-            rows.append(paired_row(seed, setting, results))
+    for fold in folds:
+        for seed in seeds:
+            for setting in settings:
+                folder = run_folder(fold_root(root, fold), seed, setting)
+                results = finished_rows(folder)
+                if len(results) < 2:
+                    raise SystemExit(f"seed {seed}, {setting}, test fold {fold}: no finished run in {folder}.")
+                rows.append(paired_row(seed, setting, results, fold))
+    return rows
+
+
+def recorded_rows(paths: Sequence[Path], settings: list[str]) -> list[dict]:
+    """The runs of earlier raw files of this script (``--json``) for ``settings``; a run without a fold is fold 0."""
+    rows = []
+    for path in paths:
+        for row in json.loads(path.read_text())["results"]:
+            if row["setting"] in settings:
+                rows.append({**row, "fold": row.get("fold", 0), "recorded_in": str(path)})
+    return rows
+
+
+def without_repeats(rows: list[dict]) -> list[dict]:
+    seen = {}
+    for row in rows:
+        key = (row["fold"], row["seed"], row["setting"])
+        if key in seen:
+            raise SystemExit(f"seed {key[1]}, {key[2]}, test fold {key[0]} appears twice (in "
+                             f"{seen[key]} and {row.get('recorded_in', 'the runs')}): keep one.")
+        seen[key] = row.get("recorded_in", "the runs")
     return rows
 
 
@@ -181,6 +257,11 @@ def parse_arguments(argv: Optional[list[str]] = None) -> tuple[argparse.Namespac
     parser.add_argument("--settings", nargs="+", default=["mlp", "all"], choices=sorted(SETTINGS))
     parser.add_argument("--json", type=Path, help="Write every run's figures and the summary here.")
     parser.add_argument("--report-only", action="store_true", help="Summarise the finished runs; run nothing.")
+    parser.add_argument("--folds", type=int, nargs="+", default=[0],
+                        help="Test folds of the offline Rotten Tomatoes data (--offline_test_fold; fold 0, the "
+                             "recorded splits, in --root, fold K in --root/foldK): every seed runs on every fold.")
+    parser.add_argument("--rows-from", type=Path, nargs="+", default=[], metavar="JSON",
+                        help="Also summarise the runs of earlier --json files of this script (runs not kept on disk).")
     return parser.parse_known_args(argv)
 
 
@@ -188,10 +269,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     args, extra = parse_arguments(argv)
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_model(),
             "load_average_at_start": load_average(), "seeds": args.seeds, "settings": args.settings,
+            "folds": args.folds, "rows_from": [str(path) for path in args.rows_from],
             "example_arguments": DEFAULT_EXAMPLE_ARGUMENTS + extra}
     if not args.report_only:
-        run_all(args.root, args.seeds, args.settings, extra)
-    rows = collect(args.root, args.seeds, args.settings)
+        run_all(args.root, args.seeds, args.settings, extra, args.folds)
+    rows = without_repeats(collect(args.root, args.seeds, args.settings, args.folds)
+                           + recorded_rows(args.rows_from, args.settings))
     summary = summarise(rows)
     checks = verdicts(summary)
     print(markdown(summary))

@@ -98,5 +98,48 @@ def test_one_dense_model_per_seed_and_finished_runs_are_not_repeated(bench, tmp_
 
 def test_missing_runs_are_named(bench, tmp_path):
     write_run(bench, tmp_path, 1, "mlp", results(0.8, 0.8)[:1])
-    with pytest.raises(SystemExit, match="seed 1, mlp: no finished run"):
+    with pytest.raises(SystemExit, match="seed 1, mlp, test fold 0: no finished run"):
         bench.collect(tmp_path, [1], ["mlp"])
+
+
+def test_test_folds_run_in_their_own_folders_with_their_fold(bench, tmp_path, monkeypatch):
+    started = []
+    monkeypatch.setattr(bench.subprocess, "run", lambda command, **kwargs: started.append(command))
+    bench.run_all(tmp_path, [7], ["mlp"], ["--refine_steps", "8"], folds=[0, 3])
+    folds = [(c[c.index("--output_dir") + 1], c[c.index("--offline_test_fold") + 1] if "--offline_test_fold" in c
+              else None) for c in started]
+    assert folds == [(str(tmp_path / "seed7-mlp"), None), (str(tmp_path / "fold3" / "seed7-mlp"), "3")]
+    assert all("--refine_steps" in c for c in started)
+
+
+def test_each_test_fold_counts_once_in_the_verdict(bench, tmp_path):
+    # Fold 0: two seeds at -1.0 point on test; fold 1: one seed at +0.2. Over the runs the mean is -0.6 (a miss);
+    # over the folds' means it is -0.4 (within 0.5 points).
+    write_run(bench, tmp_path, 1, "mlp", results(0.80, 0.80, test=(0.84, 0.83)))
+    write_run(bench, tmp_path, 2, "mlp", results(0.80, 0.80, test=(0.84, 0.83)))
+    write_run(bench, tmp_path / "fold1", 1, "mlp", results(0.80, 0.79, test=(0.80, 0.802)))
+    rows = bench.collect(tmp_path, [1, 2], ["mlp"], folds=[0]) + bench.collect(tmp_path, [1], ["mlp"], folds=[1])
+    summary = bench.summarise(rows)["mlp"]
+    assert summary["test_points"]["mean"] == pytest.approx(-0.6)
+    assert summary["across_folds"]["test_points"]["mean"] == pytest.approx(-0.4)
+    assert summary["across_folds"]["points"]["mean"] == pytest.approx(-0.5)
+    assert summary["folds"][1]["test_points"]["n"] == 1
+    (check,) = [c for c in bench.verdicts({"mlp": summary}) if "accuracy" in c["target"]]
+    assert (check["value"], check["verdict"]) == (pytest.approx(-0.4), "PASS") and "2 test folds" in check["target"]
+    table = bench.markdown({"mlp": summary})
+    assert "| mlp | 1 | 1 | -1.00" in table and "| mlp | mean of 2 folds | - |" in table
+
+
+def test_runs_of_earlier_raw_files_join_the_summary_once(bench, tmp_path):
+    write_run(bench, tmp_path, 1, "mlp", results(0.80, 0.80, test=(0.84, 0.83)))
+    recorded = tmp_path / "earlier.json"
+    earlier = [bench.paired_row(5, "mlp", results(0.80, 0.81, test=(0.84, 0.84))),
+               bench.paired_row(5, "all", results(0.80, 0.78))]
+    del earlier[0]["fold"]  # raw files written before folds existed: fold 0
+    bench.write_json(recorded, {}, earlier, [])
+    rows = bench.recorded_rows([recorded], ["mlp"])
+    assert [(row["seed"], row["fold"], row["setting"]) for row in rows] == [(5, 0, "mlp")]
+    summary = bench.summarise(bench.without_repeats(bench.collect(tmp_path, [1], ["mlp"]) + rows))["mlp"]
+    assert summary["points"]["mean"] == pytest.approx(0.5) and "folds" not in summary
+    with pytest.raises(SystemExit, match="seed 5, mlp, test fold 0 appears twice"):
+        bench.without_repeats(rows + rows)
