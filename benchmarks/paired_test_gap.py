@@ -67,6 +67,24 @@ def predictions(folder: Path, texts: list[str], max_length: int, batch_size: int
     return np.concatenate(out)
 
 
+def model_folders(run: Path) -> tuple[Path, Path]:
+    """``(dense, monarch)`` model folders of one run; a run that reused an earlier run's dense model (``--dense_run``)
+    names it in its ``results.json``."""
+    dense, monarch = run / "dense", run / "monarch"
+    if not (dense / "config.json").is_file():
+        results = run / "results.json"
+        rows = json.loads(results.read_text()) if results.is_file() else []
+        source = next((row.get("reused_from") for row in rows if row.get("model") == "dense"), None)
+        if source is not None:
+            dense = Path(source) / "dense"
+    missing = [name for name, folder in (("dense", dense), ("monarch", monarch))
+               if not (folder / "config.json").is_file()]
+    if missing:
+        raise ValueError(f"{run} has no {' or '.join(missing)} model folder (nor a dense run it reused): pass "
+                         "output_dir folders of examples/dense_to_sparse.py")
+    return dense, monarch
+
+
 def test_split(test_file: Optional[Path], test_fold: int = 0) -> tuple[list[str], np.ndarray]:
     if test_file is None:
         from finetune_text_classification import rotten_tomatoes_offline
@@ -90,16 +108,17 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser.add_argument("--samples", type=int, default=10000, help="bootstrap samples (default: %(default)s)")
     parser.add_argument("--json", type=Path, help="where to write the results")
     args = parser.parse_args(argv)
+    folders = {}
     for run in args.runs:
-        missing = [name for name in ("dense", "monarch") if not (run / name / "config.json").is_file()]
-        if missing:
-            parser.error(f"{run} has no {' or '.join(missing)} model folder: pass output_dir folders of "
-                         "examples/dense_to_sparse.py")
+        try:
+            folders[run] = model_folders(run)
+        except ValueError as error:
+            parser.error(str(error))
     texts, labels = test_split(args.test_file, args.offline_test_fold)
     rows = []
     for run in args.runs:
-        dense = predictions(run / "dense", texts, args.max_seq_length)
-        sparse = predictions(run / "monarch", texts, args.max_seq_length)
+        dense = predictions(folders[run][0], texts, args.max_seq_length)
+        sparse = predictions(folders[run][1], texts, args.max_seq_length)
         rows.append({"run": str(run), **paired_gap(labels, dense, sparse, args.samples)})
         row = rows[-1]
         low, high = row["bootstrap_95_points"]

@@ -37,3 +37,18 @@ def test_bad_input_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         gap.main([str(tmp_path)])
     assert "has no monarch model folder" in capsys.readouterr().err
+
+
+def test_a_run_that_reused_its_dense_model_is_scored_against_it(tmp_path):
+    def model_folder(path):
+        path.mkdir(parents=True)
+        (path / "config.json").write_text("{}")
+
+    model_folder(tmp_path / "mlp" / "dense")
+    model_folder(tmp_path / "all" / "monarch")
+    (tmp_path / "all" / "results.json").write_text(
+        '[{"model": "dense", "reused_from": "%s"}, {"model": "monarch"}]' % (tmp_path / "mlp"))
+    assert gap.model_folders(tmp_path / "all") == (tmp_path / "mlp" / "dense", tmp_path / "all" / "monarch")
+    (tmp_path / "all" / "results.json").write_text('[{"model": "dense"}, {"model": "monarch"}]')
+    with pytest.raises(ValueError, match="has no dense model folder"):
+        gap.model_folders(tmp_path / "all")
