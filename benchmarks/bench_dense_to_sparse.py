@@ -173,8 +173,8 @@ def verdicts(summary: dict) -> list[dict]:
             # Rounded: a difference of accuracies is not exact in floating point (-0.5 may come out as -0.5000000004).
             points = round(across["test_points" if split == "test" else "points"]["mean"], 9)
             limit = -goals["max_points_lost"]
-            which = f"mean over {len(figures['folds'])} test folds of the {split}" if "folds" in figures else \
-                f"mean {split}"
+            which = (f"mean over {len(figures['folds'])} test folds of the {split}" if "folds" in figures
+                     else f"mean {split}")
             checks.append({"setting": setting, "target": f"{which} accuracy within {goals['max_points_lost']} "
                            "points of dense", "value": points, "verdict": "PASS" if points >= limit else "MISS"})
         if goals.get("min_speedup") is not None:

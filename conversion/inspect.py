@@ -43,22 +43,17 @@ def _dense_skeleton(folder: Path, config: dict):
         return None
 
 
-def preset_selection(folder: Path, config: dict) -> dict[str, list[str]] | None:
-    """The layers each target preset of `m2-convert monarch` selects in a dense Transformers checkpoint, from its
-    structure alone; None for a folder it would not convert."""
-    from .monarch import preset_layers
+def convertible_layers(folder: Path, config: dict) -> tuple[dict[str, list[str]] | None, list[str] | None]:
+    """``(presets, head_layers)`` of a dense Transformers checkpoint, from its structure alone: the layers each target
+    preset of `m2-convert monarch` selects, and the linear layers of its head outside the base model (`lm_head`,
+    `classifier`), which no preset selects and a regular expression may name. ``(None, None)`` for a folder it would
+    not convert."""
+    from .monarch import head_linear_layers, preset_layers
 
     model = _dense_skeleton(folder, config)
-    return None if model is None else preset_layers(model.base_model)
-
-
-def head_layer_names(folder: Path, config: dict) -> list[str] | None:
-    """The linear layers of a dense checkpoint's head outside its base model (`lm_head`, `classifier`), which no
-    preset selects and a regular expression may name; None for a folder `m2-convert monarch` would not convert."""
-    from .monarch import head_linear_layers
-
-    model = _dense_skeleton(folder, config)
-    return None if model is None else list(head_linear_layers(model))
+    if model is None:
+        return None, None
+    return preset_layers(model.base_model), list(head_linear_layers(model))
 
 
 def inspect_folder(folder: Path) -> dict:
@@ -67,6 +62,7 @@ def inspect_folder(folder: Path) -> dict:
     state = read_state_dict(folder)
     unique = {tensor.data_ptr(): tensor for tensor in state.values() if tensor.is_floating_point()}
     layers = structured_layers(state)
+    presets, head_layers = convertible_layers(folder, config)
     return {
         "folder": str(folder),
         "model_type": config.get("model_type"),
@@ -77,8 +73,8 @@ def inspect_folder(folder: Path) -> dict:
         "structured_layers": layers,
         "structured_summary": dict(Counter(f"{v['structure']} nblocks={v['nblocks']}" for v in layers.values())),
         "dtypes": dict(Counter(str(t.dtype).replace("torch.", "") for t in state.values())),
-        "presets": preset_selection(folder, config),
-        "head_layers": head_layer_names(folder, config),
+        "presets": presets,
+        "head_layers": head_layers,
     }
 
 
