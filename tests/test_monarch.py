@@ -363,6 +363,18 @@ def test_autocast_picks_the_dtype_like_nn_linear(cls, dtype):
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.parameters())
 
 
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("cls", [MonarchLinear, BlockdiagLinear])
+def test_float64_layers_stay_float64_under_autocast_like_nn_linear(cls, grad):
+    torch.manual_seed(9)
+    layer, linear = cls(64, 96, 4).double(), nn.Linear(64, 96).double()
+    x = torch.randn(5, 64, dtype=torch.float64)
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_linear = layer(x), linear(x)
+    assert y.dtype == y_linear.dtype == torch.float64
+    torch.testing.assert_close(y, x @ layer.dense_weight().t() + layer.bias)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_parameters(dtype):
     torch.manual_seed(10)
