@@ -367,7 +367,7 @@ def test_autocast_picks_the_dtype_like_nn_linear(cls, dtype):
 @pytest.mark.parametrize("cls", [MonarchLinear, BlockdiagLinear])
 def test_float64_layers_stay_float64_under_autocast_like_nn_linear(cls, grad):
     torch.manual_seed(9)
-    layer, linear = cls(64, 96, 4).double(), nn.Linear(64, 96).double()
+    layer, linear = cls(64, 96, 4, inference_path="structured").double(), nn.Linear(64, 96).double()
     x = torch.randn(5, 64, dtype=torch.float64)
     with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
         y, y_linear = layer(x), linear(x)
