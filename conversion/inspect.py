@@ -92,6 +92,7 @@ def format_report(report: dict) -> str:
         shown = ", ".join(names[:PRESET_LISTING_LIMIT]) + (" ..." if len(names) > PRESET_LISTING_LIMIT else "")
         lines.append(f"preset {preset:9} {len(names)} layers: {shown}")
     if report.get("head_layers"):
-        lines.append(f"head layers      {', '.join(report['head_layers'])} (outside the base model: in no preset, "
-                     "a regular expression may name them)")
+        from .monarch import head_layers_line
+
+        lines.append(head_layers_line(report["head_layers"]))
     return "\n".join(lines)

@@ -116,6 +116,12 @@ def head_linear_layers(model: nn.Module) -> dict[str, nn.Module]:
             if isinstance(module, (nn.Linear, Conv1D)) and id(module) not in inside}
 
 
+def head_layers_line(names: list[str]) -> str:
+    """The report line (of `m2-convert inspect` and of a conversion's dry run) that lists a model's head layers."""
+    return (f"head layers      {', '.join(names)} (outside the base model: in no preset, a regular expression may "
+            "name them)")
+
+
 def layer_root(model: nn.Module, name: str) -> nn.Module:
     """The module that a target layer's name is relative to: the base model, or for a head's layer the head model."""
     base = getattr(model, "base_model", model)
@@ -463,8 +469,7 @@ def format_report(report: dict) -> str:
     for preset, names in (report.get("presets") or {}).items():  # --dry-run: what each preset would select
         lines.append(f"preset {preset:9} {len(names)} layers")
     if report.get("head_layers"):
-        lines.append(f"head layers      {', '.join(report['head_layers'])} (in no preset; a regular expression may "
-                     "name them)")
+        lines.append(head_layers_line(report["head_layers"]))
     if "destination" in report:
         lines.append(f"written to       {report['destination']}")
     return "\n".join(lines)

@@ -156,6 +156,6 @@ def test_dry_run_and_inspect_list_the_head_layers(llama, tmp_path, capsys):
     assert main(["monarch", str(folder / "source"), str(tmp_path / "out"), "--dry-run"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["head_layers"] == ["lm_head"]
-    assert "head layers      lm_head (in no preset" in captured.err
+    assert "head layers      lm_head (outside the base model" in captured.err
     assert main(["inspect", str(folder / "source")]) == 0
     assert "head layers      lm_head (outside the base model" in capsys.readouterr().out
