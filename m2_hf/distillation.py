@@ -214,6 +214,9 @@ class DistillationTrainer(Trainer):
             (sequence classification or regression); with ``hidden_weight > 0`` the teacher still runs at every step
             for its layer outputs. With ``feature_weight > 0`` the teacher's features are cached with the logits.
         All other arguments are `Trainer`'s.
+
+    Evaluation and prediction score the student alone: ``eval_loss`` is its task loss, comparable with the dense
+    model's, and the teacher does not run (it would double the cost of every evaluation step).
     """
 
     def __init__(
@@ -325,6 +328,9 @@ class DistillationTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cached_logits = inputs.pop(TEACHER_LOGITS, None)
         teacher_features = inputs.pop(TEACHER_FEATURES, None)
+        if not model.training:
+            outputs = model(**inputs)
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
         with self._recording(model) as (student_layers, teacher_layers):
             outputs = model(**inputs)
             if outputs.loss is None:

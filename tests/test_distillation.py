@@ -468,3 +468,22 @@ def test_dense_to_sparse_can_train_only_the_monarch_layers_of_the_fine_tuned_mod
     error = run_example("dense_to_sparse.py", *common, "--output_dir", str(tmp_path / "refused"), "--student_trains",
                         "structured", cwd=tmp_path, succeed=False).stderr
     assert "--convert_from finetuned, or --student_also_trains classifier" in error
+
+
+def test_evaluation_scores_the_student_by_its_task_loss_without_running_the_teacher(teacher_and_student_folders,
+                                                                                    tmp_path):
+    dense, monarch = teacher_and_student_folders
+    teacher, student = load(dense), load(monarch)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, alpha=0.5, hidden_weight=1.0,
+                                  feature_weight=1.0, args=arguments(tmp_path, per_device_eval_batch_size=4),
+                                  eval_dataset=dataset())
+    calls = count_forward_calls(teacher)
+    metrics = trainer.evaluate()
+    predictions = trainer.predict(dataset())
+    assert calls == []
+    plain = Trainer(model=student, args=arguments(tmp_path, per_device_eval_batch_size=4)).evaluate(dataset())
+    assert metrics["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-6)
+    assert predictions.predictions.shape == (16, 3)
+    trainer.train_dataset = dataset()
+    trainer.train()
+    assert len(calls) == 4  # training still learns from the teacher
