@@ -251,6 +251,7 @@ class DistillationTrainer(Trainer):
             self._student_features = ModuleInputRecorder(self.accelerator.unwrap_model(self.model), feature_module,
                                                          "student")
             self._teacher_features = ModuleInputRecorder(self.teacher, feature_module, "teacher")
+        self._scoring_student_alone = False  # set while evaluation or prediction scores the student
         self.teacher_logits_seconds = 0.0
         if cache_teacher_logits:
             start = time.perf_counter()
@@ -325,12 +326,18 @@ class DistillationTrainer(Trainer):
             student.remove()
             teacher.remove()
 
+    def prediction_step(self, *args, **kwargs):
+        self._scoring_student_alone = True
+        try:
+            return super().prediction_step(*args, **kwargs)
+        finally:
+            self._scoring_student_alone = False
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cached_logits = inputs.pop(TEACHER_LOGITS, None)
         teacher_features = inputs.pop(TEACHER_FEATURES, None)
-        if not model.training:
-            outputs = model(**inputs)
-            return (outputs.loss, outputs) if return_outputs else outputs.loss
+        if self._scoring_student_alone:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         with self._recording(model) as (student_layers, teacher_layers):
             outputs = model(**inputs)
             if outputs.loss is None:
