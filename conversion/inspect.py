@@ -78,6 +78,12 @@ def inspect_folder(folder: Path) -> dict:
     }
 
 
+def head_layers_line(names: list[str]) -> str:
+    """The report line (of `m2-convert inspect` and of a conversion's dry run) that lists a model's head layers."""
+    return (f"head layers      {', '.join(names)} (outside the base model: in no preset, a regular expression may "
+            "name them)")
+
+
 def format_report(report: dict) -> str:
     lines = [
         f"folder        {report['folder']}",
@@ -92,7 +98,5 @@ def format_report(report: dict) -> str:
         shown = ", ".join(names[:PRESET_LISTING_LIMIT]) + (" ..." if len(names) > PRESET_LISTING_LIMIT else "")
         lines.append(f"preset {preset:9} {len(names)} layers: {shown}")
     if report.get("head_layers"):
-        from .monarch import head_layers_line
-
         lines.append(head_layers_line(report["head_layers"]))
     return "\n".join(lines)

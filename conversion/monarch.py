@@ -54,6 +54,7 @@ from .checkpoints import (
     read_config,
     resolve_source,
 )
+from .inspect import head_layers_line
 from .refinement import REFINE_LEARNING_RATE, refine, teacher_states
 
 PRESETS = ("mlp", "attention", "all")
@@ -114,12 +115,6 @@ def head_linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     inside = {id(module) for module in base.modules()}
     return {name: module for name, module in model.named_modules()
             if isinstance(module, (nn.Linear, Conv1D)) and id(module) not in inside}
-
-
-def head_layers_line(names: list[str]) -> str:
-    """The report line (of `m2-convert inspect` and of a conversion's dry run) that lists a model's head layers."""
-    return (f"head layers      {', '.join(names)} (outside the base model: in no preset, a regular expression may "
-            "name them)")
 
 
 def layer_root(model: nn.Module, name: str) -> nn.Module:
